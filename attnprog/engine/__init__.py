@@ -1,0 +1,1 @@
+"""The numeric core: models, corpora, extraction, ranking, selection, head replacement."""

@@ -1,0 +1,55 @@
+"""The program contract: the Program record and the one normalisation every output gets."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Program:
+    """A candidate explanation: Python source defining ``name(s) -> np.ndarray``."""
+
+    source: str
+    name: str = "program"
+    family: str = "custom"
+    provenance: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def hash(self) -> str:
+        """Content hash of source and function name (first 16 hex digits of sha256)."""
+        digest = hashlib.sha256(f"{self.name}\n{self.source}".encode())
+        return digest.hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "name": self.name,
+            "family": self.family,
+            "provenance": dict(self.provenance),
+            "hash": self.hash,
+        }
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Program:
+        return cls(
+            source=record["source"],
+            name=record.get("name", "program"),
+            family=record.get("family", "custom"),
+            provenance=dict(record.get("provenance", {})),
+        )
+
+
+def normalise(matrix: np.ndarray) -> np.ndarray:
+    """Clip negatives, apply the causal mask, divide rows by their sum; empty rows -> one-hot on 0.
+
+    The caller has already checked shape and finiteness. Returns float64 n x n.
+    """
+    out = np.tril(np.clip(np.asarray(matrix, dtype=np.float64), 0.0, None))
+    row_sums = out.sum(axis=1, keepdims=True)
+    empty = row_sums[:, 0] <= 0.0
+    out[empty, 0] = 1.0
+    row_sums[empty] = 1.0
+    return out / row_sums
