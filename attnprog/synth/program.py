@@ -53,3 +53,38 @@ def normalise(matrix: np.ndarray) -> np.ndarray:
     out[empty, 0] = 1.0
     row_sums[empty] = 1.0
     return out / row_sums
+
+
+def save_pool(programs, path) -> None:
+    """Write programs as JSON lines, one ``Program.to_dict()`` per line."""
+    import json
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for program in programs:
+            handle.write(json.dumps(program.to_dict()) + "\n")
+
+
+def load_pool(path) -> list[Program]:
+    """Read a program pool written by :func:`save_pool` (JSON lines)."""
+    import json
+    from pathlib import Path
+
+    from attnprog.errors import ProgramError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ProgramError(f"no program pool at {path}: write one with `attnprog generate`")
+    programs = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                programs.append(Program.from_dict(json.loads(line)))
+            except (ValueError, KeyError, TypeError) as err:
+                raise ProgramError(f"{path}:{line_no} is not a program record ({err})") from err
+    if not programs:
+        raise ProgramError(f"{path} holds no programs")
+    return programs
