@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
 import typer
 
 from attnprog.errors import AttnProgError
@@ -16,20 +14,13 @@ app = typer.Typer(
 )
 
 
-def _fail(err: AttnProgError) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
-
-
 # Commands are added below, one function each; keep them thin.
 
 
 def main() -> None:
+    """Console entry point: a user error prints one line, no traceback, and exits 2."""
     try:
         app()
-    except AttnProgError as err:  # pragma: no cover - typer exits before this in normal use
+    except AttnProgError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-
-
-_ = Path  # noqa: keep the import for command signatures
