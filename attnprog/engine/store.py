@@ -150,6 +150,17 @@ class AttentionStore:
         tmp.replace(path)  # never leave a half-written store behind
         return path
 
+    @staticmethod
+    def read_meta(path: str | Path) -> dict:
+        """The ``meta`` dict of a saved store, without reading its tensors."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                return json.loads((handle.metadata() or {}).get("meta", "{}"))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise StoreError(f"{path} is not a readable attention store ({err})") from err
+
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> AttentionStore:
         """Read a store written by :meth:`save`."""

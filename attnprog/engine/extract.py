@@ -1,0 +1,140 @@
+"""Extraction: every head's attention probabilities on a corpus, packed into an AttentionStore."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from attnprog.engine.corpus import Corpus, TokenizedCorpus, tokenize_corpus
+from attnprog.engine.models import attention_shape, context_size, model_id
+from attnprog.engine.store import AttentionStore, packed_offsets_tensor
+from attnprog.errors import ModelError, StoreError
+
+
+def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Text indices grouped by similar length, so padding stays small."""
+    order = sorted(range(len(lengths)), key=lambda s: lengths[s])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def default_max_tokens(model, cap: int = 256) -> int:
+    """Truncation length: the model's context, capped (attention storage grows with n^2)."""
+    return min(context_size(model), cap)
+
+
+@torch.no_grad()
+def extract_attention(
+    model,
+    tokenizer,
+    corpus: Corpus | TokenizedCorpus,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    store_device: str | torch.device = "cpu",
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> AttentionStore:
+    """Attention of every layer and head on every text, packed in the causal layout.
+
+    Texts are batched by length with right padding and an attention mask; the model runs with
+    eager attention in ``dtype`` on ``device``; the packed fp32 result lives on ``store_device``.
+    """
+    if getattr(model.config, "_attn_implementation", "eager") != "eager":
+        raise ModelError("extraction needs eager attention: load the model with "
+                         "attn_implementation='eager' (load_model does by default)")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.to(device)
+    if isinstance(corpus, Corpus):
+        limit = min(max_tokens or default_max_tokens(model), context_size(model))
+        corpus = tokenize_corpus(corpus, tokenizer, max_tokens=limit)
+    elif max(corpus.lengths) > context_size(model):
+        raise ModelError(f"a text has {max(corpus.lengths)} tokens, more than the model's "
+                         f"context of {context_size(model)}: tokenise with a smaller max_tokens")
+
+    n_layers, n_heads, n_kv_heads = attention_shape(model)
+    lengths = corpus.lengths
+    offsets = packed_offsets_tensor(lengths)
+    attn_packed = torch.empty(n_layers * n_heads, int(offsets[-1]), dtype=torch.float32,
+                              device=store_device)
+    tril = {}  # n -> (rows, cols) of the causal cells, on the model's device
+
+    batches = _batches(lengths, batch_size)
+    for batch in tqdm(batches, desc="extract", unit="batch", disable=not progress):
+        width = max(lengths[s] for s in batch)
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for b, s in enumerate(batch):
+            input_ids[b, : lengths[s]] = torch.tensor(corpus.ids[s])
+            attention_mask[b, : lengths[s]] = 1
+        out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    output_attentions=True, use_cache=False)
+        if out.attentions is None or any(a is None for a in out.attentions):
+            raise ModelError("the model returned no attention probabilities; it needs eager attention")
+        attn = torch.stack(out.attentions, dim=1)  # [B, L, H, width, width]
+        for b, s in enumerate(batch):
+            n = lengths[s]
+            if n not in tril:
+                tril[n] = torch.tril_indices(n, n, device=attn.device)
+            rows, cols = tril[n]
+            cells = attn[b, :, :, rows, cols].reshape(n_layers * n_heads, -1)  # [L*H, n(n+1)/2]
+            attn_packed[:, int(offsets[s]) : int(offsets[s + 1])] = cells.float().to(store_device)
+
+    meta = {
+        "model_id": model_id(model),
+        "model_type": model.config.model_type,
+        "tokenizer_id": corpus.tokenizer_id,
+        "corpus_hash": corpus.corpus_hash,
+        "max_tokens": corpus.max_tokens,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads,
+        "bos_token_id": getattr(tokenizer, "bos_token_id", None),
+        "truncated_texts": len(corpus.truncated),
+    }
+    return AttentionStore(
+        attn_packed=attn_packed,
+        offsets=offsets,
+        lengths=torch.tensor(lengths, dtype=torch.int64),
+        ids_packed=torch.tensor([i for ids in corpus.ids for i in ids], dtype=torch.int64),
+        texts=list(corpus.texts),
+        tokens=[list(t) for t in corpus.tokens],
+        spans=[list(s) for s in corpus.spans],
+        splits=list(corpus.splits),
+        meta=meta,
+    )
+
+
+def store_matches(store_path: Path, model, corpus: Corpus, max_tokens: int, dtype: str) -> bool:
+    """True when a saved store was made from this model, corpus, truncation and dtype."""
+    try:
+        meta = AttentionStore.read_meta(store_path)
+    except StoreError:
+        return False
+    return (meta.get("model_id") == model_id(model) and meta.get("corpus_hash") == corpus.hash
+            and meta.get("max_tokens") == max_tokens and meta.get("dtype") == dtype)
+
+
+def extract_or_load(
+    model, tokenizer, corpus: Corpus, out: str | Path, *, reuse: bool = True, **kwargs
+) -> tuple[AttentionStore, bool]:
+    """Load ``out`` when it was made from the same model and corpus, else extract and save it.
+
+    Returns (store, reused).
+    """
+    out = Path(out)
+    limit = min(kwargs.get("max_tokens") or default_max_tokens(model), context_size(model))
+    dtype = kwargs.get("dtype") or next(model.parameters()).dtype
+    dtype_name = str(dtype).removeprefix("torch.")
+    if reuse and out.is_file() and store_matches(out, model, corpus, limit, dtype_name):
+        return AttentionStore.load(out, device=kwargs.get("store_device", "cpu")), True
+    if out.is_file():
+        warnings.warn(f"{out} was made from another model or corpus: extracting again", stacklevel=2)
+    store = extract_attention(model, tokenizer, corpus, **dict(kwargs, max_tokens=limit))
+    store.save(out)
+    return store, False
