@@ -1,0 +1,55 @@
+import pytest
+
+from attnprog.engine.models import BUILTIN_MODELS, attention_shape, load_model, tiny_model
+from attnprog.errors import ModelError
+
+
+def test_unknown_model_name_lists_the_builtin_names():
+    with pytest.raises(ModelError) as err:
+        load_model("no-such-model")
+    for name in BUILTIN_MODELS:
+        assert name in str(err.value)
+
+
+def test_hub_id_while_offline_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelError, match="offline"):
+        load_model("nobody-has/this-model")
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="config.json"):
+        load_model(str(tmp_path))
+
+
+def test_tiny_llama_has_grouped_query_attention():
+    model, _ = tiny_model("llama")
+    assert attention_shape(model) == (2, 4, 2)
+
+
+def test_tiny_models_are_deterministic():
+    first, _ = tiny_model("gpt2", seed=3)
+    second, _ = tiny_model("gpt2", seed=3)
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert a.equal(b)
+
+
+@pytest.mark.slow
+def test_builtin_smollm2_is_a_30_by_9_llama_with_3_kv_heads(smollm2):
+    model, tokenizer = smollm2
+    assert model.config.model_type == "llama"
+    assert attention_shape(model) == (30, 9, 3)
+    assert model.config._attn_implementation == "eager"
+    assert tokenizer("Once upon a time").input_ids
+
+
+@pytest.mark.slow
+def test_builtin_smollm2_predicts_plausible_english(smollm2):
+    import torch
+
+    model, tokenizer = smollm2
+    ids = tokenizer("One, two, three, four,", return_tensors="pt").input_ids
+    with torch.no_grad():
+        next_id = model(ids).logits[0, -1].argmax().item()
+    assert "five" in tokenizer.decode([next_id]).lower()

@@ -1,0 +1,24 @@
+import numpy as np
+
+from attnprog.layout import causal_offsets, n_cells, pack, tril_index, unpack
+
+
+def test_offsets_start_each_text_and_end_at_total_cells():
+    offsets = causal_offsets([1, 3, 2])
+    assert offsets.tolist() == [0, 1, 7, 10]
+    assert offsets[-1] == sum(n_cells(n) for n in (1, 3, 2))
+
+
+def test_pack_is_row_major_lower_triangle():
+    matrix = np.arange(9).reshape(3, 3)
+    assert pack(matrix).tolist() == [0, 3, 4, 6, 7, 8]
+
+
+def test_unpack_inverts_pack_and_zeroes_the_upper_triangle():
+    matrix = np.tril(np.random.default_rng(0).random((5, 5)))
+    assert np.array_equal(unpack(pack(matrix), 5), matrix)
+
+
+def test_tril_index_is_read_only_so_the_cache_cannot_be_corrupted():
+    rows, _ = tril_index(4)
+    assert not rows.flags.writeable
