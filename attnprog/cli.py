@@ -42,7 +42,6 @@ def extract(
     reuse: bool = typer.Option(True, help="reuse --out when it holds the same model and corpus"),
 ) -> None:
     """Extract every head's attention on a corpus and save the store."""
-    import torch
 
     from attnprog.engine.corpus import load_corpus
     from attnprog.engine.extract import extract_or_load
@@ -61,6 +60,46 @@ def extract(
         f"{verb} {out}: {store.n_layers} layers x {store.n_heads} heads = {store.n_rows} heads, "
         f"{store.n_texts} texts, {int(store.lengths.sum())} tokens, {store.n_cells} causal cells"
     )
+
+
+@app.command()
+def replace(
+    store: Path = typer.Option(..., help="attention store from `attnprog extract`"),
+    table: Path = typer.Option(..., help="IoU table from `attnprog rank` (same store)"),
+    fraction: float = typer.Option(
+        1.0, help="largest share of heads to replace; the sweep runs the standard fractions "
+        "0, 5, 10, 25, 50, 100 % up to it, plus this value when it is not one of them"
+    ),
+    qa: Path = typer.Option(None, help="multiple-choice JSONL (context/choices/label, HellaSwag, "
+                            "PIQA or ARC fields); default: the built-in sample"),
+    no_qa: bool = typer.Option(False, "--no-qa", help="skip the QA columns"),
+    model: str = typer.Option(None, help="model to run (default: the store's model)"),
+    split: str = typer.Option("heldout", help="texts of the store to measure perplexity on"),
+    batch_size: int = typer.Option(8),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    seed: int = typer.Option(0, help="seed of the random-program baseline"),
+) -> None:
+    """Replace heads by their best-fit programs and print the perplexity and QA sweep table."""
+    from attnprog.engine.evaluate import fractions_up_to, load_qa, perplexity_sweep
+    from attnprog.engine.models import load_model
+    from attnprog.engine.rank import IoUTable
+    from attnprog.engine.store import AttentionStore
+
+    if not 0.0 <= fraction <= 1.0:
+        raise AttnProgError(f"--fraction must be between 0 and 1, got {fraction}")
+    attention = AttentionStore.load(store)
+    ious = IoUTable.load(table)
+    spec = model or str(attention.meta.get("model_id", "")).split("@")[0]
+    if not spec:
+        raise AttnProgError(f"{store} does not say which model made it: pass --model")
+    lm, tokenizer = load_model(spec, device=device)
+    items = None if no_qa else load_qa(qa)
+    result = perplexity_sweep(
+        lm, attention, ious, fractions=fractions_up_to(fraction), split=split,
+        qa_items=items, tokenizer=tokenizer, qa_source=str(qa or "built-in sample"),
+        seed=seed, batch_size=batch_size,
+    )
+    typer.echo(result.to_text())
 
 
 def _dtype(name: str):
