@@ -102,6 +102,130 @@ def replace(
     typer.echo(result.to_text())
 
 
+@app.command()
+def run(
+    out: Path = typer.Option(Path("runs/demo"), help="run directory (re-running resumes it)"),
+    model: str = typer.Option("smollm2-135m", help="built-in name, checkpoint dir, .gguf file or hub id"),
+    corpus: str = typer.Option("builtin", help="'builtin', a .txt or .jsonl file, or hf:NAME"),
+    text_field: str = typer.Option("text", help="field holding the text in a .jsonl corpus"),
+    limit: int = typer.Option(0, help="use only the first N texts (0: all)"),
+    max_tokens: int = typer.Option(128, help="truncate texts to this many tokens"),
+    candidates: int = typer.Option(5000, help="generator programs added to the golden library"),
+    fraction: float = typer.Option(0.25, help="largest share of heads replaced in the sweep"),
+    qa: bool = typer.Option(True, help="score the built-in QA sample in the sweep"),
+    batch_size: int = typer.Option(8),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Run the whole pipeline: extract, generate, evaluate, rank, replace heads."""
+    from attnprog.engine.pipeline import RunConfig, run_pipeline
+
+    run_pipeline(RunConfig(
+        out=str(out), model=model, corpus=corpus, text_field=text_field, limit=limit,
+        max_tokens=max_tokens, n_candidates=candidates, fraction=fraction, qa=qa,
+        batch_size=batch_size, device=device,
+    ), echo=typer.echo)
+
+
+@app.command("rank")
+def rank_command(
+    store: Path = typer.Option(..., help="attention store written by `attnprog extract`"),
+    pool: Path = typer.Option(None, help="program pool (.jsonl) to evaluate on the store's texts"),
+    outputs: Path = typer.Option(None, help="program outputs (.safetensors) instead of --pool"),
+    out: Path = typer.Option(Path("runs/iou_table.safetensors"), help="where to write the table"),
+    split: str = typer.Option("selection", help="split that picks each head's best fit"),
+    heldout: str = typer.Option("heldout", help="split the best fits are measured on ('' skips)"),
+    top: int = typer.Option(10, help="print this many heads, best fits first"),
+    per_text: bool = typer.Option(False, help="also keep per-text IoU in the table"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    impl: str = typer.Option("auto", help="sum-min path: auto, triton, numba or torch"),
+    memory_mb: int = typer.Option(512, help="working memory per program chunk, MiB"),
+) -> None:
+    """Score every program against every head; write the IoU table and print best fits."""
+    import time
+
+    import torch
+
+    from attnprog.engine.rank import rank, rank_with_heldout
+    from attnprog.engine.store import AttentionStore
+    from attnprog.synth.outputs import ProgramOutputs
+
+    if (pool is None) == (outputs is None):
+        raise AttnProgError("pass exactly one of --pool (programs to evaluate) or --outputs")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    attention = AttentionStore.load(store, device=device)
+    splits = [split] + ([heldout] if heldout and heldout in attention.splits else [])
+    texts = sorted({s for name in splits for s in attention.split_indices(name)})
+    subset = attention.subset(texts) if len(texts) < attention.n_texts else attention
+
+    if outputs is not None:
+        program_outputs = ProgramOutputs.load(outputs)
+        if len(program_outputs.offsets) == attention.n_texts + 1:
+            subset = attention  # evaluated on every text of the store
+    else:
+        from attnprog.synth.program import load_pool
+
+        try:
+            from attnprog.synth.evaluate import evaluate_programs
+        except ImportError as err:
+            raise AttnProgError(
+                "program evaluation (attnprog.synth.evaluate) is not available in this install; "
+                "pass pre-computed --outputs instead"
+            ) from err
+        programs = load_pool(pool)
+        typer.echo(f"evaluating {len(programs)} programs on {subset.n_texts} texts")
+        program_outputs = evaluate_programs(programs, subset.sentences())
+
+    start = time.perf_counter()
+    kwargs = dict(per_text=per_text, impl=impl, memory_budget=memory_mb << 20, progress=True)
+    if len(splits) == 2:
+        table = rank_with_heldout(subset, program_outputs, split=split, heldout_split=heldout, **kwargs)
+    else:
+        table = rank(subset, program_outputs, split=split, **kwargs)
+    seconds = time.perf_counter() - start
+    table.save(out)
+    n_failed = int(program_outputs.failed.all(axis=1).sum())
+    typer.echo(
+        f"ranked {table.n_programs} programs x {table.iou.shape[1]} heads on the {split} split "
+        f"in {seconds:.1f} s ({table.meta['impl']}); {n_failed} programs failed on every text; "
+        f"wrote {out}"
+    )
+    fits = sorted(table.best_fits(), key=lambda fit: -fit.reported_iou)
+    held = f"IoU {heldout}" if table.heldout_iou is not None else ""
+    header = f"{'head':>7}  {'IoU ' + split:>14}  {held:>12}  program (#index family: name)"
+
+    def show(fit) -> str:
+        held_iou = "" if fit.heldout_iou is None else f"{fit.heldout_iou:.3f}"
+        return (f"{f'L{fit.layer}H{fit.head}':>7}  {fit.iou:>14.3f}  {held_iou:>12}  "
+                f"#{fit.program_index} {fit.family}: {fit.name}")
+
+    typer.echo(f"\nthe {min(top, len(fits))} heads with the best fits\n{header}")
+    for fit in fits[:top]:
+        typer.echo(show(fit))
+    families = {}
+    for fit in fits:  # fits are sorted, so the first head seen per family is its best
+        families.setdefault(fit.family, fit)
+    typer.echo(f"\nthe best head for each program family (among heads it fits best)\n{header}")
+    for fit in families.values():
+        typer.echo(show(fit))
+
+
+@app.command("bench")
+def bench_command(
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
+    full: bool = typer.Option(False, help="all 9 shapes P x H instead of 3"),
+    texts: int = typer.Option(0, help="texts of 64 tokens per shape (0: 32 on GPU, 4 on CPU)"),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16 inputs"),
+) -> None:
+    """Time the ranking kernel against torch broadcasting and the authors' numpy loop."""
+    from attnprog.engine.bench import run_rank_bench
+
+    run_rank_bench(
+        None if device == "auto" else device, quick=not full, n_texts=texts or None,
+        dtype=_dtype(dtype),
+    )
+
+
 def _dtype(name: str):
     import torch
 

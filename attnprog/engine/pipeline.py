@@ -1,0 +1,162 @@
+"""The whole job in one call: extract, generate, evaluate, rank, replace. Each stage is resumable.
+
+Every stage writes its result into the run directory and is skipped when a re-run finds it
+there for the same inputs, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from attnprog.engine.corpus import load_corpus
+from attnprog.engine.extract import extract_or_load
+from attnprog.engine.models import load_model
+from attnprog.engine.store import AttentionStore
+from attnprog.synth.outputs import ProgramOutputs
+from attnprog.synth.program import Program, load_pool, save_pool
+
+
+@dataclass
+class RunConfig:
+    """What one pipeline run does; saved as ``config.json`` in the run directory."""
+
+    out: str = "runs/demo"
+    model: str = "smollm2-135m"
+    corpus: str = "builtin"
+    text_field: str = "text"
+    limit: int = 0  # first N texts only (0: all)
+    max_tokens: int = 128
+    n_candidates: int = 5000  # generator programs, on top of the golden library
+    fraction: float = 0.25  # largest share of heads replaced in the sweep
+    qa: bool = True
+    batch_size: int = 8
+    device: str = "cpu"
+    top: int = 12  # best fits printed
+
+
+def _stage(echo: Callable[[str], None], name: str):
+    """Context manager printing a stage's name and its wall time."""
+
+    class _Timer:
+        def __enter__(self):
+            self.start = time.perf_counter()
+            echo(f"[{name}]")
+            return self
+
+        def __exit__(self, *exc):
+            if exc[0] is None:
+                echo(f"  done in {time.perf_counter() - self.start:.1f} s")
+
+    return _Timer()
+
+
+def build_pool(n_candidates: int) -> list[Program]:
+    """The golden library plus at least ``n_candidates`` distinct generator programs."""
+    from attnprog.synth.generator import generate
+    from attnprog.synth.golden import golden_programs
+
+    golden = golden_programs()
+    generated = generate(n_min=n_candidates) if n_candidates > 0 else []
+    seen = {p.hash for p in golden}
+    return golden + [p for p in generated if p.hash not in seen]
+
+
+def _load_outputs(path: Path, store: AttentionStore, pool: list[Program]) -> ProgramOutputs | None:
+    """Saved outputs when they belong to this store and pool, else None."""
+    if not path.is_file():
+        return None
+    outputs = ProgramOutputs.load(path)
+    same_programs = [p.hash for p in outputs.programs] == [p.hash for p in pool]
+    same_texts = outputs.corpus_hash == store.meta.get("corpus_hash")
+    return outputs if same_programs and same_texts else None
+
+
+def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
+    """Run every stage for ``config`` and return a summary (also saved as ``summary.json``)."""
+    from attnprog.engine.evaluate import fractions_up_to, load_qa, perplexity_sweep
+    from attnprog.engine.rank import IoUTable, rank_with_heldout
+    from attnprog.synth.evaluate import evaluate_programs
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    summary: dict = {"config": asdict(config)}
+
+    with _stage(echo, "1/5 extract attention"):
+        corpus = load_corpus(config.corpus, text_field=config.text_field)
+        if config.limit:
+            corpus = corpus.take(config.limit)
+        model, tokenizer = load_model(config.model, device=config.device)
+        store, reused = extract_or_load(
+            model, tokenizer, corpus, out / "attention.safetensors",
+            batch_size=config.batch_size, max_tokens=config.max_tokens,
+        )
+        echo(f"  {'reused' if reused else 'extracted'} {store.n_rows} heads "
+             f"({store.n_layers} layers x {store.n_heads}) on {store.n_texts} texts, "
+             f"{store.n_cells} causal cells; splits: "
+             + ", ".join(f"{s} {store.splits.count(s)}" for s in sorted(set(store.splits))))
+        summary["store"] = {"heads": store.n_rows, "texts": store.n_texts, "cells": store.n_cells,
+                            "model_id": store.meta["model_id"]}
+
+    with _stage(echo, "2/5 program pool"):
+        pool_path = out / "pool.jsonl"
+        if pool_path.is_file():
+            pool = load_pool(pool_path)
+            echo(f"  reused {pool_path}: {len(pool)} programs")
+        else:
+            pool = build_pool(config.n_candidates)
+            save_pool(pool, pool_path)
+            echo(f"  wrote {pool_path}: {len(pool)} programs (golden library + generator)")
+        summary["programs"] = len(pool)
+
+    with _stage(echo, "3/5 evaluate programs on every text"):
+        outputs_path = out / "outputs.safetensors"
+        outputs = _load_outputs(outputs_path, store, pool)
+        if outputs is None:
+            outputs = evaluate_programs(
+                pool, store.sentences(), corpus_hash=store.meta["corpus_hash"],
+                tokenizer_id=store.meta.get("tokenizer_id", ""),
+            )
+            outputs.save(outputs_path)
+        n_failed = int(outputs.failed.any(axis=1).sum())
+        echo(f"  {outputs.n_programs} programs x {store.n_texts} texts; "
+             f"{n_failed} programs failed on some text")
+
+    with _stage(echo, "4/5 rank programs against every head"):
+        table_path = out / "iou_table.safetensors"
+        if table_path.is_file():
+            table = IoUTable.load(table_path)
+            echo(f"  reused {table_path}")
+        else:
+            table = rank_with_heldout(store, outputs, split="selection", heldout_split="heldout")
+            table.save(table_path)
+        fits = sorted(table.best_fits(), key=lambda f: -f.reported_iou)
+        heldout = torch.as_tensor(table.heldout_iou).float()
+        echo(f"  best fit per head (chosen on selection, IoU on held-out): mean "
+             f"{heldout.mean():.3f}, median {heldout.median():.3f}; top {config.top}:")
+        for fit in fits[: config.top]:
+            echo(f"    L{fit.layer:<2d} H{fit.head:<2d} IoU {fit.reported_iou:.3f}  {fit.family}")
+        summary["best_fit_iou"] = {"mean": float(heldout.mean()), "median": float(heldout.median())}
+
+    with _stage(echo, "5/5 replace heads: perplexity and QA"):
+        result = perplexity_sweep(
+            model, store, table, fractions=fractions_up_to(config.fraction), split="heldout",
+            outputs=outputs, qa_items=load_qa(None) if config.qa else None, tokenizer=tokenizer,
+            qa_source="built-in sample", batch_size=config.batch_size,
+        )
+        text = result.to_text()
+        (out / "sweep.txt").write_text(text + "\n")
+        echo(text)
+        summary["sweep"] = {f"{row.fraction:g}": {c: result.increase(row, c) for c in row.perplexity}
+                            for row in result.rows}
+
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    echo(f"run directory: {out} (config.json, attention.safetensors, pool.jsonl, "
+         "outputs.safetensors, iou_table.safetensors, sweep.txt, summary.json)")
+    return summary

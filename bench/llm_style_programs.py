@@ -1,0 +1,240 @@
+"""Twenty simple programs in the style an LLM writes (loops over tokens, small numpy),
+shared by the sandbox benchmark and the sandbox tests."""
+
+from __future__ import annotations
+
+from attnprog.synth.program import Program
+
+_SOURCES = {
+    "previous_token": """
+import numpy as np
+
+def program(s):
+    n = s.n
+    out = np.zeros((n, n))
+    out[0, 0] = 1.0
+    for i in range(1, n):
+        out[i, i - 1] = 1.0
+    return out
+""",
+    "first_token": """
+import numpy as np
+
+def program(s):
+    out = np.zeros((s.n, s.n))
+    out[:, 0] = 1.0
+    return out
+""",
+    "self_attention": """
+import numpy as np
+
+def program(s):
+    return np.eye(s.n)
+""",
+    "uniform_causal": """
+import numpy as np
+
+def program(s):
+    return np.tril(np.ones((s.n, s.n)))
+""",
+    "two_back": """
+import numpy as np
+
+def program(s):
+    n = s.n
+    out = np.zeros((n, n))
+    for i in range(n):
+        out[i, max(i - 2, 0)] = 1.0
+    return out
+""",
+    "punctuation": """
+import numpy as np
+
+def program(s):
+    n = s.n
+    out = np.zeros((n, n))
+    punct = s.is_punct
+    for i in range(n):
+        for j in range(i + 1):
+            if punct[j]:
+                out[i, j] = 1.0
+    return out
+""",
+    "most_recent_punct": """
+import numpy as np
+
+def program(s):
+    n = s.n
+    out = np.zeros((n, n))
+    last = 0
+    for i in range(n):
+        out[i, last] = 1.0
+        if s.is_punct[i]:
+            last = i
+    return out
+""",
+    "same_token": """
+import numpy as np
+
+def program(s):
+    n = s.n
+    out = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i):
+            if s.ids[j] == s.ids[i]:
+                out[i, j] = 1.0
+    return out
+""",
+    "same_token_lower": """
+import numpy as np
+
+def program(s):
+    words = [t.strip().lower() for t in s.tokens]
+    n = len(words)
+    out = np.zeros((n, n))
+    for i, w in enumerate(words):
+        for j in range(i):
+            if words[j] == w:
+                out[i, j] = 1.0
+    return out
+""",
+    "induction": """
+import numpy as np
+
+def program(s):
+    n = s.n
+    out = np.zeros((n, n))
+    for i in range(n):
+        for j in range(1, i):
+            if s.ids[j - 1] == s.ids[i]:
+                out[i, j] = 1.0
+    return out
+""",
+    "sentence_start": """
+import numpy as np
+
+def program(s):
+    n = s.n
+    out = np.zeros((n, n))
+    start = 0
+    starts = s.is_sentence_start
+    for i in range(n):
+        if starts[i]:
+            start = i
+        out[i, start] = 1.0
+    return out
+""",
+    "word_start": """
+import numpy as np
+
+def program(s):
+    n = s.n
+    out = np.zeros((n, n))
+    first = s.word_start_index
+    for i in range(n):
+        out[i, first[i]] = 1.0
+    return out
+""",
+    "capitalised": """
+import numpy as np
+
+def program(s):
+    cap = s.is_capitalised
+    out = np.tril(np.outer(np.ones(s.n), cap.astype(float)))
+    return out
+""",
+    "recency_decay": """
+import numpy as np
+
+def program(s):
+    idx = np.arange(s.n)
+    dist = idx[:, None] - idx[None, :]
+    return np.where(dist >= 0, 0.5 ** dist, 0.0)
+""",
+    "bos_and_previous": """
+import numpy as np
+
+def program(s):
+    n = s.n
+    out = np.zeros((n, n))
+    out[:, 0] = 0.5
+    for i in range(1, n):
+        out[i, i - 1] += 0.5
+    return out
+""",
+    "stopword_targets": """
+import numpy as np
+
+def program(s):
+    mask = s.is_stopword
+    out = np.zeros((s.n, s.n))
+    for i in range(s.n):
+        out[i, : i + 1] = mask[: i + 1]
+    return out
+""",
+    "comma_after": """
+import numpy as np
+
+def program(s):
+    n = s.n
+    out = np.zeros((n, n))
+    for i in range(n):
+        if i > 0 and s.tokens[i - 1].strip() == ",":
+            out[i, i - 1] = 1.0
+        else:
+            out[i, 0] = 1.0
+    return out
+""",
+    "quote_pairing": """
+import numpy as np
+
+def program(s):
+    n = s.n
+    out = np.zeros((n, n))
+    opened = None
+    for i, tok in enumerate(s.tokens):
+        if '"' in tok:
+            if opened is None:
+                opened = i
+            else:
+                out[i, opened] = 1.0
+                opened = None
+        out[i, 0] += 0.1
+    return out
+""",
+    "same_word_start": """
+import numpy as np
+from collections import defaultdict
+
+def program(s):
+    seen = defaultdict(list)
+    n = s.n
+    out = np.zeros((n, n))
+    for i, tok in enumerate(s.tokens):
+        key = tok.strip().lower()
+        for j in seen[key]:
+            out[i, j] = 1.0
+        seen[key].append(i)
+    return out
+""",
+    "paper_previous_token": """
+import numpy as np
+
+def program(sentence: str, tokenizer):
+    toks = tokenizer([sentence], return_tensors="pt")
+    n = len(toks.input_ids[0])
+    out = np.zeros((n, n))
+    out[0, 0] = 1.0
+    for i in range(1, n):
+        out[i, i - 1] = 1.0
+    return "Previous token", out
+""",
+}
+
+
+def llm_style_programs() -> list[Program]:
+    """The twenty programs, each with its name as family."""
+    return [
+        Program(source=src.strip() + "\n", name="program", family=family)
+        for family, src in _SOURCES.items()
+    ]

@@ -1,0 +1,106 @@
+"""evaluate_programs: the engine's entry point (cache, generator path, sandbox)."""
+
+import numpy as np
+import pytest
+
+import attnprog.synth.sandbox as sandbox_module
+from attnprog.errors import CorpusError
+from attnprog.layout import causal_offsets
+from attnprog.synth import evaluate as evaluate_module
+from attnprog.synth.evaluate import close_shared_sandbox, evaluate_programs
+from attnprog.synth.execute import run_trusted
+from attnprog.synth.features import probe_sentences
+from attnprog.synth.program import Program
+
+FIRST = "import numpy as np\ndef program(s):\n    out = np.zeros((s.n, s.n))\n" \
+        "    out[:, 0] = 1\n    return out\n"
+DIAGONAL = "import numpy as np\ndef program(s):\n    return np.eye(s.n)\n"
+BROKEN = "def program(s):\n    return None\n"
+
+
+@pytest.fixture(autouse=True)
+def stop_workers():
+    yield
+    close_shared_sandbox()
+
+
+@pytest.fixture
+def sandbox_calls(monkeypatch):
+    """How many program-text calls went to the sandbox."""
+    calls = []
+    original = sandbox_module.Sandbox.run
+
+    def counting_run(self, programs, sentences, progress=None):
+        calls.append(len(programs) * len(sentences))
+        return original(self, programs, sentences, progress=progress)
+
+    monkeypatch.setattr(sandbox_module.Sandbox, "run", counting_run)
+    return calls
+
+
+def test_outputs_match_serial_execution_and_mark_failures(tmp_path):
+    programs = [Program(FIRST), Program(BROKEN), Program(DIAGONAL)]
+    texts = probe_sentences()
+    out = evaluate_programs(programs, texts, cache_dir=tmp_path, workers=1, progress=False)
+    expected = run_trusted(programs, texts)
+    assert out.values.shape == (3, int(causal_offsets([s.n for s in texts])[-1]))
+    np.testing.assert_array_equal(out.values, np.stack([r.values for r in expected]))
+    assert out.failed.tolist() == [[False] * 3, [True] * 3, [False] * 3]
+    assert out.reasons[1].startswith("returned NoneType") and out.reasons[0] == ""
+    assert not out.values[1].any()
+    np.testing.assert_array_equal(out.offsets, causal_offsets([s.n for s in texts]))
+
+
+def test_a_cache_hit_computes_nothing(tmp_path, sandbox_calls):
+    programs, texts = [Program(FIRST), Program(BROKEN)], probe_sentences()
+    first = evaluate_programs(programs, texts, cache_dir=tmp_path, workers=1, progress=False)
+    assert sandbox_calls == [6]
+    again = evaluate_programs(programs, texts, cache_dir=tmp_path, workers=1, progress=False)
+    assert sandbox_calls == [6]
+    np.testing.assert_array_equal(again.values, first.values)
+    np.testing.assert_array_equal(again.failed, first.failed)
+    assert again.reasons == first.reasons
+
+
+def test_only_programs_missing_from_the_cache_are_computed(tmp_path, sandbox_calls):
+    texts = probe_sentences()
+    evaluate_programs([Program(FIRST)], texts, cache_dir=tmp_path, workers=1, progress=False)
+    evaluate_programs([Program(FIRST), Program(DIAGONAL)], texts, cache_dir=tmp_path,
+                      workers=1, progress=False)
+    assert sandbox_calls == [3, 3]
+
+
+def test_another_tokenizer_id_is_another_cache_entry(tmp_path, sandbox_calls):
+    texts = probe_sentences()
+    for tokenizer_id in ("model-a", "model-b"):
+        evaluate_programs([Program(FIRST)], texts, tokenizer_id=tokenizer_id, cache_dir=tmp_path,
+                          workers=1, progress=False)
+    assert sandbox_calls == [3, 3]
+
+
+def test_identical_programs_are_evaluated_once(tmp_path, sandbox_calls):
+    out = evaluate_programs([Program(FIRST), Program(FIRST)], probe_sentences(),
+                            use_cache=False, workers=1, progress=False)
+    assert sandbox_calls == [3]
+    np.testing.assert_array_equal(out.values[0], out.values[1])
+
+
+def test_generator_programs_take_the_vectorised_path(tmp_path, sandbox_calls, monkeypatch):
+    texts = probe_sentences()
+    generated = Program(DIAGONAL, family="generated")
+    packed = np.stack([r.values for r in run_trusted([generated], texts)])
+
+    class FakeGenerator:
+        is_generated = staticmethod(lambda p: p.family == "generated")
+        evaluate_generated = staticmethod(lambda programs, sentences: packed)
+
+    monkeypatch.setattr(evaluate_module, "_generator_module", lambda: FakeGenerator)
+    out = evaluate_programs([Program(FIRST), generated], texts, use_cache=False, workers=1,
+                            progress=False)
+    assert sandbox_calls == [3]  # only the hand-written program ran in the sandbox
+    np.testing.assert_array_equal(out.values[1], packed[0])
+
+
+def test_an_empty_corpus_says_what_to_do():
+    with pytest.raises(CorpusError, match="no texts"):
+        evaluate_programs([Program(FIRST)], [])

@@ -1,0 +1,190 @@
+"""The sandbox: untrusted programs run in worker processes with limits, and nothing a
+program does stops the run. One run mixes bad programs with good ones; each test checks
+one behaviour of that run."""
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+
+from attnprog.synth.execute import run_trusted
+from attnprog.synth.features import Sentence, probe_sentences
+from attnprog.synth.program import Program
+from attnprog.synth.sandbox import Sandbox, run_in_sandbox
+
+TIMEOUT = 1.0
+WRITTEN_FILE = os.path.join(tempfile.gettempdir(), "attnprog-sandbox-test-written")
+
+GOOD = {
+    "previous_token": """
+import numpy as np
+
+def program(s):
+    out = np.zeros((s.n, s.n))
+    out[0, 0] = 1.0
+    for i in range(1, s.n):
+        out[i, i - 1] = 1.0
+    return out
+""",
+    "punctuation": """
+import numpy as np
+
+def program(s):
+    return np.tril(np.outer(np.ones(s.n), s.is_punct.astype(float)))
+""",
+    "same_token": """
+import numpy as np
+
+def program(s):
+    ids = np.array(s.ids)
+    return (ids[:, None] == ids[None, :]).astype(float)
+""",
+    "paper_first_token": """
+import numpy as np
+
+def program(sentence, tokenizer):
+    n = len(tokenizer([sentence], return_tensors="pt").input_ids[0])
+    out = np.zeros((n, n))
+    out[:, 0] = 1
+    return "First token", out
+""",
+    "prints_a_lot": """
+import numpy as np
+
+def program(s):
+    for _ in range(2000):
+        print("debugging output " * 10)
+    return np.eye(s.n)
+""",
+    "mutates_its_sentence": """
+import numpy as np
+
+def program(s):
+    s.tokens.reverse()
+    s.ids[0] = -1
+    return np.eye(s.n)
+""",
+}
+
+BAD = {
+    "loops_forever": ("def program(s):\n    while True:\n        pass\n",
+                      f"timeout after {TIMEOUT} s on text 0"),
+    "sleeps": ("import time\ndef program(s):\n    time.sleep(60)\n",
+               f"timeout after {TIMEOUT} s on text 0"),
+    "hangs_in_c_code": ("import itertools\ndef program(s):\n    return sum(itertools.repeat(1, 10**13))\n",
+                        f"timeout after {TIMEOUT} s (worker killed) on text 0"),
+    "hangs_at_definition": ("while True:\n    pass\ndef program(s):\n    return None\n",
+                            f"timeout after {TIMEOUT} s while defining the program"),
+    "allocates_10_gb": ("import numpy as np\ndef program(s):\n    return np.ones(10**10 // 8)\n",
+                        "memory limit exceeded"),
+    "calls_os_exit": ("import os\ndef program(s):\n    os._exit(3)\n",
+                      "worker exited (code 3) on text 0"),
+    "segfaults_via_ctypes": ("import ctypes\ndef program(s):\n    return ctypes.string_at(0)\n",
+                             "worker crashed (signal 11) on text 0"),
+    "opens_a_socket": ("import socket\ndef program(s):\n    socket.socket().connect(('127.0.0.1', 9))\n",
+                       "refused: socket"),
+    "writes_a_file": (f"def program(s):\n    open({WRITTEN_FILE!r}, 'w').write('x')\n",
+                      "refused: open"),
+    "spawns_a_process": ("import subprocess\ndef program(s):\n    subprocess.run(['true'])\n",
+                         "refused: subprocess.Popen"),
+    "calls_os_system": ("import os\ndef program(s):\n    os.system('true')\n",
+                        "refused: os.system"),
+    "returns_nan": ("import numpy as np\ndef program(s):\n    return np.full((s.n, s.n), np.nan)\n",
+                    "non-finite values"),
+    "returns_the_wrong_shape": ("import numpy as np\ndef program(s):\n    return np.ones((3, 4))\n",
+                                "shape (3, 4), expected (8, 8) on text 0"),
+    "returns_a_string": ("def program(s):\n    return 'attention'\n", "returned str"),
+    "raises": ("def program(s):\n    return 1 / 0\n", "raised ZeroDivisionError"),
+    "touches_the_main_process": ("import numpy\ndef program(s):\n    numpy.attnprog_marker = 1\n",
+                                 "returned NoneType"),
+}
+
+
+def make(source: str, family: str) -> Program:
+    return Program(source=source.strip() + "\n", family=family)
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[Sentence]:
+    return probe_sentences()
+
+
+@pytest.fixture(scope="module")
+def mixed_run(texts):
+    """Bad and good programs interleaved in one run on two workers."""
+    programs = [make(src, name) for name, src in GOOD.items()]
+    for i, (name, (src, _)) in enumerate(BAD.items()):
+        programs.insert(2 * i % len(programs), make(src, name))
+    with Sandbox(workers=2, timeout=TIMEOUT, max_timeouts=1, progress=False) as box:
+        results = box.run(programs, texts)
+        alive = [w.process.poll() is None for w in box._workers]
+        replaced = box.replaced
+    by_name = {p.family: r for p, r in zip(programs, results, strict=True)}
+    return {"results": by_name, "programs": programs, "alive": alive, "replaced": replaced}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_a_bad_program_is_stopped_with_its_reason(mixed_run, name):
+    result = mixed_run["results"][name]
+    assert BAD[name][1] in result.reason
+    assert result.failed.all() and not result.values.any()
+
+
+def test_good_programs_in_the_same_run_equal_serial_in_process_execution(mixed_run, texts):
+    good = [p for p in mixed_run["programs"] if p.family in GOOD]
+    for program, expected in zip(good, run_trusted(good, probe_sentences()), strict=True):
+        got = mixed_run["results"][program.family]
+        assert got.reason == "" and not got.failed.any()
+        np.testing.assert_array_equal(got.values, expected.values)
+
+
+def test_crashed_and_hung_workers_are_replaced(mixed_run):
+    assert mixed_run["replaced"] >= 3  # os._exit, segfault, the hang in C code
+    assert len(mixed_run["alive"]) == 2 and all(mixed_run["alive"])
+
+
+def test_nothing_a_program_does_reaches_this_process(mixed_run):
+    assert not hasattr(np, "attnprog_marker")
+    assert not os.path.exists(WRITTEN_FILE)
+
+
+def test_outputs_are_packed_normalised_float32(mixed_run, texts):
+    values = mixed_run["results"]["previous_token"].values
+    assert values.dtype == np.float32
+    assert values.shape == (sum(s.n * (s.n + 1) // 2 for s in texts),)
+    np.testing.assert_allclose(values.sum(), sum(s.n for s in texts), rtol=1e-6)
+
+
+def test_a_failure_on_one_text_fails_only_that_text(texts):
+    source = "import numpy as np\ndef program(s):\n    assert s.n != 19\n    return np.eye(s.n)\n"
+    [result] = run_in_sandbox([make(source, "picky")], texts, workers=1, progress=False)
+    assert result.failed.tolist() == [False, True, False]
+    assert result.reason == "raised AssertionError:  (line 3) on text 1"
+
+
+def test_a_program_keeps_running_after_fewer_timeouts_than_the_limit():
+    texts = [Sentence.from_text("a b"), Sentence.from_text("slow text here"),
+             Sentence.from_text("c d")]
+    source = ("import time\nimport numpy as np\ndef program(s):\n"
+              "    if s.n == 3:\n        time.sleep(60)\n    return np.eye(s.n)\n")
+    with Sandbox(workers=1, timeout=0.5, max_timeouts=2, progress=False) as box:
+        [result] = box.run([make(source, "slow_once")], texts)
+    assert result.failed.tolist() == [False, True, False]
+    assert result.reason == "timeout after 0.5 s on text 1"
+
+
+def test_a_sandbox_runs_again_after_a_run(texts):
+    program = make(GOOD["previous_token"], "previous_token")
+    with Sandbox(workers=1, progress=False) as box:
+        first = box.run([program], texts)
+        second = box.run([program], texts[:2])
+    assert not first[0].failed.any() and second[0].failed.shape == (2,)
+    assert box.calls == len(texts) + 2
+
+
+def test_no_programs_or_no_texts_give_empty_results(texts):
+    with Sandbox(workers=1, progress=False) as box:
+        assert box.run([], texts) == []
+        [result] = box.run([make(GOOD["previous_token"], "p")], [])
+    assert result.values.shape == (0,) and result.failed.shape == (0,)
