@@ -1,0 +1,285 @@
+"""Ranking benchmarks: sum-min throughput on user-sized shapes, against the slow ways.
+
+A "pair-cell" is one (program, head, causal cell) triple: the unit of work of
+M[p, h, s] = Σ_c min(prog[p, c], attn[h, c]). Every path is reported in pair-cells/s,
+so the figures compare directly:
+
+- kernel:  ``sum_min`` with impl "auto" (Triton on CUDA, numba on CPU), timed on the full shape;
+- torch:   chunked broadcasting (``sum_min_torch``) on the same device, timed on a sample of
+           programs and reported as a rate (its cost is linear in P);
+- numpy:   the authors' loop, ``np.minimum(a, b).sum() / np.maximum(a, b).sum()`` per
+           (program, head, text) on n × n matrices, timed on a sample of triples; the rate
+           counts the n(n+1)/2 causal cells of each triple.
+
+The three are timed round by round, interleaved, and each reported by its best round (see
+:func:`side_by_side`). On the CPU the table adds ``cpu-time/s``: the kernel's pair-cells per
+CPU-second of the process times its thread count, what it would do on otherwise idle cores
+(a figure for shared machines, not a wall-clock measurement).
+
+Used by ``attnprog bench`` and by ``bench/bench_iou.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from attnprog.kernels.iou import resolve_impl, sum_min, sum_min_torch
+from attnprog.layout import causal_offsets, tril_index
+
+P_SIZES = (256, 1024, 4096)
+H_SIZES = (144, 270, 704)  # GPT-2 (12 x 12), SmolLM2-135M (30 x 9), TinyLlama (22 x 32)
+QUICK_SHAPES = ((256, 144), (1024, 270), (4096, 704))
+
+# fp32 pair-cells/s a GPU can do at most: min and add are 2 instructions per pair-cell on
+# 128 fp32 lanes per SM per clock, so SMs x 128 x boost clock / 2 (see kernels/iou.py).
+KNOWN_BOUNDS = {
+    "H100": 132 * 128 * 1.98e9 / 2,  # SXM; H200 is the same GH100 die and clocks
+    "H200": 132 * 128 * 1.98e9 / 2,
+    "A100": 108 * 64 * 1.41e9 / 2,  # 64 fp32 lanes per SM on Ampere GA100
+}
+
+
+@dataclass
+class BenchData:
+    programs: torch.Tensor  # [P, C] packed program outputs
+    attention: torch.Tensor  # [H, C] packed attention
+    offsets: torch.Tensor  # [S + 1]
+    n: int  # tokens per text
+
+    @property
+    def pair_cells(self) -> int:
+        return self.programs.shape[0] * self.attention.shape[0] * self.programs.shape[1]
+
+
+def make_bench_data(
+    n_programs: int,
+    n_heads: int,
+    n_texts: int = 4,
+    n: int = 64,
+    programs_kind: str = "sparse",
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> BenchData:
+    """Realistic inputs: softmax attention rows (a quarter of heads sharp) and program rows.
+
+    programs_kind "sparse": 70 % one-hot rows (previous, first or a random earlier token),
+    30 % mixtures of 2-4 positions, like generated programs. "dense": uniform causal rows
+    plus noise, every cell non-zero (the worst case for the CPU path's zero skipping).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows, cols = (torch.from_numpy(x.copy()) for x in tril_index(n))
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+
+    # attention [H, S, n, n]: softmax of random logits; sharp heads use a high temperature
+    sharpness = torch.where(torch.rand(n_heads, generator=gen) < 0.25, 8.0, 1.5)
+    logits = torch.randn(n_heads, n_texts, n, n, generator=gen) * sharpness[:, None, None, None]
+    attn = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+    attention = attn[:, :, rows, cols].reshape(n_heads, -1)
+
+    if programs_kind == "dense":
+        prog = (torch.rand(n_programs, n_texts, n, n, generator=gen) + 0.5) * causal
+    elif programs_kind == "sparse":
+        prog = torch.zeros(n_programs, n_texts, n, n)
+        i = torch.arange(n)
+        one_hot = torch.rand(n_programs, generator=gen) < 0.7
+        for p in range(n_programs):
+            if one_hot[p]:
+                kind = p % 3
+                j = (i - 1).clamp(min=0) if kind == 0 else torch.zeros_like(i)
+                if kind == 2:
+                    j = (torch.rand(n_texts, n, generator=gen) * (i + 1)).long()
+                    prog[p, torch.arange(n_texts)[:, None], i, j] = 1.0
+                    continue
+                prog[p, :, i, j] = 1.0
+            else:
+                k = int(torch.randint(2, 5, (1,), generator=gen))
+                j = (torch.rand(n_texts, n, k, generator=gen) * (i[:, None] + 1)).long()
+                s_idx = torch.arange(n_texts)[:, None, None].expand_as(j)
+                prog[p][s_idx, i[None, :, None].expand_as(j), j] = torch.rand(j.shape, generator=gen)
+    else:
+        raise ValueError(f"programs_kind must be 'sparse' or 'dense', got {programs_kind!r}")
+    prog = prog / prog.sum(-1, keepdim=True).clamp_min(1e-12)
+    programs = prog[:, :, rows, cols].reshape(n_programs, -1)
+    offsets = torch.from_numpy(causal_offsets([n] * n_texts))
+    return BenchData(programs.to(device, dtype), attention.to(device, dtype), offsets, n)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device="cpu", repeats: int = 3, warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def kernel_seconds(data: BenchData, impl: str = "auto") -> float:
+    """Seconds of one ``sum_min`` call on the whole shape (synchronised on CUDA)."""
+    device = data.programs.device
+    return time_call(lambda: sum_min(data.programs, data.attention, data.offsets, impl=impl),
+                     device, repeats=1, warmup=0)
+
+
+def torch_rate(data: BenchData, sample_programs: int = 64) -> float:
+    """Pair-cells/s of chunked torch broadcasting, timed on the first ``sample_programs``."""
+    programs = data.programs[:sample_programs]
+    seconds = time_call(lambda: sum_min_torch(programs, data.attention, data.offsets),
+                        data.programs.device, repeats=1, warmup=0)
+    return programs.shape[0] * data.attention.shape[0] * data.programs.shape[1] / seconds
+
+
+def numpy_loop_rate(data: BenchData, n_triples: int = 300, seed: int = 0) -> float:
+    """Pair-cells/s of the authors' per-(program, head, text) numpy loop, on sampled triples.
+
+    Matrices are unpacked to n x n first, as the authors hold them; only the loop is timed.
+    """
+    n = data.n
+    rows, cols = tril_index(n)
+    rng = np.random.default_rng(seed)
+    n_texts = data.offsets.numel() - 1
+    triples = [(int(rng.integers(data.programs.shape[0])), int(rng.integers(data.attention.shape[0])),
+                int(rng.integers(n_texts))) for _ in range(n_triples)]
+    mats = []
+    for p, h, s in triples:
+        start, end = int(data.offsets[s]), int(data.offsets[s + 1])
+        a = np.zeros((n, n), np.float32)
+        b = np.zeros((n, n), np.float32)
+        a[rows, cols] = data.programs[p, start:end].float().cpu().numpy()
+        b[rows, cols] = data.attention[h, start:end].float().cpu().numpy()
+        mats.append((a, b))
+    start = time.perf_counter()
+    for a, b in mats:
+        np.minimum(a, b).sum() / np.maximum(a, b).sum()
+    seconds = time.perf_counter() - start
+    return n_triples * n * (n + 1) // 2 / seconds
+
+
+def side_by_side(data: BenchData, impl: str = "auto", rounds: int = 3,
+                 sample_programs: int = 32, n_triples: int = 300) -> dict:
+    """Best-of-``rounds`` pair-cells/s of kernel, torch and numpy loop, interleaved per round.
+
+    Interleaving means load from other processes hits the three alike, so the ratios hold
+    up on a shared machine even when the absolute rates wobble.
+    """
+    kernel_seconds(data, impl)  # warm-up: numba loads its cache, Triton compiles
+    kernel, kernel_cpu, broadcast, numpy_loop = 0.0, 0.0, 0.0, 0.0
+    for _ in range(rounds):
+        cpu_start = time.process_time()
+        kernel = max(kernel, data.pair_cells / kernel_seconds(data, impl))
+        cpu_seconds = time.process_time() - cpu_start
+        kernel_cpu = max(kernel_cpu, data.pair_cells / max(cpu_seconds, 1e-9) * _cpu_threads(impl))
+        broadcast = max(broadcast, torch_rate(data, sample_programs))
+        numpy_loop = max(numpy_loop, numpy_loop_rate(data, n_triples))
+    return {"kernel": kernel, "torch": broadcast, "numpy_loop": numpy_loop,
+            "x_torch": kernel / broadcast, "x_numpy": kernel / numpy_loop,
+            "kernel_cpu_time": kernel_cpu if impl == "numba" else None}
+
+
+def _cpu_threads(impl: str) -> int:
+    """Threads the CPU path runs on: CPU-time rate x threads = rate on otherwise idle cores."""
+    if impl != "numba":
+        return 1
+    import numba
+
+    return numba.get_num_threads()
+
+
+def hardware_bound(device) -> tuple[float | None, str]:
+    """(fp32 pair-cells/s bound, how it was obtained) for a CUDA device; (None, "") on CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None, ""
+    name = torch.cuda.get_device_name(device)
+    for key, bound in KNOWN_BOUNDS.items():
+        if key in name:
+            return bound, f"{key}: SMs x fp32 lanes x boost clock / 2"
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return sms * 128 * 1.7e9 / 2, f"estimate: {sms} SMs x 128 lanes x 1.7 GHz / 2"
+
+
+def run_rank_bench(
+    device=None,
+    shapes=None,
+    kinds=("sparse", "dense"),
+    n_texts: int | None = None,
+    n: int = 64,
+    dtype: torch.dtype = torch.float32,
+    quick: bool = True,
+    verbose: bool = True,
+) -> list[dict]:
+    """Time the kernel, torch broadcasting and the numpy loop side by side; one row per case.
+
+    device: "cuda" / "cpu" / None (CUDA when present). quick: three shapes on the diagonal of
+    P x H instead of all nine.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if shapes is None:
+        shapes = QUICK_SHAPES if quick else [(p, h) for p in P_SIZES for h in H_SIZES]
+    if n_texts is None:
+        n_texts = 32 if device.type == "cuda" else 4
+    impl = resolve_impl("auto", device)
+    bound, bound_note = hardware_bound(device)
+    results = []
+    if verbose:
+        print(f"sum-min throughput in pair-cells/s on {_device_name(device)} ({impl}, "
+              f"{str(dtype).replace('torch.', '')}), {n_texts} texts of n = {n}"
+              + (f"; bound {bound:.2e} ({bound_note})" if bound else ""))
+        print(HEADER, flush=True)
+    for n_programs, n_heads in shapes:
+        for kind in kinds:
+            data = make_bench_data(n_programs, n_heads, n_texts, n, kind, device, dtype)
+            rates = side_by_side(data, impl, rounds=2 if quick else 3,
+                                 sample_programs=256 if device.type == "cuda" else 32)
+            row = {
+                "device": _device_name(device), "impl": impl, "dtype": str(dtype).replace("torch.", ""),
+                "P": n_programs, "H": n_heads, "S": n_texts, "n": n, "programs": kind, **rates,
+                "of_bound": None if bound is None else rates["kernel"] / bound, "bound_note": bound_note,
+            }
+            results.append(row)
+            if verbose:
+                print(format_row(row), flush=True)
+            del data
+    return results
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu x{torch.get_num_threads()}"
+
+
+HEADER = (f"{'P':>5} {'H':>4} {'programs':>8} {'kernel/s':>9} {'torch/s':>9} {'numpy/s':>9} "
+          f"{'x torch':>8} {'x numpy':>8} {'of bound':>8} {'cpu-time/s':>10}")
+
+
+def format_row(row: dict) -> str:
+    of_bound = "-" if row["of_bound"] is None else f"{row['of_bound']:.0%}"
+    cpu_time = "-" if row.get("kernel_cpu_time") is None else f"{row['kernel_cpu_time']:.2e}"
+    return (f"{row['P']:>5} {row['H']:>4} {row['programs']:>8} {row['kernel']:>9.2e} "
+            f"{row['torch']:>9.2e} {row['numpy_loop']:>9.2e} {row['x_torch']:>8.1f} "
+            f"{row['x_numpy']:>8.1f} {of_bound:>8} {cpu_time:>10}")
+
+
+def format_results(rows: list[dict]) -> str:
+    """A plain-text table of pair-cells/s and ratios."""
+    if not rows:
+        return "no results"
+    first = rows[0]
+    head = (f"sum-min throughput in pair-cells/s on {first['device']} ({first['impl']}, "
+            f"{first['dtype']}), {first['S']} texts of n = {first['n']}")
+    return "\n".join([head, HEADER] + [format_row(r) for r in rows])

@@ -1,0 +1,319 @@
+"""Ranking: the soft IoU of every program against every head, and each head's best fit.
+
+The attention stays where the store keeps it (GPU or CPU); program outputs stream to it in
+chunks sized to a memory budget, and the sum-min kernel (``attnprog.kernels.iou``) does the
+P × H × S reduction. A program that failed on a text, or wrote a non-finite value there,
+scores 0 on that text; nothing yields NaN.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attnprog.engine.store import AttentionStore
+from attnprog.errors import StoreError
+from attnprog.kernels.iou import (
+    cell_major,
+    iou_from_sums,
+    resolve_impl,
+    sum_min,
+    sum_min_numba,
+    text_sums,
+)
+from attnprog.layout import causal_offsets
+from attnprog.synth.outputs import ProgramOutputs
+from attnprog.synth.program import Program
+
+FORMAT_VERSION = "1"
+DEFAULT_MEMORY_BUDGET = 512 << 20  # bytes of per-chunk working memory on the device
+
+
+@dataclass
+class BestFit:
+    """One head's best program: highest mean IoU on the ranking split."""
+
+    layer: int
+    head: int
+    program_index: int
+    name: str
+    family: str
+    iou: float  # mean IoU on the split the table was ranked on
+    heldout_iou: float | None = None  # the same program's mean IoU on the held-out split
+
+    @property
+    def reported_iou(self) -> float:
+        """The figure to quote (DESIGN.md "Best fit"): held-out IoU when measured."""
+        return self.iou if self.heldout_iou is None else self.heldout_iou
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class IoUTable:
+    """Mean soft IoU of P programs against the L*H heads of a model on one split.
+
+    iou         [P, L*H] float32  mean over the split's texts; column = layer * n_heads + head
+    per_text    [P, L*H, S]       per-text IoU, when requested
+    heldout_iou [L*H]             IoU of each head's best fit on ``heldout_split``, when measured
+    """
+
+    iou: torch.Tensor
+    programs: list[Program]
+    split: str
+    n_layers: int
+    n_heads: int
+    per_text: torch.Tensor | None = None
+    text_indices: list[int] = field(default_factory=list)
+    heldout_split: str | None = None
+    heldout_iou: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_programs(self) -> int:
+        return int(self.iou.shape[0])
+
+    def best(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(best_iou [L*H], best_index [L*H]): each head's top program (first on ties)."""
+        if self.n_programs == 0:
+            raise StoreError("the IoU table holds no programs")
+        best_iou, best_index = self.iou.max(dim=0)
+        return best_iou, best_index
+
+    def topk(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(iou [L*H, k], index [L*H, k]): each head's k best programs, best first."""
+        k = max(0, min(int(k), self.n_programs))
+        values, indices = self.iou.T.topk(k, dim=1, largest=True, sorted=True)
+        return values, indices
+
+    def best_fits(self) -> list[BestFit]:
+        """Every head's best fit, in row order (layer-major)."""
+        best_iou, best_index = self.best()
+        fits = []
+        for row, (iou, index) in enumerate(zip(best_iou.tolist(), best_index.tolist())):
+            layer, head = divmod(row, self.n_heads)
+            program = self.programs[index]
+            heldout = None if self.heldout_iou is None else float(self.heldout_iou[row])
+            fits.append(BestFit(layer, head, index, program.name, program.family, iou, heldout))
+        return fits
+
+    # --- persistence -------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write tensors to safetensors, programs and metadata into its header."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"iou": self.iou.detach().cpu().float().contiguous()}
+        if self.per_text is not None:
+            tensors["per_text"] = self.per_text.detach().cpu().float().contiguous()
+        if self.heldout_iou is not None:
+            tensors["heldout_iou"] = self.heldout_iou.detach().cpu().float().contiguous()
+        metadata = {
+            "format": FORMAT_VERSION,
+            "kind": "attnprog.iou_table",
+            "programs": json.dumps([p.to_dict() for p in self.programs]),
+            "split": self.split,
+            "n_layers": str(self.n_layers),
+            "n_heads": str(self.n_heads),
+            "text_indices": json.dumps(self.text_indices),
+            "heldout_split": self.heldout_split or "",
+            "meta": json.dumps(self.meta),
+        }
+        tmp = path.with_suffix(path.suffix + ".partial")
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> IoUTable:
+        """Read a table written by :meth:`save`."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise StoreError(f"no IoU table at {path}: run `attnprog rank` first")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise StoreError(f"{path} is not a readable IoU table ({err})") from err
+        if metadata.get("kind") != "attnprog.iou_table" or "iou" not in tensors:
+            raise StoreError(f"{path} is not an attnprog IoU table")
+        return cls(
+            iou=tensors["iou"],
+            programs=[Program.from_dict(r) for r in json.loads(metadata["programs"])],
+            split=metadata["split"],
+            n_layers=int(metadata["n_layers"]),
+            n_heads=int(metadata["n_heads"]),
+            per_text=tensors.get("per_text"),
+            text_indices=json.loads(metadata.get("text_indices", "[]")),
+            heldout_split=metadata.get("heldout_split") or None,
+            heldout_iou=tensors.get("heldout_iou"),
+            meta=json.loads(metadata.get("meta", "{}")),
+        )
+
+
+# --- ranking ----------------------------------------------------------------------------------
+
+
+def _check_outputs(store: AttentionStore, outputs: ProgramOutputs) -> None:
+    store_offsets = store.offsets.cpu().numpy()
+    if not np.array_equal(np.asarray(outputs.offsets), store_offsets):
+        raise StoreError(
+            f"program outputs cover {len(outputs.offsets) - 1} texts / {int(outputs.offsets[-1])} "
+            f"cells but the store has {store.n_texts} / {store.n_cells}: evaluate the programs "
+            "on this store's texts"
+        )
+    if outputs.values.shape != (outputs.n_programs, store.n_cells):
+        raise StoreError(f"program outputs have shape {outputs.values.shape}, expected "
+                         f"({outputs.n_programs}, {store.n_cells})")
+    if outputs.failed.shape != (outputs.n_programs, store.n_texts):
+        raise StoreError(f"failure mask has shape {outputs.failed.shape}, expected "
+                         f"({outputs.n_programs}, {store.n_texts})")
+
+
+def _split_cells(store: AttentionStore, texts: list[int]) -> tuple[np.ndarray | None, np.ndarray]:
+    """(cell index into the packed layout or None for all texts, offsets of the split [S+1])."""
+    if texts == list(range(store.n_texts)):
+        return None, store.offsets.cpu().numpy()
+    offsets = store.offsets.cpu().numpy()
+    cells = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in texts])
+    return cells, causal_offsets(store.lengths.cpu().numpy()[texts])
+
+
+def chunk_size(n_programs: int, n_cells: int, n_heads: int, n_texts: int, memory_budget: int,
+               per_text: bool = False) -> int:
+    """Programs per chunk so one chunk's working memory fits ``memory_budget`` bytes.
+
+    Per program: its outputs (fp32, one copy staged and one on the device) and ~4 [H, S]
+    fp32 temporaries (sum-min, union, IoU, and the per-text copy when kept).
+    """
+    per_program = 4 * (2 * n_cells + (4 + int(per_text)) * n_heads * n_texts)
+    return int(max(1, min(n_programs, memory_budget // max(per_program, 1))))
+
+
+def rank(
+    store: AttentionStore,
+    outputs: ProgramOutputs,
+    split: str | None = "selection",
+    per_text: bool = False,
+    chunk_programs: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    impl: str = "auto",
+    progress: bool = False,
+) -> IoUTable:
+    """Mean soft IoU of every program against every head over the texts of ``split``.
+
+    ``outputs`` must be evaluated on the store's texts (same packed offsets). Programs stream
+    to the attention's device ``chunk_programs`` at a time (default: what fits
+    ``memory_budget`` bytes). ``impl`` picks the sum-min path ("auto": Triton on CUDA, numba
+    on CPU). ``split=None`` or "all" ranks on every text.
+    """
+    _check_outputs(store, outputs)
+    texts = store.split_indices(split)
+    if not texts:
+        raise StoreError(f"split {split!r} holds no texts")
+    device = store.attn_packed.device
+    impl = resolve_impl(impl, device)
+    cells, offsets_np = _split_cells(store, texts)
+    offsets = torch.from_numpy(np.asarray(offsets_np, dtype=np.int64))
+    n_texts, n_rows = len(texts), store.n_rows
+    n_cells = int(offsets[-1])
+
+    # attention of the split, on its device: [L*H, C_split]
+    attention = store.attn_packed
+    if cells is not None:
+        attention = attention[:, torch.from_numpy(cells).to(device)]
+    attn_sums = text_sums(attention, offsets)  # [L*H, S]
+    attention_t = cell_major(attention) if impl == "numba" else None  # built once, not per chunk
+
+    n_programs = outputs.n_programs
+    if chunk_programs is None:
+        chunk_programs = chunk_size(n_programs, n_cells, n_rows, n_texts, memory_budget, per_text)
+    chunk_programs = max(1, int(chunk_programs))
+    failed_all = np.asarray(outputs.failed, dtype=bool)[:, texts]  # [P, S]
+
+    iou_mean = torch.zeros(n_programs, n_rows, dtype=torch.float32)
+    iou_texts = torch.zeros(n_programs, n_rows, n_texts, dtype=torch.float32) if per_text else None
+    starts = range(0, n_programs, chunk_programs)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="ranking", unit="chunk")
+    for p0 in starts:
+        p1 = min(n_programs, p0 + chunk_programs)
+        values = outputs.values[p0:p1] if cells is None else outputs.values[p0:p1][:, cells]
+        chunk = torch.as_tensor(np.asarray(values, dtype=np.float32)).to(device)  # [Pc, C_split]
+        failed = torch.from_numpy(failed_all[p0:p1]).to(device)  # [Pc, S]
+        # A non-finite value fails the program on that text; the kernel needs finite, >= 0.
+        finite = torch.isfinite(chunk)
+        if not bool(finite.all()):
+            failed |= text_sums((~finite).float(), offsets) > 0
+            chunk = torch.where(finite, chunk, torch.zeros_like(chunk))
+        if bool((chunk < 0).any()):  # out of contract; never write into the caller's array
+            chunk = chunk.clamp(min=0.0)
+
+        if impl == "numba":
+            m = sum_min_numba(chunk, attention, offsets, attention_cell_major=attention_t)
+        else:
+            m = sum_min(chunk, attention, offsets, impl=impl)  # [Pc, L*H, S]
+        iou = iou_from_sums(m.to(device), text_sums(chunk, offsets), attn_sums)
+        iou.masked_fill_(failed[:, None, :], 0.0)
+        iou_mean[p0:p1] = iou.mean(dim=2).cpu()
+        if iou_texts is not None:
+            iou_texts[p0:p1] = iou.cpu()
+
+    return IoUTable(
+        iou=iou_mean,
+        programs=list(outputs.programs),
+        split=split or "all",
+        n_layers=store.n_layers,
+        n_heads=store.n_heads,
+        per_text=iou_texts,
+        text_indices=list(texts),
+        meta={"model": store.meta.get("model", ""), "corpus_hash": store.meta.get("corpus_hash", ""),
+              "impl": impl},
+    )
+
+
+def subset_outputs(outputs: ProgramOutputs, indices) -> ProgramOutputs:
+    """The outputs of the programs at ``indices`` only (rows copied)."""
+    indices = np.asarray(list(indices), dtype=np.int64)
+    return ProgramOutputs(
+        programs=[outputs.programs[i] for i in indices],
+        values=outputs.values[indices],
+        failed=np.asarray(outputs.failed)[indices],
+        offsets=outputs.offsets,
+        reasons=[outputs.reasons[i] for i in indices] if outputs.reasons else [],
+        corpus_hash=outputs.corpus_hash,
+    )
+
+
+def rank_with_heldout(
+    store: AttentionStore,
+    outputs: ProgramOutputs,
+    split: str = "selection",
+    heldout_split: str = "heldout",
+    **kwargs,
+) -> IoUTable:
+    """Rank on ``split`` to pick each head's best fit, then measure it on ``heldout_split``.
+
+    The table's ``heldout_iou [L*H]`` holds the figure DESIGN.md reports for a best fit.
+    Keyword arguments go to :func:`rank` for both passes.
+    """
+    table = rank(store, outputs, split=split, **kwargs)
+    _, best_index = table.best()
+    unique = torch.unique(best_index)  # only the winners are re-scored
+    held = rank(store, subset_outputs(outputs, unique.tolist()), split=heldout_split,
+                **{k: v for k, v in kwargs.items() if k != "per_text"})
+    position = torch.searchsorted(unique, best_index)  # winner's row in the held-out table
+    table.heldout_split = heldout_split
+    table.heldout_iou = held.iou[position, torch.arange(table.iou.shape[1])]
+    return table

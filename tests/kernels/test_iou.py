@@ -1,0 +1,173 @@
+"""Sum-min and soft IoU: every path against the torch reference, and the metric's edge cases.
+
+On a machine without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 before Triton is
+imported, so the Triton kernel runs in the interpreter on CPU tensors (small shapes: slow).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from attnprog.kernels import iou as iou_mod
+from attnprog.kernels.iou import (
+    iou_from_sums,
+    soft_iou,
+    sum_min,
+    sum_min_numba,
+    sum_min_torch,
+    sum_min_triton,
+    text_sums,
+)
+from attnprog.layout import causal_offsets, pack
+
+CUDA = torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(
+    iou_mod.triton is None or not (CUDA or iou_mod._interpreted()),
+    reason="needs Triton with CUDA, or TRITON_INTERPRET=1 set before Triton was imported",
+)
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
+
+
+def causal_rows(n_rows: int, lengths, seed: int, sparsity: float = 0.0) -> torch.Tensor:
+    """[n_rows, C] packed row-stochastic causal matrices; ``sparsity`` zeroes that share."""
+    rng = np.random.default_rng(seed)
+    texts = []
+    for n in lengths:
+        dense = np.tril(rng.exponential(size=(n_rows, n, n)))
+        dense[rng.random(dense.shape) < sparsity] = 0.0
+        dense[:, :, 0] += 1e-3  # no empty rows
+        dense = np.tril(dense)
+        texts.append(pack(dense / dense.sum(-1, keepdims=True)))
+    return torch.from_numpy(np.concatenate(texts, axis=1).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def ragged():
+    """37 programs and 21 heads on 6 texts of 1..20 tokens: P, H not multiples of 16."""
+    lengths = [1, 7, 20, 3, 12, 16]
+    offsets = torch.from_numpy(causal_offsets(lengths))
+    programs = causal_rows(37, lengths, seed=1, sparsity=0.8)
+    attention = causal_rows(21, lengths, seed=2)
+    return programs, attention, offsets
+
+
+@needs_triton
+def test_triton_fp32_matches_reference(ragged):
+    programs, attention, offsets = ragged
+    device = "cuda" if CUDA else "cpu"
+    got = sum_min_triton(programs.to(device), attention.to(device), offsets, block_p=16, block_h=16)
+    ref = sum_min_torch(programs.double(), attention.double(), offsets).double()
+    torch.testing.assert_close(got.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision_matches_reference(ragged, dtype):
+    programs, attention, offsets = (t.to(dtype) if t.is_floating_point() else t for t in ragged)
+    device = "cuda" if CUDA else "cpu"
+    got = sum_min_triton(programs.to(device), attention.to(device), offsets, block_p=16, block_h=32)
+    ref = sum_min_torch(programs, attention, offsets)  # same rounded inputs, fp32 sums
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-3, atol=1e-3)
+
+
+@needs_triton
+def test_triton_default_tiles_cover_small_shapes():
+    lengths = [2, 5]
+    offsets = torch.from_numpy(causal_offsets(lengths))
+    programs, attention = causal_rows(3, lengths, seed=3), causal_rows(70, lengths, seed=4)
+    device = "cuda" if CUDA else "cpu"
+    got = sum_min_triton(programs.to(device), attention.to(device), offsets)
+    torch.testing.assert_close(got.cpu(), sum_min_torch(programs, attention, offsets))
+
+
+def test_numba_matches_reference(ragged):
+    programs, attention, offsets = ragged
+    got = sum_min_numba(programs, attention, offsets, block_p=8)
+    ref = sum_min_torch(programs.double(), attention.double(), offsets).float()  # fp64 sums
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_numba_takes_half_precision(ragged):
+    programs, attention, offsets = ragged
+    half = programs.to(torch.bfloat16)
+    got = sum_min_numba(half, attention, offsets)
+    torch.testing.assert_close(got, sum_min_torch(half, attention, offsets), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_uses_numba_on_cpu(ragged, monkeypatch):
+    programs, attention, offsets = ragged
+    marker = torch.zeros(1)
+    monkeypatch.setattr(iou_mod, "sum_min_numba", lambda *args, **kwargs: marker)
+    assert sum_min(programs, attention, offsets) is marker
+
+
+@pytest.mark.parametrize("impl", ["torch", "numba"])
+def test_iou_of_a_matrix_with_itself_is_one(ragged, impl):
+    _, attention, offsets = ragged
+    iou = soft_iou(attention, attention, offsets, impl=impl)  # [H, H, S]
+    diagonal = iou[torch.arange(21), torch.arange(21)]
+    torch.testing.assert_close(diagonal, torch.ones_like(diagonal), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "numba"])
+def test_disjoint_supports_give_zero(impl):
+    n = 6
+    offsets = torch.from_numpy(causal_offsets([n]))
+    first_token = np.zeros((n, n), np.float32)
+    first_token[:, 0] = 1.0
+    diagonal = np.eye(n, dtype=np.float32)
+    diagonal[0, 0] = 0.0  # the one cell they share
+    programs = torch.from_numpy(pack(first_token)[None])
+    attention = torch.from_numpy(pack(diagonal)[None])
+    assert soft_iou(programs, attention, offsets, impl=impl).item() == 0.0
+
+
+def test_empty_union_gives_zero_not_nan():
+    m = torch.zeros(2, 3, 4)
+    iou = iou_from_sums(m, torch.zeros(2, 4), torch.zeros(3, 4))
+    assert not torch.isnan(iou).any() and (iou == 0).all()
+
+
+def test_nan_sum_min_gives_zero():
+    m = torch.full((1, 1, 1), float("nan"))
+    assert iou_from_sums(m, torch.ones(1, 1), torch.ones(1, 1)).item() == 0.0
+
+
+def test_text_sums_sum_each_text(ragged):
+    programs, _, offsets = ragged
+    sums = text_sums(programs, offsets)
+    lengths = torch.tensor([1, 7, 20, 3, 12, 16], dtype=torch.float32)
+    torch.testing.assert_close(sums, lengths.expand(37, 6), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_reference_chunks_agree(ragged):
+    programs, attention, offsets = ragged
+    torch.testing.assert_close(
+        sum_min_torch(programs, attention, offsets, chunk_elements=50),
+        sum_min_torch(programs, attention, offsets),
+    )
+
+
+def test_mismatched_offsets_raise(ragged):
+    programs, attention, offsets = ragged
+    with pytest.raises(ValueError, match="offsets end at"):
+        sum_min(programs, attention, offsets[:-1], impl="torch")
+
+
+def test_unknown_impl_raises(ragged):
+    with pytest.raises(ValueError, match="impl must be one of"):
+        sum_min(*ragged, impl="cuda")
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_kernel_matches_reference_at_context_length(dtype):
+    lengths = [1, 64, 512, 33, 2048]
+    offsets = torch.from_numpy(causal_offsets(lengths))
+    programs = causal_rows(70, lengths, seed=5, sparsity=0.9).to("cuda", dtype)
+    attention = causal_rows(45, lengths, seed=6).to("cuda", dtype)
+    got = sum_min(programs, attention, offsets)  # auto: the Triton kernel
+    ref = sum_min_torch(programs.double(), attention.double(), offsets)
+    tol = 1e-5 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
