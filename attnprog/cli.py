@@ -103,6 +103,48 @@ def replace(
 
 
 @app.command()
+def generate(
+    out: Path = typer.Option(Path("runs/pool.jsonl"), help="where to write the pool (JSON lines)"),
+    candidates: int = typer.Option(5000, help="distinct generator programs (0: golden library only)"),
+    golden: bool = typer.Option(True, help="include the hand-written golden library"),
+) -> None:
+    """Write a program pool: the golden library plus the built-in generator's candidates."""
+    from attnprog.engine.pipeline import build_pool
+    from attnprog.synth.program import save_pool
+
+    pool = build_pool(candidates, golden=golden)
+    save_pool(pool, out)
+    families = len({p.family for p in pool})
+    typer.echo(f"wrote {out}: {len(pool)} programs in {families} families")
+
+
+@app.command()
+def check(
+    path: Path = typer.Argument(..., help="a .py file defining one program function"),
+    name: str = typer.Option("", help="function name (default: the file's only function)"),
+) -> None:
+    """Validate a program file in the sandbox and say what is wrong with it, if anything."""
+    import ast
+
+    from attnprog.errors import ProgramError
+    from attnprog.synth.program import Program, validate
+
+    if not path.is_file():
+        raise ProgramError(f"no program file at {path}")
+    source = path.read_text(encoding="utf-8")
+    if not name:
+        try:
+            functions = [n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)]
+        except SyntaxError as err:
+            raise ProgramError(f"{path}:{err.lineno}: syntax error: {err.msg}") from err
+        name = functions[0] if len(functions) == 1 else "program"
+    result = validate(Program(source=source, name=name, family="custom"))
+    if not result.ok:
+        raise ProgramError(f"{path}: {result.reason}")
+    typer.echo(f"{path}: ok ({name})")
+
+
+@app.command()
 def run(
     out: Path = typer.Option(Path("runs/demo"), help="run directory (re-running resumes it)"),
     model: str = typer.Option("smollm2-135m", help="built-in name, checkpoint dir, .gguf file or hub id"),

@@ -8,7 +8,9 @@
                    matmul for the flagged heads on CPU
 
 Shapes: 4 x 128 tokens on CPU, 16 x 256 on a GPU. Π is built once outside the timed region
-(its cost is reported as ``program_prep_s``). Ratios land in the attnprog row's extra_info.
+(its cost is reported as ``program_prep_s``). One test per variant, then
+``test_side_by_side_ratios`` interleaves the three round by round and puts the ratios
+(attnprog / sdpa, eager_overwrite / attnprog; minimum and median over rounds) in extra_info.
 
 Run: pytest bench/bench_override.py --benchmark-only
 """
@@ -26,8 +28,8 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 BATCH, TOKENS = (16, 256) if ON_GPU else (4, 128)
 FRACTION = 0.25
-ROUNDS = 10 if ON_GPU else 3
-LATENCY: dict[str, float] = {}  # variant -> mean seconds, filled in parametrisation order
+ROUNDS = 10 if ON_GPU else 3  # per-variant tests
+INTERLEAVED_ROUNDS = 20 if ON_GPU else 5
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +76,51 @@ def test_forward_with_quarter_of_heads_replaced(benchmark, setup, variant):
             replacement.prepare(batch)
             benchmark.extra_info["program_prep_s"] = time.perf_counter() - start
             benchmark.pedantic(_forward, args=(model, batch), rounds=ROUNDS, warmup_rounds=1)
-    LATENCY[variant] = benchmark.stats.stats.mean
-    benchmark.extra_info["latency_s"] = LATENCY[variant]
-    if variant == "attnprog" and {"sdpa", "eager_overwrite"} <= LATENCY.keys():
-        benchmark.extra_info["ratio_vs_sdpa"] = LATENCY["attnprog"] / LATENCY["sdpa"]
-        benchmark.extra_info["speedup_vs_eager_overwrite"] = (
-            LATENCY["eager_overwrite"] / LATENCY["attnprog"]
-        )
+    benchmark.extra_info["latency_min_s"] = benchmark.stats.stats.min
+    benchmark.extra_info["latency_median_s"] = benchmark.stats.stats.median
+
+
+def _timed_forward(model, batch, variant, heads) -> float:
+    """Seconds of one forward pass in ``variant`` (set-up outside the timed region)."""
+    if variant == "sdpa":
+        previous = model.config._attn_implementation
+        model.set_attn_implementation("sdpa")
+        try:
+            start = time.perf_counter()
+            _forward(model, batch)
+            return time.perf_counter() - start
+        finally:
+            model.set_attn_implementation(previous)
+    impl = "reference" if variant == "eager_overwrite" else "auto"
+    with replace_heads(model, heads, impl=impl) as replacement:
+        replacement.prepare(batch)
+        start = time.perf_counter()
+        _forward(model, batch)
+        return time.perf_counter() - start
+
+
+def test_side_by_side_ratios(benchmark, setup):
+    """The three variants interleaved round by round, so load from other work hits all alike."""
+    model, batch, heads = setup
+    variants = ("sdpa", "eager_overwrite", "attnprog")
+    times: dict[str, list[float]] = {v: [] for v in variants}
+
+    def one_round():
+        for variant in variants:
+            times[variant].append(_timed_forward(model, batch, variant, heads))
+
+    benchmark.group = f"override forward {BATCH}x{TOKENS} {DEVICE}, interleaved"
+    benchmark.pedantic(one_round, rounds=INTERLEAVED_ROUNDS, warmup_rounds=1)
+    # the minimum is the round least disturbed by other processes on a shared machine
+    best = {v: min(t[1:]) for v, t in times.items()}  # t[0] is the warm-up
+    median = {v: float(np.median(t[1:])) for v, t in times.items()}
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name() if ON_GPU else "cpu", batch=BATCH, tokens=TOKENS,
+        replaced_heads=len(heads),
+        **{f"{v}_min_s": best[v] for v in variants},
+        **{f"{v}_median_s": median[v] for v in variants},
+        ratio_vs_sdpa_min=best["attnprog"] / best["sdpa"],
+        ratio_vs_sdpa_median=median["attnprog"] / median["sdpa"],
+        speedup_vs_eager_overwrite_min=best["eager_overwrite"] / best["attnprog"],
+        speedup_vs_eager_overwrite_median=median["eager_overwrite"] / median["attnprog"],
+    )

@@ -56,12 +56,12 @@ def _stage(echo: Callable[[str], None], name: str):
     return _Timer()
 
 
-def build_pool(n_candidates: int) -> list[Program]:
-    """The golden library plus at least ``n_candidates`` distinct generator programs."""
+def build_pool(n_candidates: int, golden: bool = True) -> list[Program]:
+    """The golden library (when asked) plus ``n_candidates`` distinct generator programs."""
     from attnprog.synth.generator import generate
     from attnprog.synth.golden import golden_programs
 
-    golden = golden_programs()
+    golden = golden_programs() if golden else []
     generated = generate(n_min=n_candidates) if n_candidates > 0 else []
     seen = {p.hash for p in golden}
     return golden + [p for p in generated if p.hash not in seen]

@@ -1,0 +1,422 @@
+"""What replacing heads costs: perplexity and multiple-choice QA sweeps.
+
+Heads are replaced in descending order of their best-fit IoU, each by its best program, at
+0, 5, 10, 25, 50 and 100 % of all heads. Two baselines replace the same heads with the
+uniform causal matrix and with a random program from the pool. Perplexity is reported as
+the % increase over the unmodified model on held-out texts; QA as accuracy, scoring each
+choice by the mean log-prob of its tokens given the context.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from attnprog.engine.replace import OutputsRow, make_batch, pad_token_id, replace_heads
+from attnprog.errors import CorpusError, StoreError
+
+STANDARD_FRACTIONS = (0.0, 0.05, 0.10, 0.25, 0.50, 1.0)
+CONDITIONS = ("programs", "uniform", "random")
+QA_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "qa_sample.jsonl"
+
+
+def fractions_up_to(limit: float) -> list[float]:
+    """The standard fractions up to ``limit``, plus ``limit`` itself when it is not one of them."""
+    if not 0.0 <= limit <= 1.0:
+        raise ValueError(f"fraction must be between 0 and 1, got {limit}")
+    chosen = [f for f in STANDARD_FRACTIONS if f <= limit + 1e-9]
+    if not any(abs(f - limit) < 1e-9 for f in chosen):
+        chosen.append(limit)
+    return chosen
+
+
+# --- token log-probabilities through (possibly) replaced heads -------------------------------
+
+
+def _batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda s: lengths[s])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def token_logprobs(
+    model,
+    token_ids: Sequence[Sequence[int]],
+    heads: dict | None = None,
+    *,
+    batch_size: int = 8,
+    impl: str = "auto",
+    pad_id: int = 0,
+    corpus_indices: Sequence[int] | None = None,
+    progress: bool = False,
+    desc: str = "forward",
+) -> list[np.ndarray]:
+    """log p(token t | tokens < t) for t = 1..n-1 of every text: one float64 array per text.
+
+    ``heads`` maps (layer, head) to a source. ``OutputsRow`` sources were evaluated on these
+    texts in this order, or on a corpus where text i sits at ``corpus_indices[i]``.
+    """
+    device = next(model.parameters()).device
+    lengths = [len(ids) for ids in token_ids]
+    result: list[np.ndarray] = [np.zeros(0)] * len(token_ids)
+    with replace_heads(model, heads or {}, impl=impl) as replacement:
+        for texts in tqdm(_batches_by_length(lengths, batch_size), desc=desc, unit="batch",
+                          disable=not progress, leave=False):
+            indices = texts if corpus_indices is None else [corpus_indices[s] for s in texts]
+            batch = make_batch([token_ids[s] for s in texts], pad_id=pad_id, indices=indices,
+                               device=device)
+            logits = replacement.forward(batch).logits  # [B, n, V]
+            for b, s in enumerate(texts):
+                n = lengths[s]
+                targets = batch.input_ids[b, 1:n]
+                logp = -F.cross_entropy(logits[b, : n - 1].float(), targets, reduction="none")
+                result[s] = logp.double().cpu().numpy()
+    return result
+
+
+def perplexity(logprobs: Sequence[np.ndarray]) -> float:
+    """exp of the mean negative log-likelihood over all predicted tokens."""
+    total = sum(float(lp.sum()) for lp in logprobs)
+    count = sum(len(lp) for lp in logprobs)
+    if count == 0:
+        raise CorpusError("no tokens to score: every text has a single token")
+    return math.exp(-total / count)
+
+
+# --- multiple-choice QA -------------------------------------------------------------------------
+
+
+@dataclass
+class QAItem:
+    """One question: the context, its candidate completions, the index of the right one."""
+
+    context: str
+    choices: list[str]
+    label: int
+
+
+def _join(context: str, choice: str) -> str:
+    """Context and choice as one text: a space between them unless one side has whitespace."""
+    if not context or context[-1].isspace() or choice[:1].isspace():
+        return context + choice
+    return context + " " + choice
+
+
+def _item_from_record(record: dict) -> QAItem:
+    """Map generic, HellaSwag, PIQA and ARC field names to a QAItem."""
+    if "choices" in record and "context" in record:  # attnprog's own format
+        choices = [str(c) for c in record["choices"]]
+        return QAItem(str(record["context"]), choices, int(record["label"]))
+    if "endings" in record:  # HellaSwag
+        context = record.get("ctx") or (record["ctx_a"] + " " + record.get("ctx_b", "")).strip()
+        return QAItem(context, [str(e) for e in record["endings"]], int(record["label"]))
+    if "goal" in record and "sol1" in record:  # PIQA
+        return QAItem(record["goal"], [record["sol1"], record["sol2"]], int(record["label"]))
+    if "answerKey" in record:  # ARC: {"question": {"stem", "choices": [{text, label}]}} or flat
+        question = record["question"]
+        if isinstance(question, dict):
+            stem = question["stem"]
+            texts = [c["text"] for c in question["choices"]]
+            labels = [c["label"] for c in question["choices"]]
+        else:
+            stem, texts, labels = question, record["choices"]["text"], record["choices"]["label"]
+        return QAItem(f"Question: {stem}\nAnswer:", [str(t) for t in texts],
+                      labels.index(record["answerKey"]))
+    raise KeyError(
+        "no known fields (context/choices/label, ctx/endings, goal/sol1/sol2, answerKey)"
+    )
+
+
+def load_qa(path: str | Path | None = None) -> list[QAItem]:
+    """Read a JSONL of questions (attnprog, HellaSwag, PIQA or ARC fields).
+
+    ``path=None`` reads the built-in sample.
+    """
+    if path is None:
+        text = QA_SAMPLE.read_text(encoding="utf-8")
+        name = "built-in QA sample"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise CorpusError(f"no QA file at {path}")
+        text, name = path.read_text(encoding="utf-8"), str(path)
+    items = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = _item_from_record(json.loads(line))
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            raise CorpusError(
+                f"{name}:{line_no} is not a QA record ({type(err).__name__}: {err}); expected "
+                '{"context": str, "choices": [str, ...], "label": int}'
+            ) from err
+        if len(item.choices) < 2 or not 0 <= item.label < len(item.choices):
+            raise CorpusError(
+                f"{name}:{line_no}: needs >= 2 choices and a label indexing one of them"
+            )
+        items.append(item)
+    if not items:
+        raise CorpusError(f"{name} holds no questions")
+    return items
+
+
+@dataclass
+class QAText:
+    """One (question, choice) pair tokenised: ids, the Sentence programs see, completion start."""
+
+    question: int
+    choice: int
+    ids: list[int]
+    sentence: object
+    completion_start: int  # first token whose text reaches into the choice
+
+
+def tokenise_qa(items: Sequence[QAItem], tokenizer, max_tokens: int = 512) -> list[QAText]:
+    """Every choice appended to its context, tokenised once with character offsets."""
+    from attnprog.synth.features import Sentence
+
+    pairs = []
+    for q, item in enumerate(items):
+        for c, choice in enumerate(item.choices):
+            text = _join(item.context, choice)
+            encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+            ids = list(encoded["input_ids"])[:max_tokens]
+            spans = [tuple(int(x) for x in span) for span in encoded["offset_mapping"]][: len(ids)]
+            boundary = len(text) - len(choice)
+            # completion = tokens ending inside the choice; position 0 is never predicted
+            start = next((t for t, (_, end) in enumerate(spans) if end > boundary), len(ids))
+            start = max(start, 1)
+            tokens = [tokenizer.decode([i]) for i in ids]
+            pairs.append(QAText(q, c, ids, Sentence(text, ids, tokens, spans), start))
+    return pairs
+
+
+def qa_predictions(items: Sequence[QAItem], pairs: Sequence[QAText], logprobs) -> np.ndarray:
+    """argmax over choices of the mean completion log-prob; [questions] int."""
+    scores = [np.full(len(item.choices), -np.inf) for item in items]
+    for pair, logp in zip(pairs, logprobs, strict=True):
+        completion = logp[pair.completion_start - 1 :]  # logp[t-1] scores token t
+        if len(completion):
+            scores[pair.question][pair.choice] = float(completion.mean())
+    return np.array([int(np.argmax(s)) for s in scores])
+
+
+def qa_accuracy(items: Sequence[QAItem], predictions: np.ndarray) -> float:
+    return float(np.mean([p == item.label for p, item in zip(predictions, items, strict=True)]))
+
+
+# --- the sweep -------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepRow:
+    fraction: float
+    n_heads: int
+    mean_iou: float  # mean best-fit IoU of the replaced heads, held-out when known (nan at 0 %)
+    perplexity: dict[str, float]  # condition -> perplexity
+    qa_accuracy: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SweepResult:
+    """Perplexity (and QA accuracy) with a growing share of heads replaced; prints as a table."""
+
+    model: str
+    n_texts: int
+    n_tokens: int
+    base_perplexity: float
+    rows: list[SweepRow]
+    base_qa_accuracy: float | None = None
+    n_questions: int = 0
+    qa_source: str = ""
+
+    def increase(self, row: SweepRow, condition: str) -> float:
+        """% perplexity increase over the unmodified model."""
+        return 100.0 * (row.perplexity[condition] / self.base_perplexity - 1.0)
+
+    def to_text(self) -> str:
+        lines = [
+            f"Head replacement on {self.model}: {self.n_texts} held-out texts, {self.n_tokens} "
+            f"predicted tokens; unmodified perplexity {self.base_perplexity:.3f}",
+            "perplexity increase over the unmodified model; replaced heads in descending IoU order",
+        ]
+        if self.base_qa_accuracy is not None:
+            lines.append(f"QA: {self.qa_source}, {self.n_questions} questions; unmodified "
+                         f"accuracy {100 * self.base_qa_accuracy:.1f} %")
+        header = f"{'heads':>12}  {'mean IoU':>8}  " + "  ".join(f"{c:>10}" for c in CONDITIONS)
+        if self.base_qa_accuracy is not None:
+            header += f"  {'QA prog':>7}  {'QA unif':>7}  {'QA rand':>7}"
+        lines += ["", header]
+        for row in self.rows:
+            label = f"{100 * row.fraction:g} % ({row.n_heads})"
+            iou = "-" if math.isnan(row.mean_iou) else f"{row.mean_iou:.3f}"
+            cells = [f"{self.increase(row, c):+9.1f}%" for c in CONDITIONS]
+            line = f"{label:>12}  {iou:>8}  " + "  ".join(f"{c:>10}" for c in cells)
+            if row.qa_accuracy:
+                line += "  " + "  ".join(f"{100 * row.qa_accuracy[c]:6.1f}%" for c in CONDITIONS)
+            lines.append(line)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+def _best_fit(table) -> tuple[np.ndarray, np.ndarray]:
+    """(best IoU [H], best program index [H]) as numpy."""
+    if hasattr(table, "best"):
+        best_iou, best_index = table.best()
+    else:
+        best_iou, best_index = torch.as_tensor(table.iou).max(0)
+    return (torch.as_tensor(best_iou).float().cpu().numpy(),
+            torch.as_tensor(best_index).long().cpu().numpy())
+
+
+def _evaluate(programs, sentences, progress: bool):
+    from attnprog.synth.evaluate import evaluate_programs
+
+    return evaluate_programs(programs, sentences, progress=progress)
+
+
+def perplexity_sweep(
+    model,
+    store,
+    table,
+    *,
+    fractions: Sequence[float] = STANDARD_FRACTIONS,
+    split: str = "heldout",
+    outputs=None,
+    qa_items: Sequence[QAItem] | None = None,
+    qa_outputs=None,
+    tokenizer=None,
+    qa_source: str = "",
+    seed: int = 0,
+    batch_size: int = 8,
+    impl: str = "auto",
+    progress: bool = True,
+) -> SweepResult:
+    """Replace 0..100 % of heads (best IoU first) by best programs and both baselines.
+
+    ``outputs``: ProgramOutputs of ``table.programs`` on the split's texts or on all of the
+    store's texts (when None, only the programs needed run, through ``synth.evaluate``).
+    ``qa_items`` adds QA accuracy (needs ``tokenizer``; ``qa_outputs`` likewise covers the
+    tokenised QA texts).
+    """
+    n_layers, n_heads = store.n_layers, store.n_heads
+    best_iou, best_index = _best_fit(table)
+    if len(best_iou) != n_layers * n_heads:
+        raise StoreError(f"the IoU table has {len(best_iou)} heads, the store "
+                         f"{n_layers} x {n_heads}: rank programs against this store")
+    order = np.argsort(-best_iou, kind="stable")  # heads, best fit first
+    # the table reports each best fit's IoU on held-out texts when it measured it
+    heldout = getattr(table, "heldout_iou", None)
+    reported_iou = best_iou if heldout is None else torch.as_tensor(heldout).float().cpu().numpy()
+    counts = {f: int(round(f * len(order))) for f in fractions}
+    replaced = order[: max(counts.values(), default=0)]
+    n_programs = len(table.programs)
+    random_index = np.random.default_rng(seed).integers(0, n_programs, size=len(best_iou))
+
+    # the only programs that ever run: best fits and random picks of the replaced heads
+    needed = sorted(
+        {int(best_index[h]) for h in replaced} | {int(random_index[h]) for h in replaced}
+    )
+
+    texts = store.split_indices(split)
+    token_ids = [store.token_ids(s) for s in texts]
+    pad_id = pad_token_id(tokenizer)
+    # outputs on the whole store are addressed by store index, on the split by position
+    corpus_indices = texts if outputs is not None and _n_texts(outputs) == store.n_texts else None
+    outputs, row_of = _outputs_for(
+        table, needed, outputs, lambda: store.sentences(texts), len(texts), progress,
+        whole_store=store.n_texts if corpus_indices is not None else None,
+    )
+
+    def sources(condition: str, count: int, row_map) -> dict:
+        heads = {}
+        for h in order[:count]:
+            key = divmod(int(h), n_heads)
+            if condition == "uniform":
+                heads[key] = "uniform"
+            else:
+                program = best_index[h] if condition == "programs" else random_index[h]
+                heads[key] = OutputsRow(row_map[0], row_map[1][int(program)])
+        return heads
+
+    qa_pairs = None
+    if qa_items:
+        if tokenizer is None:
+            raise ValueError("QA scoring needs the tokenizer")
+        qa_pairs = tokenise_qa(qa_items, tokenizer)
+        qa_outputs, qa_row_of = _outputs_for(
+            table, needed, qa_outputs, lambda: [p.sentence for p in qa_pairs], len(qa_pairs),
+            progress,
+        )
+
+    def run(heads_for, desc):
+        lp = token_logprobs(model, token_ids, heads_for((outputs, row_of)), batch_size=batch_size,
+                            impl=impl, pad_id=pad_id, corpus_indices=corpus_indices,
+                            progress=progress, desc=desc)
+        acc = None
+        if qa_pairs is not None:
+            qa_heads = heads_for((qa_outputs, qa_row_of))
+            # QA texts are short: bigger batches, fewer forward passes
+            qa_lp = token_logprobs(model, [p.ids for p in qa_pairs], qa_heads,
+                                   batch_size=4 * batch_size, impl=impl, pad_id=pad_id,
+                                   progress=progress, desc=desc + " QA")
+            acc = qa_accuracy(qa_items, qa_predictions(qa_items, qa_pairs, qa_lp))
+        return lp, acc
+
+    base_lp, base_acc = run(lambda _: {}, "unmodified")
+    base = perplexity(base_lp)
+    rows = []
+    for fraction in tqdm(fractions, desc="sweep", unit="fraction", disable=not progress):
+        count = counts[fraction]
+        ppl, acc = {}, {}
+        for condition in CONDITIONS:
+            if count == 0:  # nothing replaced: the unmodified run, exactly
+                ppl[condition], acc[condition] = base, base_acc
+                continue
+            lp, acc[condition] = run(lambda m, c=condition, k=count: sources(c, k, m),
+                                     f"{100 * fraction:g}% {condition}")
+            ppl[condition] = perplexity(lp)
+        mean_iou = float(reported_iou[order[:count]].mean()) if count else float("nan")
+        rows.append(SweepRow(fraction, count, mean_iou, ppl, acc if qa_pairs is not None else {}))
+
+    return SweepResult(
+        model=str(store.meta.get("model_id", type(model).__name__)),
+        n_texts=len(texts),
+        n_tokens=sum(len(lp) for lp in base_lp),
+        base_perplexity=base,
+        rows=rows,
+        base_qa_accuracy=base_acc,
+        n_questions=len(qa_items or []),
+        qa_source=qa_source,
+    )
+
+
+def _n_texts(outputs) -> int:
+    return len(outputs.offsets) - 1
+
+
+def _outputs_for(table, needed, outputs, sentences, n_texts, progress=False, whole_store=None):
+    """(ProgramOutputs, program index -> row): given ones cover all programs, else run needed."""
+    if outputs is not None:
+        if _n_texts(outputs) not in (n_texts, whole_store):
+            raise StoreError(f"program outputs cover {_n_texts(outputs)} texts, expected "
+                             f"{n_texts}: evaluate them on the same texts")
+        if outputs.values.shape[0] != len(table.programs):
+            raise StoreError(f"program outputs hold {outputs.values.shape[0]} programs, the IoU "
+                             f"table {len(table.programs)}: evaluate the table's programs")
+        return outputs, {p: p for p in range(len(table.programs))}
+    if not needed:
+        return None, {}
+    evaluated = _evaluate([table.programs[p] for p in needed], sentences(), progress)
+    return evaluated, {p: row for row, p in enumerate(needed)}

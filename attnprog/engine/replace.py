@@ -1,0 +1,412 @@
+"""Head replacement in Hugging Face models: chosen heads attend with program matrices.
+
+``replace_heads(model, {(layer, head): source})`` switches the model to the ``attnprog``
+attention implementation (registered with transformers' ``AttentionInterface`` and
+``AttentionMaskInterface``), builds each replaced head's matrix Π for the texts of a batch
+and hands them to ``kernels.override``, which uses Π instead of softmax(QKᵀ) *before* the
+values are mixed, per head. On exit the model's previous implementation is restored.
+
+A source is a ``Program`` (run through ``synth.evaluate``), ``"uniform"`` (the uniform causal
+matrix), ``OutputsRow(outputs, row)`` (precomputed program outputs on a corpus; batches then
+carry corpus indices), or a tensor [B, n, n] (fixed matrices, for tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from attnprog.errors import ModelError
+from attnprog.kernels.override import override_attention, override_attention_reference
+from attnprog.layout import tril_index
+
+ATTN_NAME = "attnprog"
+_STATE_ATTR = "_attnprog_override"
+
+
+# --- registration with transformers -----------------------------------------------------------
+
+
+def attnprog_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """The mask our attention expects: None (plain causal), [B, kv] key validity, or 4D bool.
+
+    The kernel applies causality itself, so a padded causal batch needs only which keys are
+    real; anything else (sliding windows, packed sequences) falls back to a dense mask.
+    """
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    q_offset = int(q_offset)
+    standard = (
+        mask_function in (None, causal_mask_function)
+        and int(kv_offset) == 0
+        and q_offset + q_length == kv_length
+    )
+    if not standard:
+        kwargs.pop("allow_is_causal_skip", None)
+        return sdpa_mask(
+            batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+            q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+            attention_mask=attention_mask, allow_is_causal_skip=False, **kwargs,
+        )  # fmt: skip
+    if attention_mask is None:
+        return None
+    key_valid = attention_mask.to(torch.bool)[:, :kv_length]
+    if key_valid.shape[-1] < kv_length:  # a mask shorter than the keys: the rest are real
+        missing = kv_length - key_valid.shape[-1]
+        key_valid = torch.nn.functional.pad(key_valid, (0, missing), value=True)
+    return None if bool(key_valid.all()) else key_valid
+
+
+def attnprog_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention function for ``AttentionInterface``: [B, H, n, D] in, [B, n, H, D] out."""
+    if dropout:
+        raise ModelError("attnprog attention is inference-only: call model.eval() first")
+    state: LayerOverride | None = getattr(module, _STATE_ATTR, None)
+    flags = program_probs = None
+    impl = "auto"
+    if state is not None:
+        flags, program_probs, impl = state.flags, state.program_probs, state.impl
+        if program_probs is not None and program_probs.shape[-2:] != (query.shape[2], key.shape[2]):
+            raise ModelError(
+                f"layer {module.layer_idx}: program matrices are {tuple(program_probs.shape[-2:])} "
+                f"but the batch has {query.shape[2]} tokens; run the batch through the replacement"
+            )
+    if attention_mask is not None and attention_mask.dim() == 4:  # unusual mask: materialise
+        out = override_attention_reference(
+            query, key, value, flags, program_probs, attn_mask=attention_mask, scale=scaling
+        )
+    else:
+        out = override_attention(
+            query, key, value, flags, program_probs,
+            key_valid=attention_mask, scale=scaling, impl=impl,
+        )  # fmt: skip
+    return out.transpose(1, 2), None
+
+
+def register() -> None:
+    """Register ``attnprog`` with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, attnprog_attention)
+    AttentionMaskInterface.register(ATTN_NAME, attnprog_mask)
+
+
+# --- batches and matrix sources ---------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """Right-padded token ids of B texts, and what sources need to build their matrices.
+
+    input_ids, attention_mask [B, n]; lengths [B]; ``sentences`` for Program sources;
+    ``indices`` are the texts' positions in the corpus an ``OutputsRow`` was evaluated on.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    lengths: list[int]
+    sentences: list | None = None
+    indices: list[int] | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def width(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def make_batch(
+    token_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int = 0,
+    sentences: list | None = None,
+    indices: list[int] | None = None,
+    device: str | torch.device = "cpu",
+) -> Batch:
+    """Left-aligned, right-padded batch from token id lists."""
+    lengths = [len(ids) for ids in token_ids]
+    if not lengths or min(lengths) == 0:
+        raise ModelError("a batch needs at least one text and every text at least one token")
+    width = max(lengths)
+    input_ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for b, ids in enumerate(token_ids):
+        input_ids[b, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+        attention_mask[b, : len(ids)] = 1
+    return Batch(input_ids.to(device), attention_mask.to(device), lengths, sentences, indices)
+
+
+@dataclass(frozen=True)
+class OutputsRow:
+    """Row ``row`` of precomputed ``ProgramOutputs``; batches must carry ``indices``."""
+
+    outputs: object  # attnprog.synth.outputs.ProgramOutputs
+    row: int
+
+
+def dense_from_packed(
+    values: np.ndarray,
+    offsets: np.ndarray,
+    texts: Sequence[int],
+    width: int,
+    programs: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Rows ``programs`` (all when None) of packed [P, C] values -> [R, B, width, width] float32.
+
+    Text b's block sits at the top-left of its width x width matrix. Only the batch's cells
+    are read: a pool's outputs on a whole corpus can be gigabytes.
+    """
+    programs = list(range(values.shape[0])) if programs is None else list(programs)
+    dense = np.zeros((len(programs), len(texts), width, width), dtype=np.float32)
+    for b, s in enumerate(texts):
+        start, stop = int(offsets[s]), int(offsets[s + 1])
+        n = int(round((np.sqrt(8 * (stop - start) + 1) - 1) / 2))
+        rows, cols = tril_index(n)
+        dense[:, b, rows, cols] = values[programs, start:stop]
+    return dense
+
+
+def uniform_causal(lengths: Sequence[int], width: int) -> np.ndarray:
+    """[B, width, width]: row i of text b spreads evenly over tokens 0..i."""
+    tri = np.tril(np.ones((width, width), dtype=np.float32))
+    tri /= tri.sum(axis=1, keepdims=True)
+    dense = np.zeros((len(lengths), width, width), dtype=np.float32)
+    for b, n in enumerate(lengths):
+        dense[b, :n, :n] = tri[:n, :n]
+    return dense
+
+
+def _fix_empty_rows(dense: np.ndarray, lengths: Sequence[int]) -> None:
+    """A real query row summing to 0 (a failed program) becomes one-hot on position 0."""
+    for b, n in enumerate(lengths):
+        block = dense[..., b, :n, :n]
+        empty = block.sum(axis=-1) <= 0.0  # [..., n]
+        block[..., 0][empty] = 1.0
+
+
+# --- the per-layer state the attention function reads -----------------------------------------
+
+
+@dataclass
+class LayerOverride:
+    """What one attention module needs: flags [H] bool, Π [B, flagged, n, n], kernel choice."""
+
+    flags: torch.Tensor
+    program_probs: torch.Tensor | None = None
+    impl: str = "auto"
+
+
+def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """Self-attention modules by layer index (GPT-2, Llama family and alike)."""
+    found = {}
+    for module in model.modules():
+        layer = getattr(module, "layer_idx", None)
+        if layer is None or "Attention" not in type(module).__name__:
+            continue
+        if getattr(module, "is_cross_attention", False):
+            continue
+        found.setdefault(int(layer), module)
+    if not found:
+        raise ModelError(f"{type(model).__name__} has no attention modules with a layer index")
+    return found
+
+
+def head_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(layers, query heads per layer) from the model config."""
+    config = model.config
+    n_layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    n_heads = getattr(config, "num_attention_heads", None) or config.n_head
+    return int(n_layers), int(n_heads)
+
+
+@dataclass
+class HeadReplacement:
+    """Live replacement inside ``replace_heads``: builds Π per batch and runs the model."""
+
+    model: torch.nn.Module
+    heads: dict = field(default_factory=dict)
+    tokenizer: object = None
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.n_layers, self.n_heads = head_counts(self.model)
+        self.modules = attention_modules(self.model)
+        for key in self.heads:
+            layer, head = key
+            if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
+                raise ModelError(
+                    f"head {key} does not exist: the model has {self.n_layers} layers x "
+                    f"{self.n_heads} heads"
+                )
+
+    # --- Π for one batch ---------------------------------------------------------------------
+    def head_matrices(self, batch: Batch) -> dict[tuple[int, int], np.ndarray]:
+        """Each replaced head's [B, n, n] float32 matrices for the batch."""
+        matrices: dict[tuple[int, int], np.ndarray] = {}
+        program_keys = []
+        by_outputs: dict[int, list] = {}
+        for key, source in self.heads.items():
+            if isinstance(source, str):
+                if source != "uniform":
+                    raise ModelError(f"unknown head source {source!r}: use 'uniform' or a Program")
+                matrices[key] = uniform_causal(batch.lengths, batch.width)
+            elif isinstance(source, (torch.Tensor, np.ndarray)):
+                fixed = torch.as_tensor(source).float().cpu().numpy()
+                if fixed.shape != (batch.size, batch.width, batch.width):
+                    raise ModelError(
+                        f"fixed matrices for head {key} are {fixed.shape}, the batch needs "
+                        f"{(batch.size, batch.width, batch.width)}"
+                    )
+                matrices[key] = fixed
+            elif isinstance(source, OutputsRow):
+                by_outputs.setdefault(id(source.outputs), []).append((key, source))
+            else:
+                program_keys.append(key)
+
+        for group in by_outputs.values():
+            if batch.indices is None:
+                raise ModelError(
+                    "precomputed outputs need batch.indices (the texts' corpus positions)"
+                )
+            outputs = group[0][1].outputs
+            rows = [source.row for _, source in group]
+            dense = dense_from_packed(
+                outputs.values, outputs.offsets, batch.indices, batch.width, programs=rows
+            )
+            for (key, _), block in zip(group, dense, strict=True):
+                matrices[key] = block
+
+        if program_keys:
+            matrices.update(self._program_matrices(program_keys, batch))
+        for block in matrices.values():
+            _fix_empty_rows(block, batch.lengths)
+        return matrices
+
+    def _program_matrices(self, keys, batch: Batch) -> dict:
+        from attnprog.synth.evaluate import evaluate_programs
+
+        if batch.sentences is None:
+            raise ModelError("Program sources need the batch's sentences: use forward_texts()")
+        programs = list(dict.fromkeys(self.heads[key] for key in keys))  # distinct, in order
+        outputs = evaluate_programs(programs, batch.sentences, progress=False)
+        dense = dense_from_packed(outputs.values, outputs.offsets, range(batch.size), batch.width)
+        row_of = {program: i for i, program in enumerate(programs)}
+        return {key: dense[row_of[self.heads[key]]] for key in keys}
+
+    # --- running ---------------------------------------------------------------------------------
+    def prepare(self, batch: Batch) -> None:
+        """Set every layer's flags and Π for this batch."""
+        device = batch.input_ids.device
+        dtype = next(self.model.parameters()).dtype
+        matrices = self.head_matrices(batch) if self.heads else {}
+        for layer, module in self.modules.items():
+            heads = sorted(head for (lay, head) in matrices if lay == layer)
+            flags = torch.zeros(self.n_heads, dtype=torch.bool)
+            flags[heads] = True
+            probs = None
+            if heads:
+                # [B, F, n, n], flagged heads in ascending order as the kernel expects
+                stacked = np.stack([matrices[(layer, head)] for head in heads], axis=1)
+                # Π in the model's dtype, as eager attention casts its probabilities
+                probs = torch.from_numpy(stacked).to(device=device, dtype=dtype)
+            setattr(module, _STATE_ATTR, LayerOverride(flags, probs, self.impl))
+
+    def clear(self) -> None:
+        for module in self.modules.values():
+            if hasattr(module, _STATE_ATTR):
+                delattr(module, _STATE_ATTR)
+
+    @torch.no_grad()
+    def forward(self, batch: Batch):
+        """Run the model on the batch with the replaced heads; returns the model output."""
+        self.prepare(batch)
+        try:
+            return self.model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            )
+        finally:
+            self.clear()
+
+    def batch_from_texts(self, texts: Sequence[str]) -> Batch:
+        """Tokenise texts the way programs see them (synth features) into a batch."""
+        from attnprog.synth.features import sentences_from_texts
+
+        if self.tokenizer is None:
+            raise ModelError("replace_heads needs tokenizer= to run raw texts")
+        sentences = sentences_from_texts(list(texts), self.tokenizer)
+        return make_batch(
+            [s.ids for s in sentences],
+            pad_id=pad_token_id(self.tokenizer),
+            sentences=sentences,
+            device=_model_device(self.model),
+        )
+
+    def forward_texts(self, texts: Sequence[str]):
+        return self.forward(self.batch_from_texts(texts))
+
+
+def pad_token_id(tokenizer) -> int:
+    """Any valid id works for padding (masked out); prefer pad, then eos, then 0."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None) if tokenizer is not None else None
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextmanager
+def replace_heads(
+    model: torch.nn.Module,
+    heads: Mapping[tuple[int, int], object] | None = None,
+    *,
+    tokenizer=None,
+    impl: str = "auto",
+) -> Iterator[HeadReplacement]:
+    """Switch ``model`` to attnprog attention with ``heads`` replaced; restore on exit.
+
+    ``impl`` picks the kernel: "auto" (Triton on CUDA, else SDPA + matmul), "triton",
+    "torch", or "reference" (materialised eager probabilities, overwritten).
+    """
+    if model.training:
+        raise ModelError("head replacement is inference-only: call model.eval() first")
+    register()
+    previous = model.config._attn_implementation
+    replacement = HeadReplacement(model, dict(heads or {}), tokenizer, impl)
+    model.set_attn_implementation(ATTN_NAME)
+    if model.config._attn_implementation != ATTN_NAME:
+        raise ModelError(f"{type(model).__name__} cannot switch its attention implementation")
+    try:
+        yield replacement
+    finally:
+        replacement.clear()
+        model.set_attn_implementation(previous)
+

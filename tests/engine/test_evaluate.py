@@ -1,0 +1,172 @@
+"""engine.evaluate: perplexity sweep, QA scoring and QA file loading."""
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from attnprog.engine.evaluate import (
+    QAItem,
+    fractions_up_to,
+    load_qa,
+    perplexity,
+    perplexity_sweep,
+    qa_accuracy,
+    qa_predictions,
+    token_logprobs,
+    tokenise_qa,
+)
+from attnprog.engine.store import AttentionStore, packed_offsets_tensor
+from attnprog.errors import CorpusError
+from attnprog.layout import causal_offsets, pack
+from attnprog.synth.outputs import ProgramOutputs
+from attnprog.synth.program import Program, normalise
+
+
+@dataclass
+class SmallTable:
+    """Stand-in for the ranking's IoUTable: iou [P, H], programs, best()."""
+
+    iou: torch.Tensor
+    programs: list
+
+    def best(self):
+        return self.iou.max(dim=0)
+
+
+def make_store(lengths, n_layers=2, n_heads=4, seed=0, splits=None):
+    """A store with random token ids (attention values are not used by the sweep)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, 200, (n,), generator=gen) for n in lengths]
+    offsets = packed_offsets_tensor(lengths)
+    return AttentionStore(
+        attn_packed=torch.zeros(n_layers * n_heads, int(offsets[-1])),
+        offsets=offsets,
+        lengths=torch.tensor(lengths),
+        ids_packed=torch.cat(ids),
+        texts=["x" * n for n in lengths],
+        tokens=[["x"] * n for n in lengths],
+        spans=[[(i, i + 1) for i in range(n)] for n in lengths],
+        splits=splits or ["heldout"] * len(lengths),
+        meta={"n_layers": n_layers, "n_heads": n_heads, "model_id": "tiny-gpt2"},
+    )
+
+
+def program_outputs(lengths):
+    """Two programs, previous token and first token, evaluated by hand."""
+    programs = [Program("def previous(s): ...", name="previous"),
+                Program("def first(s): ...", name="first")]
+    rows = []
+    for n in lengths:
+        previous = normalise(np.eye(n, k=-1))
+        first = normalise(np.zeros((n, n)))  # empty rows become one-hot on token 0
+        rows.append(np.stack([pack(previous), pack(first)]))
+    values = np.concatenate(rows, axis=1).astype(np.float32)
+    return programs, ProgramOutputs(programs, values, np.zeros((2, len(lengths)), bool),
+                                    causal_offsets(lengths))
+
+
+def test_sweep_runs_and_is_zero_at_fraction_zero(tiny_gpt2):
+    model, _ = tiny_gpt2
+    lengths = [12, 7, 9]
+    programs, outputs = program_outputs(lengths)
+    iou = torch.rand(2, 8, generator=torch.Generator().manual_seed(0))
+    result = perplexity_sweep(model, make_store(lengths), SmallTable(iou, programs),
+                              fractions=(0.0, 0.25, 1.0), outputs=outputs, progress=False)
+    first = result.rows[0]
+    assert first.n_heads == 0
+    assert all(result.increase(first, c) == 0.0 for c in ("programs", "uniform", "random"))
+    assert [row.n_heads for row in result.rows] == [0, 2, 8]
+    assert result.increase(result.rows[-1], "programs") != 0.0
+    text = result.to_text()
+    assert "uniform" in text and "random" in text and "25 % (2)" in text
+
+
+def test_outputs_on_the_whole_store_equal_outputs_on_the_split(tiny_gpt2):
+    model, _ = tiny_gpt2
+    lengths = [12, 7, 9, 5]
+    store = make_store(lengths, splits=["selection", "heldout", "selection", "heldout"])
+    programs, whole = program_outputs(lengths)
+    _, split_only = program_outputs([7, 5])
+    table = SmallTable(torch.rand(2, 8, generator=torch.Generator().manual_seed(1)), programs)
+    kwargs = dict(fractions=(0.0, 0.5), progress=False)
+    a = perplexity_sweep(model, store, table, outputs=whole, **kwargs)
+    b = perplexity_sweep(model, store, table, outputs=split_only, **kwargs)
+    assert a.n_texts == 2
+    assert a.rows[1].perplexity == pytest.approx(b.rows[1].perplexity, rel=1e-9)
+
+
+def test_perplexity_through_unmodified_replacement_matches_plain_model(tiny_llama):
+    model, _ = tiny_llama
+    ids = [[5, 9, 11, 3, 7], [1, 2]]
+    logprobs = token_logprobs(model, ids)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids[0]])).logits[0]
+    expected = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[0][1:])[:, None])
+    np.testing.assert_allclose(logprobs[0], expected[:, 0].numpy(), atol=1e-5)
+    assert perplexity(logprobs) > 1.0
+
+
+def test_qa_picks_the_answer_of_a_model_that_learned_it():
+    from attnprog.engine.models import tiny_model
+
+    model, tokenizer = tiny_model("gpt2", seed=3)
+    story = tokenizer("the cat sat on the mat.")["input_ids"]
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        loss = model(input_ids=torch.tensor([story]), labels=torch.tensor([story])).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+
+    items = [QAItem("the cat sat on the", ["dog.", "mat.", "sky."], label=1)]
+    pairs = tokenise_qa(items, tokenizer)
+    predictions = qa_predictions(items, pairs, token_logprobs(model, [p.ids for p in pairs]))
+    assert predictions.tolist() == [1]
+    assert qa_accuracy(items, predictions) == 1.0
+
+
+def test_qa_scores_the_mean_log_prob_of_completion_tokens_only():
+    items = [QAItem("ab", ["c", "dd"], label=1)]
+    pairs = [type("P", (), {"question": 0, "choice": c, "completion_start": 2})() for c in (0, 1)]
+    # context tokens are very unlikely for choice 1, but only completion tokens count
+    logprobs = [np.array([0.0, -3.0]), np.array([-50.0, -1.0, -2.0])]
+    assert qa_predictions(items, pairs, logprobs).tolist() == [1]
+
+
+def test_builtin_qa_sample_loads():
+    items = load_qa()
+    assert 30 <= len(items) <= 40
+    assert all(0 <= item.label < len(item.choices) for item in items)
+
+
+def test_hellaswag_piqa_and_arc_fields_are_mapped(tmp_path):
+    records = [
+        {"ctx": "A man opens a door", "endings": ["and walks in.", "and eats it."], "label": "0"},
+        {"goal": "Dry wet hands", "sol1": "use a towel", "sol2": "use water", "label": 0},
+        {"question": {"stem": "What is hot?", "choices": [{"text": "ice", "label": "A"},
+                                                            {"text": "fire", "label": "B"}]},
+         "answerKey": "B"},
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    items = load_qa(path)
+    assert [item.label for item in items] == [0, 0, 1]
+    assert items[2].context == "Question: What is hot?\nAnswer:"
+    assert items[1].choices == ["use a towel", "use water"]
+
+
+def test_malformed_qa_line_is_a_corpus_error_with_its_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"context": "x", "choices": ["a", "b"], "label": 0}\n{"context": "y"}\n')
+    with pytest.raises(CorpusError, match="bad.jsonl:2"):
+        load_qa(path)
+
+
+def test_fraction_list_for_the_cli():
+    assert fractions_up_to(0.25) == [0.0, 0.05, 0.10, 0.25]
+    assert fractions_up_to(0.3) == [0.0, 0.05, 0.10, 0.25, 0.3]

@@ -1,0 +1,114 @@
+"""kernels.override: Triton kernel (interpreter on CPU) and CPU path against the torch reference."""
+
+import pytest
+import torch
+
+from attnprog.kernels.override import (
+    override_attention,
+    override_attention_reference,
+    override_attention_torch,
+    override_attention_triton,
+)
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+
+
+def make_inputs(batch=2, heads=4, kv_heads=2, n=21, head_dim=8, flagged=(1, 3), seed=0):
+    """Random q, k, v, flags and row-normalised causal program matrices."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, n, head_dim, generator=gen)
+    k = torch.randn(batch, kv_heads, n, head_dim, generator=gen)
+    v = torch.randn(batch, kv_heads, n, head_dim, generator=gen)
+    flags = torch.zeros(heads, dtype=torch.bool)
+    flags[list(flagged)] = True
+    probs = torch.rand(batch, len(flagged), n, n, generator=gen).tril()
+    probs = probs / probs.sum(-1, keepdim=True)
+    return q, k, v, flags, probs
+
+
+def right_padding(batch, n, lengths):
+    key_valid = torch.zeros(batch, n, dtype=torch.bool)
+    for b, length in enumerate(lengths):
+        key_valid[b, :length] = True
+    return key_valid
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_matches_reference_gqa_with_padding(dtype):
+    q, k, v, flags, probs = make_inputs()
+    key_valid = right_padding(2, 21, [21, 13])
+    args = (q.to(dtype), k.to(dtype), v.to(dtype), flags, probs)
+    expected = override_attention_reference(*args, key_valid=key_valid)
+    got = override_attention_triton(*args, key_valid=key_valid)
+    torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_triton_several_tiles_no_flags():
+    # 16 x 16 tiles over 40 tokens: the online softmax must rescale across key tiles
+    q, k, v, _, _ = make_inputs(batch=1, heads=2, kv_heads=1, n=40, flagged=())
+    expected = override_attention_reference(q, k, v, None, None)
+    got = override_attention_triton(q, k, v, None, None, block_m=16, block_n=16)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_all_heads_flagged_without_gqa_and_scale():
+    q, k, v, flags, probs = make_inputs(heads=2, kv_heads=2, flagged=(0, 1), head_dim=16)
+    expected = override_attention_reference(q, k, v, flags, probs, scale=0.3)
+    got = override_attention_triton(q, k, v, flags, probs, scale=0.3)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_queries_after_a_cache():
+    # 5 new queries against 21 keys: queries are the last 5 positions
+    q, k, v, flags, probs = make_inputs()
+    q_new, probs_new = q[:, :, -5:].contiguous(), probs[:, :, -5:].contiguous()
+    expected = override_attention_reference(q_new, k, v, flags, probs_new)
+    got = override_attention_triton(q_new, k, v, flags, probs_new)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_path_matches_reference_with_padding():
+    q, k, v, flags, probs = make_inputs()
+    key_valid = right_padding(2, 21, [9, 21])
+    expected = override_attention_reference(q, k, v, flags, probs, key_valid=key_valid)
+    got = override_attention_torch(q, k, v, flags, probs, key_valid=key_valid)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_program_entries_outside_visible_cells_are_ignored():
+    # Π with mass above the diagonal and on padding keys: only visible cells count
+    q, k, v, flags, probs = make_inputs()
+    key_valid = right_padding(2, 21, [21, 10])
+    noisy = probs + torch.rand_like(probs).triu(1)
+    noisy[1, :, :, 10:] += 1.0
+    for impl in ("torch", "triton"):
+        clean = override_attention(q, k, v, flags, probs * key_valid[:, None, None, :].float(),
+                                   key_valid=key_valid, impl=impl)
+        got = override_attention(q, k, v, flags, noisy, key_valid=key_valid, impl=impl)
+        torch.testing.assert_close(got, clean, atol=1e-5, rtol=1e-5)
+
+
+def test_flagged_head_output_is_program_times_values():
+    q, k, v, flags, probs = make_inputs(kv_heads=2)
+    out = override_attention(q, k, v, flags, probs, impl="torch")
+    # head 3 reads KV head 3 // 2 = 1
+    torch.testing.assert_close(out[:, 3], probs[:, 1] @ v[:, 1], atol=1e-6, rtol=1e-6)
+
+
+def test_bad_program_shape_is_rejected():
+    q, k, v, flags, probs = make_inputs()
+    with pytest.raises(ValueError, match="program_probs"):
+        override_attention(q, k, v, flags, probs[:, :1], impl="torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_on_gpu_matches_reference(dtype):
+    q, k, v, flags, probs = make_inputs(batch=3, heads=9, kv_heads=3, n=200, head_dim=64,
+                                        flagged=(0, 4, 8))
+    key_valid = right_padding(3, 200, [200, 150, 7]).cuda()
+    args = [t.cuda() for t in (q.to(dtype), k.to(dtype), v.to(dtype))] + [flags, probs.cuda()]
+    expected = override_attention_reference(*args, key_valid=key_valid)
+    got = override_attention(*args, key_valid=key_valid)  # auto: Triton on CUDA
+    torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
