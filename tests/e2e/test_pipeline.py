@@ -1,0 +1,57 @@
+"""`attnprog run` end to end on SmolLM2-135M, and the small commands around it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, timeout=900):
+    return subprocess.run(
+        [sys.executable, "-c", "from attnprog.cli import main; main()", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_generate_writes_golden_and_generator_programs(tmp_path):
+    out = tmp_path / "pool.jsonl"
+    result = run_cli("generate", "--out", str(out), "--candidates", "50")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    providers = {r["provenance"].get("generator") for r in records}
+    assert providers == {"golden", "dsl"} and len(records) >= 50
+
+
+def test_check_accepts_a_good_program(tmp_path):
+    path = tmp_path / "prev.py"
+    path.write_text("import numpy as np\n\ndef prev(s):\n    m = np.zeros((s.n, s.n))\n"
+                    "    m[np.arange(1, s.n), np.arange(s.n - 1)] = 1\n    return m\n")
+    result = run_cli("check", str(path))
+    assert result.returncode == 0 and "ok (prev)" in result.stdout
+
+
+def test_check_names_a_forbidden_import(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text("import os\n\ndef program(s):\n    return os.getcwd()\n")
+    result = run_cli("check", str(path))
+    assert result.returncode == 2
+    assert "import of `os` is not allowed" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_run_prints_every_stage_and_the_sweep_with_both_baselines_then_resumes(tmp_path):
+    args = ("run", "--out", str(tmp_path / "run"), "--limit", "30", "--max-tokens", "48",
+            "--candidates", "300", "--fraction", "0.1", "--no-qa")
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    for stage in ("1/5", "2/5", "3/5", "4/5", "5/5"):
+        assert f"[{stage}" in first.stdout
+    assert "uniform" in first.stdout and "random" in first.stdout
+    assert "10 % (27)" in first.stdout  # 10 % of 270 heads, rounded
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["store"]["heads"] == 270 and summary["sweep"]["0"]["programs"] == 0.0
+
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert "reused" in second.stdout and "reused" in second.stdout.split("[2/5")[1]
