@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from attnprog.kernels.iou import resolve_impl, sum_min, sum_min_torch
-from attnprog.layout import causal_offsets, tril_index
+from attnprog.layout import causal_offsets, tril_index, unpack
 
 P_SIZES = (256, 1024, 4096)
 H_SIZES = (144, 270, 704)  # GPT-2 (12 x 12), SmolLM2-135M (30 x 9), TinyLlama (22 x 32)
@@ -149,19 +149,16 @@ def numpy_loop_rate(data: BenchData, n_triples: int = 300, seed: int = 0) -> flo
     Matrices are unpacked to n x n first, as the authors hold them; only the loop is timed.
     """
     n = data.n
-    rows, cols = tril_index(n)
     rng = np.random.default_rng(seed)
     n_texts = data.offsets.numel() - 1
-    triples = [(int(rng.integers(data.programs.shape[0])), int(rng.integers(data.attention.shape[0])),
-                int(rng.integers(n_texts))) for _ in range(n_triples)]
+    programs = data.programs.float().cpu().numpy()  # one transfer, not one per triple
+    attention = data.attention.float().cpu().numpy()
     mats = []
-    for p, h, s in triples:
+    for _ in range(n_triples):
+        p, h = int(rng.integers(programs.shape[0])), int(rng.integers(attention.shape[0]))
+        s = int(rng.integers(n_texts))
         start, end = int(data.offsets[s]), int(data.offsets[s + 1])
-        a = np.zeros((n, n), np.float32)
-        b = np.zeros((n, n), np.float32)
-        a[rows, cols] = data.programs[p, start:end].float().cpu().numpy()
-        b[rows, cols] = data.attention[h, start:end].float().cpu().numpy()
-        mats.append((a, b))
+        mats.append((unpack(programs[p, start:end], n), unpack(attention[h, start:end], n)))
     start = time.perf_counter()
     for a, b in mats:
         np.minimum(a, b).sum() / np.maximum(a, b).sum()
@@ -182,18 +179,16 @@ def side_by_side(data: BenchData, impl: str = "auto", rounds: int = 3,
         cpu_start = time.process_time()
         kernel = max(kernel, data.pair_cells / kernel_seconds(data, impl))
         cpu_seconds = time.process_time() - cpu_start
-        kernel_cpu = max(kernel_cpu, data.pair_cells / max(cpu_seconds, 1e-9) * _cpu_threads(impl))
+        kernel_cpu = max(kernel_cpu, data.pair_cells / max(cpu_seconds, 1e-9))
         broadcast = max(broadcast, torch_rate(data, sample_programs))
         numpy_loop = max(numpy_loop, numpy_loop_rate(data, n_triples))
     return {"kernel": kernel, "torch": broadcast, "numpy_loop": numpy_loop,
             "x_torch": kernel / broadcast, "x_numpy": kernel / numpy_loop,
-            "kernel_cpu_time": kernel_cpu if impl == "numba" else None}
+            "kernel_cpu_time": kernel_cpu * _numba_threads() if impl == "numba" else None}
 
 
-def _cpu_threads(impl: str) -> int:
+def _numba_threads() -> int:
     """Threads the CPU path runs on: CPU-time rate x threads = rate on otherwise idle cores."""
-    if impl != "numba":
-        return 1
     import numba
 
     return numba.get_num_threads()
@@ -235,9 +230,9 @@ def run_rank_bench(
     impl = resolve_impl("auto", device)
     bound, bound_note = hardware_bound(device)
     results = []
+    dtype_name = str(dtype).replace("torch.", "")
     if verbose:
-        print(f"sum-min throughput in pair-cells/s on {_device_name(device)} ({impl}, "
-              f"{str(dtype).replace('torch.', '')}), {n_texts} texts of n = {n}"
+        print(_title(_device_name(device), impl, dtype_name, n_texts, n)
               + (f"; bound {bound:.2e} ({bound_note})" if bound else ""))
         print(HEADER, flush=True)
     for n_programs, n_heads in shapes:
@@ -246,7 +241,7 @@ def run_rank_bench(
             rates = side_by_side(data, impl, rounds=2 if quick else 3,
                                  sample_programs=256 if device.type == "cuda" else 32)
             row = {
-                "device": _device_name(device), "impl": impl, "dtype": str(dtype).replace("torch.", ""),
+                "device": _device_name(device), "impl": impl, "dtype": dtype_name,
                 "P": n_programs, "H": n_heads, "S": n_texts, "n": n, "programs": kind, **rates,
                 "of_bound": None if bound is None else rates["kernel"] / bound, "bound_note": bound_note,
             }
@@ -261,6 +256,11 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu x{torch.get_num_threads()}"
+
+
+def _title(device_name: str, impl: str, dtype_name: str, n_texts: int, n: int) -> str:
+    return (f"sum-min throughput in pair-cells/s on {device_name} ({impl}, {dtype_name}), "
+            f"{n_texts} texts of n = {n}")
 
 
 HEADER = (f"{'P':>5} {'H':>4} {'programs':>8} {'kernel/s':>9} {'torch/s':>9} {'numpy/s':>9} "
@@ -280,6 +280,5 @@ def format_results(rows: list[dict]) -> str:
     if not rows:
         return "no results"
     first = rows[0]
-    head = (f"sum-min throughput in pair-cells/s on {first['device']} ({first['impl']}, "
-            f"{first['dtype']}), {first['S']} texts of n = {first['n']}")
+    head = _title(first["device"], first["impl"], first["dtype"], first["S"], first["n"])
     return "\n".join([head, HEADER] + [format_row(r) for r in rows])

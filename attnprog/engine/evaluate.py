@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from attnprog.engine.replace import OutputsRow, make_batch, pad_token_id, replace_heads
-from attnprog.errors import CorpusError, StoreError
+from attnprog.errors import AttnProgError, CorpusError, ModelError, StoreError
 
 STANDARD_FRACTIONS = (0.0, 0.05, 0.10, 0.25, 0.50, 1.0)
 CONDITIONS = ("programs", "uniform", "random")
@@ -31,7 +31,7 @@ QA_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "qa_sample.jsonl"
 def fractions_up_to(limit: float) -> list[float]:
     """The standard fractions up to ``limit``, plus ``limit`` itself when it is not one of them."""
     if not 0.0 <= limit <= 1.0:
-        raise ValueError(f"fraction must be between 0 and 1, got {limit}")
+        raise AttnProgError(f"fraction must be between 0 and 1, got {limit}")
     chosen = [f for f in STANDARD_FRACTIONS if f <= limit + 1e-9]
     if not any(abs(f - limit) < 1e-9 for f in chosen):
         chosen.append(limit)
@@ -73,12 +73,13 @@ def token_logprobs(
             indices = texts if corpus_indices is None else [corpus_indices[s] for s in texts]
             batch = make_batch([token_ids[s] for s in texts], pad_id=pad_id, indices=indices,
                                device=device)
-            logits = replacement.forward(batch).logits  # [B, n, V]
+            logits = replacement.forward(batch).logits[:, :-1]  # [B, n - 1, V]
+            targets = batch.input_ids[:, 1:]  # padding targets are scored, then dropped
+            logp = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                    reduction="none").view(targets.shape)
+            logp = logp.double().cpu().numpy()  # one transfer per batch
             for b, s in enumerate(texts):
-                n = lengths[s]
-                targets = batch.input_ids[b, 1:n]
-                logp = -F.cross_entropy(logits[b, : n - 1].float(), targets, reduction="none")
-                result[s] = logp.double().cpu().numpy()
+                result[s] = logp[b, : lengths[s] - 1]
     return result
 
 
@@ -181,22 +182,29 @@ class QAText:
 
 
 def tokenise_qa(items: Sequence[QAItem], tokenizer, max_tokens: int = 512) -> list[QAText]:
-    """Every choice appended to its context, tokenised once with character offsets."""
-    from attnprog.synth.features import Sentence
+    """Every choice appended to its context, tokenised once with character offsets.
 
+    A pair longer than ``max_tokens`` loses tokens from the start of its context, never
+    from its completion.
+    """
+    from attnprog.synth.features import sentence_from_ids
+
+    fast = bool(getattr(tokenizer, "is_fast", False))  # slow tokenizers: spans are aligned
+    pieces: dict[int, str] = {}  # decoded pieces, shared by all pairs
     pairs = []
     for q, item in enumerate(items):
         for c, choice in enumerate(item.choices):
             text = _join(item.context, choice)
-            encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-            ids = list(encoded["input_ids"])[:max_tokens]
-            spans = [tuple(int(x) for x in span) for span in encoded["offset_mapping"]][: len(ids)]
+            encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=fast)
+            ids = list(encoded["input_ids"])[-max_tokens:]
+            spans = encoded["offset_mapping"][-len(ids):] if fast else None
+            sentence = sentence_from_ids(text, ids, tokenizer, offsets=spans, pieces=pieces)
             boundary = len(text) - len(choice)
             # completion = tokens ending inside the choice; position 0 is never predicted
-            start = next((t for t, (_, end) in enumerate(spans) if end > boundary), len(ids))
-            start = max(start, 1)
-            tokens = [tokenizer.decode([i]) for i in ids]
-            pairs.append(QAText(q, c, ids, Sentence(text, ids, tokens, spans), start))
+            start = next(
+                (t for t, (_, end) in enumerate(sentence.offsets) if end > boundary), len(ids)
+            )
+            pairs.append(QAText(q, c, ids, sentence, max(start, 1)))
     return pairs
 
 
@@ -333,10 +341,11 @@ def perplexity_sweep(
     token_ids = [store.token_ids(s) for s in texts]
     pad_id = pad_token_id(tokenizer)
     # outputs on the whole store are addressed by store index, on the split by position
-    corpus_indices = texts if outputs is not None and _n_texts(outputs) == store.n_texts else None
+    whole_store = outputs is not None and _n_texts(outputs) == store.n_texts
+    corpus_indices = texts if whole_store else None
     outputs, row_of = _outputs_for(
-        table, needed, outputs, lambda: store.sentences(texts), len(texts), progress,
-        whole_store=store.n_texts if corpus_indices is not None else None,
+        table, needed, outputs, lambda: store.sentences(texts),
+        store.n_texts if whole_store else len(texts), progress,
     )
 
     def sources(condition: str, count: int, row_map) -> dict:
@@ -353,7 +362,7 @@ def perplexity_sweep(
     qa_pairs = None
     if qa_items:
         if tokenizer is None:
-            raise ValueError("QA scoring needs the tokenizer")
+            raise ModelError("QA scoring needs the model's tokenizer: pass tokenizer=")
         qa_pairs = tokenise_qa(qa_items, tokenizer)
         qa_outputs, qa_row_of = _outputs_for(
             table, needed, qa_outputs, lambda: [p.sentence for p in qa_pairs], len(qa_pairs),
@@ -406,10 +415,14 @@ def _n_texts(outputs) -> int:
     return len(outputs.offsets) - 1
 
 
-def _outputs_for(table, needed, outputs, sentences, n_texts, progress=False, whole_store=None):
-    """(ProgramOutputs, program index -> row): given ones cover all programs, else run needed."""
+def _outputs_for(table, needed, outputs, sentences, n_texts: int, progress: bool = False):
+    """(ProgramOutputs, program index -> row): given ones cover all programs, else run needed.
+
+    ``sentences`` is called only when the programs must run; given outputs must cover
+    ``n_texts`` texts.
+    """
     if outputs is not None:
-        if _n_texts(outputs) not in (n_texts, whole_store):
+        if _n_texts(outputs) != n_texts:
             raise StoreError(f"program outputs cover {_n_texts(outputs)} texts, expected "
                              f"{n_texts}: evaluate them on the same texts")
         if outputs.values.shape[0] != len(table.programs):

@@ -17,8 +17,6 @@ import torch
 from attnprog.engine.corpus import load_corpus
 from attnprog.engine.extract import extract_or_load
 from attnprog.engine.models import load_model
-from attnprog.engine.store import AttentionStore
-from attnprog.synth.outputs import ProgramOutputs
 from attnprog.synth.program import Program, load_pool, save_pool
 
 
@@ -67,16 +65,6 @@ def build_pool(n_candidates: int, golden: bool = True) -> list[Program]:
     return golden + [p for p in generated if p.hash not in seen]
 
 
-def _load_outputs(path: Path, store: AttentionStore, pool: list[Program]) -> ProgramOutputs | None:
-    """Saved outputs when they belong to this store and pool, else None."""
-    if not path.is_file():
-        return None
-    outputs = ProgramOutputs.load(path)
-    same_programs = [p.hash for p in outputs.programs] == [p.hash for p in pool]
-    same_texts = outputs.corpus_hash == store.meta.get("corpus_hash")
-    return outputs if same_programs and same_texts else None
-
-
 def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
     """Run every stage for ``config`` and return a summary (also saved as ``summary.json``)."""
     from attnprog.engine.evaluate import fractions_up_to, load_qa, perplexity_sweep
@@ -115,17 +103,15 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
             echo(f"  wrote {pool_path}: {len(pool)} programs (golden library + generator)")
         summary["programs"] = len(pool)
 
-    with _stage(echo, "3/5 evaluate programs on every text"):
-        outputs_path = out / "outputs.safetensors"
-        outputs = _load_outputs(outputs_path, store, pool)
-        if outputs is None:
-            outputs = evaluate_programs(
-                pool, store.sentences(), corpus_hash=store.meta["corpus_hash"],
-                tokenizer_id=store.meta.get("tokenizer_id", ""),
-            )
-            outputs.save(outputs_path)
+    with _stage(echo, "3/5 evaluate programs"):
+        # ranking and the sweep read only the selection and held-out texts
+        store = store.subset([s for s, split in enumerate(store.splits) if split != "synthesis"])
+        outputs = evaluate_programs(
+            pool, store.sentences(), corpus_hash=store.meta["corpus_hash"],
+            tokenizer_id=store.meta.get("tokenizer_id", ""),
+        )
         n_failed = int(outputs.failed.any(axis=1).sum())
-        echo(f"  {outputs.n_programs} programs x {store.n_texts} texts; "
+        echo(f"  {outputs.n_programs} programs x {store.n_texts} selection and held-out texts; "
              f"{n_failed} programs failed on some text")
 
     with _stage(echo, "4/5 rank programs against every head"):
@@ -158,5 +144,5 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
 
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     echo(f"run directory: {out} (config.json, attention.safetensors, pool.jsonl, "
-         "outputs.safetensors, iou_table.safetensors, sweep.txt, summary.json)")
+         "iou_table.safetensors, sweep.txt, summary.json)")
     return summary

@@ -181,9 +181,9 @@ def _check_outputs(store: AttentionStore, outputs: ProgramOutputs) -> None:
 
 def _split_cells(store: AttentionStore, texts: list[int]) -> tuple[np.ndarray | None, np.ndarray]:
     """(cell index into the packed layout or None for all texts, offsets of the split [S+1])."""
-    if texts == list(range(store.n_texts)):
-        return None, store.offsets.cpu().numpy()
     offsets = store.offsets.cpu().numpy()
+    if texts == list(range(store.n_texts)):
+        return None, offsets
     cells = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in texts])
     return cells, causal_offsets(store.lengths.cpu().numpy()[texts])
 
@@ -278,8 +278,8 @@ def rank(
         n_heads=store.n_heads,
         per_text=iou_texts,
         text_indices=list(texts),
-        meta={"model": store.meta.get("model", ""), "corpus_hash": store.meta.get("corpus_hash", ""),
-              "impl": impl},
+        meta={"model": store.meta.get("model_id", ""),
+              "corpus_hash": store.meta.get("corpus_hash", ""), "impl": impl},
     )
 
 

@@ -13,6 +13,7 @@ carry corpus indices), or a tensor [B, n, n] (fixed matrices, for tests).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 
 from attnprog.errors import ModelError
 from attnprog.kernels.override import override_attention, override_attention_reference
-from attnprog.layout import tril_index
+from attnprog.layout import n_cells, tril_index
 
 ATTN_NAME = "attnprog"
 _STATE_ATTR = "_attnprog_override"
@@ -185,7 +186,7 @@ def dense_from_packed(
     dense = np.zeros((len(programs), len(texts), width, width), dtype=np.float32)
     for b, s in enumerate(texts):
         start, stop = int(offsets[s]), int(offsets[s + 1])
-        n = int(round((np.sqrt(8 * (stop - start) + 1) - 1) / 2))
+        n = (math.isqrt(8 * (stop - start) + 1) - 1) // 2  # inverts n_cells(n) = n(n+1)/2
         rows, cols = tril_index(n)
         dense[:, b, rows, cols] = values[programs, start:stop]
     return dense
@@ -202,11 +203,26 @@ def uniform_causal(lengths: Sequence[int], width: int) -> np.ndarray:
 
 
 def _fix_empty_rows(dense: np.ndarray, lengths: Sequence[int]) -> None:
-    """A real query row summing to 0 (a failed program) becomes one-hot on position 0."""
-    for b, n in enumerate(lengths):
-        block = dense[..., b, :n, :n]
-        empty = block.sum(axis=-1) <= 0.0  # [..., n]
-        block[..., 0][empty] = 1.0
+    """In place on [..., B, n, n]: a real query row with no mass on real keys (a failed
+    program) becomes one-hot on position 0."""
+    width = dense.shape[-1]
+    real = np.arange(width)[None, :] < np.asarray(lengths)[:, None]  # [B, n] real tokens
+    mass = (dense * real[:, None, :]).sum(axis=-1)  # [..., B, n] over real keys only
+    dense[..., 0][(mass <= 0.0) & real] = 1.0
+
+
+def _check_outputs_cover(offsets: np.ndarray, batch: Batch) -> None:
+    """Precomputed outputs must hold the batch's texts, at ``batch.indices``, same lengths."""
+    if batch.indices is None:
+        raise ModelError("precomputed outputs need batch.indices (the texts' corpus positions)")
+    n_texts = len(offsets) - 1
+    if any(not 0 <= s < n_texts for s in batch.indices):
+        raise ModelError(f"batch.indices {batch.indices} point past the {n_texts} texts of the "
+                         "precomputed outputs: evaluate the programs on these texts")
+    cells = np.diff(np.asarray(offsets))[list(batch.indices)]
+    if cells.tolist() != [n_cells(n) for n in batch.lengths]:
+        raise ModelError("precomputed outputs have other token counts than the batch's texts: "
+                         "evaluate the programs on the same tokenised texts")
 
 
 # --- the per-layer state the attention function reads -----------------------------------------
@@ -266,17 +282,24 @@ class HeadReplacement:
 
     # --- Π for one batch ---------------------------------------------------------------------
     def head_matrices(self, batch: Batch) -> dict[tuple[int, int], np.ndarray]:
-        """Each replaced head's [B, n, n] float32 matrices for the batch."""
+        """Each replaced head's [B, n, n] float32 matrices for the batch.
+
+        New arrays, never the caller's; the "uniform" heads share one.
+        """
         matrices: dict[tuple[int, int], np.ndarray] = {}
         program_keys = []
         by_outputs: dict[int, list] = {}
+        uniform = None  # one array for every "uniform" head: it is the same matrix
         for key, source in self.heads.items():
             if isinstance(source, str):
                 if source != "uniform":
                     raise ModelError(f"unknown head source {source!r}: use 'uniform' or a Program")
-                matrices[key] = uniform_causal(batch.lengths, batch.width)
+                if uniform is None:
+                    uniform = uniform_causal(batch.lengths, batch.width)
+                matrices[key] = uniform
             elif isinstance(source, (torch.Tensor, np.ndarray)):
-                fixed = torch.as_tensor(source).float().cpu().numpy()
+                # a copy: empty rows are fixed in place below, never in the caller's matrices
+                fixed = torch.as_tensor(source).detach().cpu().float().numpy().copy()
                 if fixed.shape != (batch.size, batch.width, batch.width):
                     raise ModelError(
                         f"fixed matrices for head {key} are {fixed.shape}, the batch needs "
@@ -289,21 +312,17 @@ class HeadReplacement:
                 program_keys.append(key)
 
         for group in by_outputs.values():
-            if batch.indices is None:
-                raise ModelError(
-                    "precomputed outputs need batch.indices (the texts' corpus positions)"
-                )
             outputs = group[0][1].outputs
+            _check_outputs_cover(outputs.offsets, batch)
             rows = [source.row for _, source in group]
             dense = dense_from_packed(
                 outputs.values, outputs.offsets, batch.indices, batch.width, programs=rows
             )
-            for (key, _), block in zip(group, dense, strict=True):
-                matrices[key] = block
+            matrices.update((key, block) for (key, _), block in zip(group, dense, strict=True))
 
         if program_keys:
             matrices.update(self._program_matrices(program_keys, batch))
-        for block in matrices.values():
+        for block in {id(block): block for block in matrices.values()}.values():
             _fix_empty_rows(block, batch.lengths)
         return matrices
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +117,7 @@ class AttentionStore:
             tokens=[self.tokens[s] for s in indices],
             spans=[self.spans[s] for s in indices],
             splits=[self.splits[s] for s in indices],
-            meta=dict(self.meta, corpus_hash=self.meta.get("corpus_hash", "") + f"/subset{len(indices)}"),
+            meta=dict(self.meta, corpus_hash=_subset_hash(self.meta.get("corpus_hash", ""), indices)),
         )
 
     def to(self, device) -> AttentionStore:
@@ -188,6 +189,12 @@ class AttentionStore:
             splits=json.loads(metadata["splits"]),
             meta=json.loads(metadata["meta"]),
         )
+
+
+def _subset_hash(corpus_hash: str, indices: list[int]) -> str:
+    """Corpus hash of a subset: differs for every choice of texts, so caches never mix them."""
+    digest = hashlib.sha256(f"{corpus_hash}:{','.join(map(str, indices))}".encode()).hexdigest()
+    return digest[:16]
 
 
 def packed_offsets_tensor(lengths) -> torch.Tensor:

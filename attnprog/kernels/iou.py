@@ -233,6 +233,8 @@ def sum_min_numba(
 
     ``attention_cell_major``: :func:`cell_major` of ``attention``, if already built.
     """
+    if numba is None:
+        raise ValueError("numba is not installed; use impl='torch'")
     offsets = _check(programs, attention, offsets)
     n_programs, n_heads = programs.shape[0], attention.shape[0]
     n_texts = offsets.numel() - 1
@@ -243,8 +245,6 @@ def sum_min_numba(
     if attn_t.shape[0] != attention.shape[1] or attn_t.shape[1] % HEAD_TILE:
         raise ValueError("attention_cell_major does not match attention; build it with cell_major")
     out = np.empty((n_texts, n_programs, attn_t.shape[1]), dtype=np.float32)  # [S, P, H_pad]
-    if numba is None:
-        raise ValueError("numba is not installed; use impl='torch'")
     _sum_min_cells(prog, attn_t.numpy(), offsets.numpy(), out, int(block_p))
     return torch.from_numpy(out[:, :, :n_heads]).permute(1, 2, 0).contiguous()
 
@@ -356,6 +356,11 @@ def sum_min_triton(
     device = programs.device
     if attention.device != device:
         raise ValueError(f"programs on {device} but attention on {attention.device}")
+    if device.type != "cuda" and not _interpreted():
+        raise ValueError(
+            "the Triton kernel needs CUDA tensors; to run it on the CPU set TRITON_INTERPRET=1 "
+            "before triton is first imported"
+        )
     out = torch.zeros(n_programs, n_heads, n_texts, dtype=torch.float32, device=device)
     if out.numel() == 0:
         return out
@@ -365,11 +370,6 @@ def sum_min_triton(
     )
     programs = programs if programs.stride(1) == 1 else programs.contiguous()
     attention = attention if attention.stride(1) == 1 else attention.contiguous()
-    if device.type != "cuda" and not _interpreted():
-        raise ValueError(
-            "the Triton kernel needs CUDA tensors; to run it on the CPU set TRITON_INTERPRET=1 "
-            "before triton is first imported"
-        )
     n_tiles_p, n_tiles_h = triton.cdiv(n_programs, block_p), triton.cdiv(n_heads, block_h)
     grid = (n_tiles_h * n_tiles_p * n_texts,)  # 1-D: CUDA caps grid axes 1 and 2 at 65535
     _sum_min_kernel[grid](

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -329,6 +328,11 @@ def override_attention_triton(
     """One fused launch for a layer: [B, H, n_q, D] (a view of a [B, n_q, H, D] buffer)."""
     if triton is None:
         raise RuntimeError("Triton is not installed; use override_attention(impl='torch')")
+    if not q.is_cuda and not _interpreted():
+        raise ValueError(
+            "the Triton kernel needs CUDA tensors; to run it on the CPU set TRITON_INTERPRET=1 "
+            "before triton is first imported"
+        )
     batch, n_heads, n_q, head_dim = q.shape
     n_kv = k.shape[2]
     heads = _flagged_heads(flags, n_heads)
@@ -355,7 +359,7 @@ def override_attention_triton(
         # fp32 inputs would silently get TF32 (10-bit mantissa) dots; the 1e-4 gate needs IEEE
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # the interpreter (TRITON_INTERPRET=1) multiplies bf16 tiles as raw integers: upcast there
-        DOT_IN_FP32=q.dtype == torch.bfloat16 and _interpreting(),
+        DOT_IN_FP32=q.dtype == torch.bfloat16 and _interpreted(),
         BLOCK_M=tile_m, BLOCK_N=tile_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
@@ -365,8 +369,13 @@ def override_attention_triton(
 # --- 4. dispatch ------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _interpreted() -> bool:
+    """Whether the kernel was built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_override_attention_kernel, InterpretedFunction)
 
 
 def _triton_usable(q: torch.Tensor) -> bool:

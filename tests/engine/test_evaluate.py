@@ -170,3 +170,32 @@ def test_malformed_qa_line_is_a_corpus_error_with_its_line(tmp_path):
 def test_fraction_list_for_the_cli():
     assert fractions_up_to(0.25) == [0.0, 0.05, 0.10, 0.25]
     assert fractions_up_to(0.3) == [0.0, 0.05, 0.10, 0.25, 0.3]
+
+
+def test_batched_log_probs_equal_one_text_at_a_time(tiny_gpt2):
+    # texts of 1, 3 and 6 tokens in one padded batch: each keeps exactly its n - 1 values
+    model, _ = tiny_gpt2
+    ids = [[4], [8, 1, 9], [3, 5, 7, 2, 6, 10]]
+    together = token_logprobs(model, ids, batch_size=3)
+    for text, got in zip(ids, together, strict=True):
+        (alone,) = token_logprobs(model, [text], batch_size=1)
+        assert got.shape == (len(text) - 1,)
+        np.testing.assert_allclose(got, alone, atol=1e-5)
+
+
+def test_long_qa_pairs_keep_their_completion(tiny_gpt2):
+    # a context longer than max_tokens loses its start, never the choice being scored
+    _, tokenizer = tiny_gpt2
+    items = [QAItem("a " * 40 + "the cat sat on the", ["mat.", "sky."], label=0)]
+    pairs = tokenise_qa(items, tokenizer, max_tokens=16)
+    for pair, choice in zip(pairs, items[0].choices, strict=True):
+        assert len(pair.ids) <= 16 and pair.completion_start < len(pair.ids)
+        assert pair.sentence.ids == pair.ids
+        assert tokenizer.decode(pair.ids[pair.completion_start:]).strip().endswith(choice)
+
+
+def test_fraction_out_of_range_is_a_user_error():
+    from attnprog.errors import AttnProgError
+
+    with pytest.raises(AttnProgError, match="between 0 and 1"):
+        fractions_up_to(1.5)

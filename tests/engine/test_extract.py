@@ -110,3 +110,11 @@ def test_smollm2_store_on_20_builtin_texts_has_270_heads_and_the_expected_cells(
     assert store.n_rows == 270
     assert store.n_cells == sum(n * (n + 1) // 2 for n in lengths)
     assert torch.allclose(store.dense(0, 0).sum(-1), torch.ones(1), atol=1e-5)
+
+
+def test_subsets_with_different_texts_get_different_corpus_hashes(tiny_gpt2, corpus):
+    model, tokenizer = tiny_gpt2
+    store = extract_attention(model, tokenizer, corpus, progress=False)
+    first, second = store.subset([0, 1]), store.subset([0, 2])
+    assert first.meta["corpus_hash"] != second.meta["corpus_hash"]
+    assert store.subset([0, 1]).meta["corpus_hash"] == first.meta["corpus_hash"]

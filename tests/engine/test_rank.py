@@ -234,3 +234,9 @@ def test_rank_leaves_the_outputs_untouched(store, outputs):
     before = outputs.values.copy()
     rank(store, outputs, split=None)
     np.testing.assert_array_equal(outputs.values, before)
+
+
+def test_table_names_the_stores_model(outputs):
+    store = make_store(PLANTED)
+    store.meta["model_id"] = "tiny-gpt2@abc"
+    assert rank(store, outputs).meta["model"] == "tiny-gpt2@abc"

@@ -197,3 +197,30 @@ def test_program_source_runs_through_the_sandbox_on_the_batch_texts(tiny_gpt2):
     assert matrix[0, batch.lengths[0]:].sum() == 0.0  # padding rows stay empty
     expected = reference_logits(model, batch, {(1, 1): matrix})
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_fixed_matrices_of_the_caller_are_not_modified(tiny_gpt2):
+    # empty rows are fixed on a copy: the caller's tensor (shared memory with numpy) stays as is
+    model, _ = tiny_gpt2
+    batch = random_batch(lengths=(4,))
+    fixed = torch.zeros(1, 4, 4)
+    with replace_heads(model, {(0, 0): fixed}) as replacement:
+        replacement.head_matrices(batch)
+    assert (fixed == 0).all()
+
+
+def test_precomputed_outputs_of_other_lengths_are_a_user_error(tiny_gpt2):
+    from attnprog.engine.replace import OutputsRow
+    from attnprog.layout import causal_offsets
+    from attnprog.synth.outputs import ProgramOutputs
+
+    model, _ = tiny_gpt2
+    lengths = [5, 3]  # the batch's texts have 13 and 9 tokens
+    offsets = causal_offsets(lengths)
+    outputs = ProgramOutputs([object()], np.ones((1, int(offsets[-1])), np.float32),
+                             np.zeros((1, 2), bool), offsets)
+    batch = random_batch(lengths=(13, 9))
+    batch.indices = [0, 1]
+    with replace_heads(model, {(0, 0): OutputsRow(outputs, 0)}) as replacement:
+        with pytest.raises(ModelError, match="token counts"):
+            replacement.head_matrices(batch)
