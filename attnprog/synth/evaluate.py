@@ -1,13 +1,15 @@
 """Program outputs on a corpus: the one entry point the engine calls.
 
 Cached outputs are reused; generator candidates go to the generator's vectorised
-evaluator; everything else runs in the sandbox. New outputs are cached. The sandbox's
+evaluator (recomputed each time: cheaper than reading them back); everything else runs in
+the sandbox, and its outputs are cached. The sandbox's
 workers stay up between calls (the engine evaluates batch after batch) and stop at exit.
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -61,17 +63,21 @@ def evaluate_programs(
     rows_by_hash: dict[str, list[int]] = {}
     for row, program in enumerate(programs):
         rows_by_hash.setdefault(program.hash, []).append(row)  # identical programs run once
-    todo = _fill_from_cache(outputs, rows_by_hash, cache, corpus, tokenizer_id)
-    generated, others = _split_generated([programs[rows[0]] for rows in todo])
-    computed = _evaluate_generated(generated, sentences)
-    computed += _evaluate_in_sandbox(others, sentences, workers, timeout, memory_mb, progress)
-    for program, values, failed, reason in computed:
+    generated, others = _split_generated([programs[rows[0]] for rows in rows_by_hash.values()])
+    # generator outputs are recomputed (faster than reading gigabytes back); sandboxed ones are cached
+    todo = _fill_from_cache(outputs, {p.hash: rows_by_hash[p.hash] for p in others}, cache, corpus,
+                            tokenizer_id)
+    computed = _evaluate_in_sandbox([programs[rows[0]] for rows in todo], sentences, workers, timeout,
+                                    memory_mb, progress)
+    if cache is not None:
+        for program, values, failed, reason in computed:
+            cache.put(program.hash, corpus, tokenizer_id, values, failed, reason)
+    results = itertools.chain(computed, _evaluate_generated(generated, sentences))
+    for program, values, failed, reason in results:
         for row in rows_by_hash[program.hash]:
             outputs.values[row] = values
             outputs.failed[row] = failed
             outputs.reasons[row] = reason
-        if cache is not None:
-            cache.put(program.hash, corpus, tokenizer_id, values, failed, reason)
     return outputs
 
 
@@ -115,13 +121,14 @@ def _generator_module():
     return generator
 
 
-def _evaluate_generated(programs: list[Program], sentences: list[Sentence]) -> list[tuple]:
-    if not programs:
-        return []
-    values = _generator_module().evaluate_generated(programs, sentences)
-    values = np.asarray(values, dtype=np.float32)
+def _evaluate_generated(programs: list[Program], sentences: list[Sentence], chunk: int = 1024):
+    """Yield (program, values, failed, reason) chunk by chunk, so the copy stays small."""
     no_failures = np.zeros(len(sentences), dtype=bool)
-    return [(p, values[i], no_failures, "") for i, p in enumerate(programs)]
+    for start in range(0, len(programs), chunk):
+        part = programs[start : start + chunk]
+        values = np.asarray(_generator_module().evaluate_generated(part, sentences), dtype=np.float32)
+        for program, row in zip(part, values, strict=True):
+            yield program, row, no_failures, ""
 
 
 def _evaluate_in_sandbox(programs, sentences, workers, timeout, memory_mb, progress) -> list:

@@ -141,6 +141,22 @@ _FORBIDDEN_CALLS = {
     "input": "input() is not allowed; programs get everything from their argument",
     "breakpoint": "breakpoint() is not allowed",
 }
+# Attributes that reach files or the system from allowed modules (np.save, arr.tofile,
+# np.ctypeslib, a module's `os`); the sandbox's audit hook refuses the calls anyway, this
+# says so before a run.
+_FORBIDDEN_ATTRIBUTES = {
+    **dict.fromkeys(
+        ("save", "savez", "savez_compressed", "savetxt", "tofile", "dump", "memmap",
+         "open_memmap", "fromfile", "loadtxt", "genfromtxt", "fromregex", "DataSource"),
+        "programs may not read or write files; compute from the Sentence instead",
+    ),
+    **dict.fromkeys(
+        ("os", "sys", "subprocess", "builtins", "ctypes", "ctypeslib", "socket"),
+        "programs may not reach the system; use only numpy and the Sentence",
+    ),
+}
+_NUMPY_ONLY_ATTRIBUTES = {"load"}  # np.load reads files; spacy.load is fine
+_ATTRIBUTE_CALLS = ("getattr", "setattr", "delattr", "hasattr")
 _ROW_SUM_TOLERANCE = 1e-4
 
 
@@ -218,6 +234,7 @@ def _check_signature(function: ast.FunctionDef) -> str:
 
 def _check_nodes(tree: ast.Module) -> str:
     allowed = allowed_imports()
+    numpy_names = _numpy_names(tree)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
@@ -228,15 +245,48 @@ def _check_nodes(tree: ast.Module) -> str:
                         f"line {node.lineno}: import of `{module or '.'}` is not allowed; "
                         f"use only {', '.join(sorted(allowed - {'__future__'}))}"
                     )
-        elif isinstance(node, ast.Attribute) and _is_dunder(node.attr):
-            return f"line {node.lineno}: `{node.attr}` is not allowed; use plain attributes"
+            if isinstance(node, ast.ImportFrom):  # from numpy import save, ctypeslib
+                for alias in node.names:
+                    problem = _check_attribute(alias.name, ast.Name(node.module or ""), {"numpy"})
+                    if problem:
+                        return f"line {node.lineno}: {problem}"
+        elif isinstance(node, ast.Attribute):
+            problem = _check_attribute(node.attr, node.value, numpy_names)
+            if problem:
+                return f"line {node.lineno}: {problem}"
         elif isinstance(node, ast.Name) and node.id in ("__builtins__", "__loader__", "__spec__"):
             return f"line {node.lineno}: `{node.id}` is not allowed"
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             why = _FORBIDDEN_CALLS.get(node.func.id)
+            if node.func.id in _ATTRIBUTE_CALLS and len(node.args) >= 2:
+                name = node.args[1]
+                if not (isinstance(name, ast.Constant) and isinstance(name.value, str)):
+                    why = f"{node.func.id}() needs a literal attribute name; write `obj.name`"
+                else:
+                    why = _check_attribute(name.value, node.args[0], numpy_names)
             if why:
                 return f"line {node.lineno}: {why}"
     return ""
+
+
+def _numpy_names(tree: ast.Module) -> set[str]:
+    """Names the source binds to the numpy module (``np`` always: programs get it)."""
+    names = {"np", "numpy"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.asname or a.name for a in node.names if a.name == "numpy"}
+    return names
+
+
+def _check_attribute(attr: str, owner: ast.AST, numpy_names: set[str]) -> str:
+    """What is wrong with reading ``owner.attr``; "" when nothing."""
+    if _is_dunder(attr):
+        return f"`{attr}` is not allowed; use plain attributes"
+    why = _FORBIDDEN_ATTRIBUTES.get(attr)
+    if why is None and attr in _NUMPY_ONLY_ATTRIBUTES:
+        if isinstance(owner, ast.Name) and owner.id in numpy_names:
+            why = "programs may not read or write files; compute from the Sentence instead"
+    return f"`.{attr}`: {why}" if why else ""
 
 
 def _relative_level(node: ast.AST) -> int:

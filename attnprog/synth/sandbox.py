@@ -7,11 +7,18 @@ hook. A task is one program on a batch of texts: one pipe round trip per batch. 
 parent watches a shared progress cell per worker and kills a worker whose call runs past
 the timeout; a worker that crashes or runs out of memory is replaced, its program is
 marked failed with the reason, and the run goes on.
+
+A program runs in the worker's own process, so it can write to the worker's pipes and
+progress cell: the parent trusts nothing it reads back. Replies are unpickled with no
+globals allowed and checked field by field, and every task has a deadline that does not
+depend on what the worker reports.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import math
 import mmap
 import os
 import pickle
@@ -34,7 +41,7 @@ from attnprog.layout import causal_offsets
 from attnprog.synth.execute import ProgramResult
 from attnprog.synth.features import Sentence
 from attnprog.synth.program import Program
-from attnprog.synth.sandbox_worker import DEFINING, IDLE, PROGRESS, seconds
+from attnprog.synth.sandbox_worker import DEFINING, IDLE, MAX_REASON_CHARS, PROGRESS, seconds
 
 __all__ = ["ProgramResult", "Sandbox", "run_in_sandbox", "uses_spacy"]
 
@@ -43,6 +50,7 @@ _IN_FLIGHT = 2  # tasks queued at a worker: it starts the next while its last re
 _POLL_SECONDS = 0.1
 _PIPE_BYTES = 1 << 20
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+_MALFORMED = "worker sent a malformed reply (did the program write to the sandbox's pipe?)"
 
 
 @dataclass
@@ -51,6 +59,10 @@ class _Task:
     program: int
     start: int
     stop: int
+
+    @property
+    def n_texts(self) -> int:
+        return self.stop - self.start
 
 
 @dataclass
@@ -66,8 +78,8 @@ class _Worker:
     """The parent's handle on one worker process."""
 
     def __init__(self, command: list[str], settings: list[str], env: dict) -> None:
-        command_r, self._command_w = os.pipe()
-        self._reply_r, reply_w = os.pipe()
+        command_r, command_w = os.pipe()
+        reply_r, reply_w = os.pipe()
         _widen_pipe(reply_w)
         progress_fd = _shared_cell(PROGRESS.size)
         try:
@@ -80,18 +92,24 @@ class _Worker:
                 env=env,
                 start_new_session=True,  # Ctrl-C reaches the parent only; it stops the workers
             )
+        except BaseException:
+            for fd in (command_w, reply_r, progress_fd):  # nothing leaks when it cannot start
+                os.close(fd)
+            raise
         finally:
             os.close(command_r)
             os.close(reply_w)
         self.progress = mmap.mmap(progress_fd, PROGRESS.size)
-        PROGRESS.pack_into(self.progress, 0, IDLE, 0.0)
         os.close(progress_fd)
-        self.commands = Connection(self._command_w, readable=False)
-        self.replies = Connection(self._reply_r, writable=False)
+        PROGRESS.pack_into(self.progress, 0, IDLE, 0.0)
+        self.commands = Connection(command_w, readable=False)
+        self.replies = Connection(reply_r, writable=False)
         self.started = time.monotonic()
         self.ready = False
         self.corpus_id: str | None = None
         self.tasks: deque[_Task] = deque()  # sent, not yet answered; the first is running
+        self.head_since = 0.0  # when the worker became free to run tasks[0]
+        self.loading = False  # loading a corpus: no program runs, no task clock
         self.draining = False  # used most of its CPU budget: no new tasks, then replaced
 
     def send(self, message) -> None:
@@ -102,15 +120,19 @@ class _Worker:
         (IDLE, 0). The worker writes IDLE with start 0 between calls, so a read that mixes
         two writes shows start 0 and counts as idle."""
         index, start = PROGRESS.unpack_from(self.progress, 0)
-        if start <= 0.0:
+        if not (start > 0.0 and math.isfinite(start) and math.isfinite(index)):
             return int(IDLE), 0.0
         return int(index), start
 
     def startup_error(self) -> str:
+        """What a worker that failed to start wrote to stderr; stops the worker."""
+        self.process.kill()  # so that reading its stderr ends
         try:
-            return self.process.stderr.read().decode(errors="replace").strip()[-2000:]
+            error = self.process.stderr.read().decode(errors="replace").strip()[-2000:]
         except (OSError, ValueError):
-            return ""
+            error = ""
+        self.kill()
+        return error
 
     def kill(self, grace: float = 0.0) -> int:
         """Kill the process unless it exits within ``grace`` seconds; returns its exit status
@@ -313,6 +335,46 @@ def _result(state: _ProgramState) -> ProgramResult:
     return ProgramResult(state.values, state.failed, reason)
 
 
+class _ReplyUnpickler(pickle.Unpickler):
+    """Unpickles builtins only: a reply that names any class or function is refused."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"a sandbox reply may not name {module}.{name}")
+
+
+def _load_reply(data: bytes) -> tuple:
+    """A worker's message as a tuple; () when it is not a pickled tuple of builtins."""
+    try:
+        message = _ReplyUnpickler(io.BytesIO(data)).load()
+    except Exception:  # any malformed pickle: the program may have written it
+        return ()
+    return message if isinstance(message, tuple) else ()
+
+
+def _is_reply(message: tuple, task: _Task, offsets: np.ndarray) -> bool:
+    """Whether ``message`` is a well-formed "done" reply to ``task`` (see Worker.run_task)."""
+    if len(message) != 8:
+        return False
+    kind, task_id, values, failed, reasons, fatal, cpu, recycle = message
+    n_bytes = 4 * int(offsets[task.stop] - offsets[task.start])
+    return (
+        kind == "done"
+        and task_id == task.id
+        and isinstance(fatal, str)
+        and (bool(fatal) or (isinstance(values, bytes) and len(values) == n_bytes))
+        and isinstance(failed, bytes)
+        and len(failed) == task.n_texts
+        and isinstance(reasons, list)
+        and all(
+            isinstance(r, tuple) and len(r) == 2 and type(r[0]) is int
+            and 0 <= r[0] < task.n_texts and isinstance(r[1], str)
+            for r in reasons
+        )
+        and isinstance(cpu, (int, float))
+        and isinstance(recycle, bool)
+    )
+
+
 class _Run:
     """One call of :meth:`Sandbox.run`: a queue of tasks fed to the workers.
 
@@ -333,6 +395,8 @@ class _Run:
         for p in range(len(programs)):
             for start in range(0, len(sentences), batch):
                 self.queue.append(self._task(p, start, min(start + batch, len(sentences))))
+        # no reply is longer than all cells, failed flags and reasons of the whole corpus
+        self.max_reply = 4 * int(offsets[-1]) + (4 * MAX_REASON_CHARS + 64) * len(sentences) + 4096
         show = box.progress if progress is None else progress
         self.bar = _progress_bar(len(programs) * len(sentences), show)
 
@@ -373,19 +437,22 @@ class _Run:
             task = self.queue.popleft()
             if not self.states[task.program].fatal:
                 return task
-            self.bar.update(task.stop - task.start)
+            self.bar.update(task.n_texts)
         return None
 
     def _send(self, worker: _Worker, task: _Task) -> None:
         worker.tasks.append(task)
-        if worker.corpus_id != self.corpus_id:
+        if len(worker.tasks) == 1:
+            worker.head_since = time.monotonic()
+        if worker.corpus_id != self.corpus_id:  # only at a run's start: no task is in flight
             worker.send(("corpus", self.corpus_id, self.corpus))
             worker.corpus_id = self.corpus_id
+            worker.loading = True
         program = self.programs[task.program]
         timeouts_left = self.box.max_timeouts - self.states[task.program].timeouts
         worker.send(("run", task.id, self.corpus_id, program.source, program.name, task.start,
                      task.stop, self.box.timeout, timeouts_left))
-        self.box.calls += task.stop - task.start
+        self.box.calls += task.n_texts
 
     def _requeue(self, tasks) -> None:
         """Queue tasks a lost worker had not started, first in line."""
@@ -399,16 +466,25 @@ class _Run:
             if worker not in self.box._workers:
                 continue  # replaced while handling an earlier pipe
             try:
-                message = pickle.loads(pipe.recv_bytes())
-            except (EOFError, OSError, pickle.UnpicklingError, ValueError, TypeError):
+                message = _load_reply(pipe.recv_bytes(self.max_reply))
+            except EOFError:
                 self._lost(worker)
                 continue
+            except OSError:  # cut short by a crash, or longer than any reply can be
+                if worker.process.poll() is None:
+                    self._fail_running(worker, _MALFORMED)
+                else:
+                    self._lost(worker)
+                continue
             if not worker.ready:
-                worker.ready = message[0] == "ready"
-            elif message[0] == "done" and worker.tasks and message[1] == worker.tasks[0].id:
+                worker.ready = message[:1] == ("ready",)
+            elif worker.loading and message == ("loaded", self.corpus_id):
+                worker.loading = False
+                worker.head_since = time.monotonic()
+            elif worker.tasks and _is_reply(message, worker.tasks[0], self.offsets):
                 self._done(worker, message)
             else:
-                self._fail_running(worker, "worker sent a malformed reply")
+                self._fail_running(worker, _MALFORMED)
 
     def _wait_seconds(self) -> float:
         deadlines = []
@@ -422,7 +498,8 @@ class _Run:
     def _done(self, worker: _Worker, message) -> None:
         _, _, values, failed, reasons, fatal, cpu, recycle = message
         task = worker.tasks.popleft()
-        self.bar.update(task.stop - task.start)
+        worker.head_since = time.monotonic()
+        self.bar.update(task.n_texts)
         worker.draining |= cpu > self.box.cpu_seconds / 2  # replace it before its CPU limit
         if recycle or (worker.draining and not worker.tasks):
             self._requeue(worker.tasks)  # a recycled worker exits without running these
@@ -435,13 +512,8 @@ class _Run:
             state.fatal = fatal
             return
         cells = slice(int(self.offsets[task.start]), int(self.offsets[task.stop]))
-        if values is None or values.shape != (cells.stop - cells.start,) or (
-            failed.shape != (task.stop - task.start,)
-        ):
-            state.fatal = "worker sent a malformed reply"
-            return
-        state.values[cells] = values
-        state.failed[task.start : task.stop] = failed
+        state.values[cells] = np.frombuffer(values, dtype=np.float32)
+        state.failed[task.start : task.stop] = np.frombuffer(failed, dtype=np.uint8)
         for j, why in reasons:
             state.reasons[task.start + j] = why
             state.timeouts += why.startswith("timeout")
@@ -463,6 +535,15 @@ class _Run:
                         "the machine may be overloaded: retry with fewer workers"
                     )
                 continue
+            if worker.tasks and not worker.loading:
+                # a backstop that trusts nothing the worker reports, for a program that
+                # stops its alarm and writes "idle" into its progress cell
+                budget = (worker.tasks[0].n_texts + 1) * limit
+                if now - worker.head_since > budget:
+                    self._fail_running(
+                        worker, f"no reply within {seconds(budget)} s (the program evaded the timeout)"
+                    )
+                    continue
             index, start = worker.call_in_progress()
             overdue = worker.tasks and index != IDLE and now - start > limit
             if overdue and worker.call_in_progress() == (index, start):  # the same call, still
@@ -475,8 +556,9 @@ class _Run:
         worker.tasks.clear()
         self.box._swap(worker)
         timeout = seconds(self.box.timeout)
-        if index == DEFINING:
-            self._abandon(task, f"timeout after {timeout} s while defining the program")
+        if not task.start <= index < task.stop:  # DEFINING, or written by the program
+            where = " while defining the program" if index == DEFINING else ""
+            self._abandon(task, f"timeout after {timeout} s{where}")
             return
         state.reasons[index] = f"timeout after {timeout} s (worker killed)"
         state.failed[index] = True
@@ -495,7 +577,6 @@ class _Run:
     def _lost(self, worker: _Worker) -> None:
         """The worker's pipe closed: it crashed, exited or was killed."""
         if not worker.ready:
-            worker.kill()
             raise SandboxError(
                 f"a sandbox worker failed to start: {worker.startup_error() or 'no output'}; "
                 f"check that `{sys.executable} -m attnprog.synth.sandbox_worker` imports attnprog"
@@ -508,7 +589,7 @@ class _Run:
         if running is None:
             return  # died while idle: nothing to blame
         where = " while defining the program" if index == DEFINING else (
-            f" on text {index}" if index >= 0 else ""
+            f" on text {index}" if running.start <= index < running.stop else ""
         )
         self._abandon(running, _exit_reason(status) + where)
 
@@ -525,7 +606,7 @@ class _Run:
         state = self.states[task.program]
         if not state.fatal:
             state.fatal = reason
-        self.bar.update(task.stop - task.start)
+        self.bar.update(task.n_texts)
 
 
 def _progress_bar(total: int, enabled: bool):

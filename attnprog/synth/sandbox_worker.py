@@ -31,7 +31,9 @@ _REFUSED_EVENTS = frozenset(
     {
         "os.system", "os.fork", "os.forkpty", "os.kill", "os.killpg", "os.startfile",
         "os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown",
-        "os.truncate", "os.symlink", "os.link", "os.utime", "signal.pthread_kill",
+        "os.truncate", "os.symlink", "os.link", "os.utime",
+        "os.setxattr", "os.removexattr", "signal.pthread_kill", "sqlite3.connect",
+        "sqlite3.enable_load_extension", "sqlite3.load_extension",
         "resource.setrlimit", "resource.prlimit", "ctypes.dlopen", "ctypes.dlsym",
         "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.remote_exec",
         "webbrowser.open",
@@ -41,8 +43,12 @@ _REFUSED_PREFIXES = (
     "socket.", "subprocess.", "os.exec", "os.spawn", "os.posix_spawn", "pty.", "shutil.",
     "urllib.", "http.", "ftplib.", "smtplib.", "poplib.", "imaplib.", "nntplib.", "telnetlib.",
 )
+# CPython's _posixsubprocess.fork_exec starts processes without an audit event: the worker
+# drops the module before the hook goes in, and the hook refuses importing it again
+_REFUSED_IMPORTS = frozenset({"_posixsubprocess"})
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 _COMPILED_KEEP = 16
+MAX_REASON_CHARS = 500  # a failure reason in a reply is cut to this length
 
 
 class CallTimeout(BaseException):
@@ -55,8 +61,11 @@ class _State:
 
 
 def _audit(event: str, args: tuple) -> None:
-    if event in _REFUSED_EVENTS or event.startswith(_REFUSED_PREFIXES) or (
-        event == "open" and _opens_for_writing(args)
+    if (
+        event in _REFUSED_EVENTS
+        or event.startswith(_REFUSED_PREFIXES)
+        or (event == "open" and _opens_for_writing(args))
+        or (event == "import" and args[0] in _REFUSED_IMPORTS)
     ):
         _State.refused = event
         raise PermissionError(
@@ -116,6 +125,15 @@ def _limit_resources(memory_mb: float, cpu_seconds: float) -> None:
             pass
 
 
+def _drop_unaudited_modules() -> None:
+    """Forget the modules of _REFUSED_IMPORTS and subprocess's alias of fork_exec, so a
+    program reaches them only through an import, which the audit hook refuses."""
+    for name in _REFUSED_IMPORTS:
+        sys.modules.pop(name, None)
+    if "subprocess" in sys.modules:
+        sys.modules["subprocess"]._fork_exec = None  # Popen is refused before it gets there
+
+
 def _preload_spacy() -> None:
     """Import spaCy and load the English pipeline before the audit hook, and make
     ``spacy.load`` return that cached pipeline (paper-form programs call it per text)."""
@@ -163,6 +181,7 @@ class Worker:
             if kind == "corpus":
                 _, corpus_id, payload = message
                 self.corpora = {corpus_id: [s.warm_features() for s in pickle.loads(payload)]}
+                self.replies.send_bytes(pickle.dumps(("loaded", corpus_id)))
             elif kind == "run":
                 reply = self.run_task(*message[1:])
                 self.replies.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
@@ -180,30 +199,34 @@ class Worker:
     def run_task(self, task_id, corpus_id, source, name, start, stop, timeout, timeouts_left):
         """Run one program on texts [start, stop).
 
-        Reply: ("done", task_id, packed cells, failed [k], [(j, reason)], fatal reason,
-        CPU seconds used so far, whether this worker exits after replying).
+        Reply: ("done", task_id, packed float32 cells as bytes (None when fatal), failed
+        [k] bool as bytes, [(j, reason)], fatal reason, CPU seconds used so far, whether
+        this worker exits after replying). Only builtins: the parent unpickles replies
+        with no globals allowed, since a program can write to the reply pipe too.
         """
         sentences = self.corpora[corpus_id][start:stop]
         failed = np.zeros(len(sentences), dtype=bool)
         reasons: list[tuple[int, str]] = []
         _State.refused = None
         PROGRESS.pack_into(self.progress, 0, DEFINING, time.monotonic())
+        fatal, recycle = "", False
         try:
             signal.setitimer(signal.ITIMER_REAL, timeout)
             function = self.function(source, name)
         except ProgramError as err:
-            return ("done", task_id, None, failed, reasons, _refusal() or str(err), _cpu(), False)
+            fatal = _refusal() or str(err)[:MAX_REASON_CHARS]
         except CallTimeout:
             fatal = f"timeout after {seconds(timeout)} s while defining the program"
-            return ("done", task_id, None, failed, reasons, fatal, _cpu(), False)
         except MemoryError:
             fatal = f"memory limit exceeded ({self.memory_mb:g} MB) while defining the program"
-            return ("done", task_id, None, failed, reasons, fatal, _cpu(), True)
+            recycle = True
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             PROGRESS.pack_into(self.progress, 0, IDLE, 0.0)
+        if fatal:
+            return ("done", task_id, None, failed.tobytes(), reasons, fatal, _cpu(), recycle)
         chunks = []
-        timeouts, first_timeout, fatal, recycle = 0, "", "", False
+        timeouts, first_timeout = 0, ""
         for j, s in enumerate(sentences):
             text = start + j
             cells, why = self.call(function, s, name, text, timeout)
@@ -223,7 +246,8 @@ class Worker:
                 fatal = first_timeout
                 break
         values = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
-        return ("done", task_id, values, failed, reasons, fatal, _cpu(), recycle)
+        return ("done", task_id, values.tobytes(), failed.tobytes(), reasons, fatal, _cpu(),
+                recycle)
 
     def call(self, function, s, name: str, text: int, timeout: float):
         """One program-text call under the wall-clock timer; (cells, "") or (None, reason)."""
@@ -242,7 +266,7 @@ class Worker:
         refusal = _refusal()
         if refusal and why != "memory":
             return None, refusal
-        return cells, why
+        return cells, why[:MAX_REASON_CHARS]
 
 
 def _refusal() -> str:
@@ -271,6 +295,7 @@ def main(argv: list[str]) -> None:
     if preload_spacy:
         _preload_spacy()
     _limit_resources(memory_mb, cpu_seconds)
+    _drop_unaudited_modules()
     sys.addaudithook(_audit)
     replies.send_bytes(pickle.dumps(("ready", os.getpid())))
     os.dup2(devnull, 2)  # startup errors went to the parent; later ones would be programs'

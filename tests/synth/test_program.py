@@ -119,6 +119,34 @@ def test_open_and_eval_are_rejected():
     assert "eval()" in check_source(program("def program(s):\n    eval('1')\n"))
 
 
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        ("np.save('x.npy', np.eye(2))", "files"),
+        ("np.eye(2).tofile('x')", "files"),
+        ("np.load('x.npy')", "files"),
+        ("np.memmap('x', mode='w+')", "files"),
+        ("np.ctypeslib.as_array(0)", "system"),
+        ("np.lib.format.os.system('true')", "system"),
+        ("getattr(np, 'save')('x', 1)", "files"),
+        ("getattr(np, 'sa' + 've')('x', 1)", "literal attribute name"),
+        ("getattr(s, '__class__')", "`__class__` is not allowed"),
+    ],
+)
+def test_tricks_that_reach_files_or_the_system_are_rejected(call, words):
+    reason = check_source(program(f"import numpy as np\ndef program(s):\n    {call}\n"))
+    assert words in reason and "line 3" in reason
+
+
+def test_from_numpy_import_of_a_file_function_is_rejected():
+    assert "files" in check_source(program("from numpy import save\n" + NATIVE))
+
+
+def test_plain_getattr_and_spacy_style_load_pass():
+    source = "def program(s):\n    nlp = s.load\n    return getattr(s, 'pos', None)\n"
+    assert check_source(program(source)) == ""
+
+
 def test_a_function_with_three_required_arguments_is_rejected():
     reason = check_source(program("def program(a, b, c):\n    return 0\n"))
     assert "3 required arguments" in reason and "def program(s)" in reason

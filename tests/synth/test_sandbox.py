@@ -3,11 +3,14 @@ program does stops the run. One run mixes bad programs with good ones; each test
 one behaviour of that run."""
 
 import os
+import sys
 import tempfile
 
 import numpy as np
 import pytest
 
+from attnprog.errors import SandboxError
+from attnprog.synth import sandbox
 from attnprog.synth.execute import run_trusted
 from attnprog.synth.features import Sentence, probe_sentences
 from attnprog.synth.program import Program
@@ -15,6 +18,9 @@ from attnprog.synth.sandbox import Sandbox, run_in_sandbox
 
 TIMEOUT = 1.0
 WRITTEN_FILE = os.path.join(tempfile.gettempdir(), "attnprog-sandbox-test-written")
+PARENT_MARKER = os.path.join(tempfile.gettempdir(), "attnprog-sandbox-test-parent-ran-code")
+FORK_EXEC = ("[b'/bin/true'], [b'/bin/true'], True, (), None, None, -1, -1, -1, -1, -1, -1, "
+             "r, w, True, False, -1, None, None, None, -1, None, False")
 
 GOOD = {
     "previous_token": """
@@ -98,6 +104,29 @@ BAD = {
     "raises": ("def program(s):\n    return 1 / 0\n", "raised ZeroDivisionError"),
     "touches_the_main_process": ("import numpy\ndef program(s):\n    numpy.attnprog_marker = 1\n",
                                  "returned NoneType"),
+    # the worker's reply pipe is open in the program's process: a pickle that would run
+    # code when the parent loads it must be refused there
+    "forges_a_reply": (
+        "import os, pickle, struct, sys, time\n"
+        "class Payload:\n"
+        f"    def __reduce__(self):\n        return (os.system, ('touch {PARENT_MARKER}',))\n"
+        "def program(s):\n"
+        "    data = pickle.dumps(('done', Payload()))\n"
+        "    os.write(int(sys.argv[2]), struct.pack('!i', len(data)) + data)\n"
+        "    time.sleep(0.5)\n",
+        "malformed reply",
+    ),
+    "writes_with_numpy_save": (f"import numpy as np\ndef program(s):\n    np.save({WRITTEN_FILE!r}, 1)\n",
+                               "refused: open"),
+    "writes_with_tofile": (f"import numpy as np\ndef program(s):\n    np.eye(2).tofile({WRITTEN_FILE!r})\n",
+                           "refused: open"),
+    "writes_with_sqlite": (f"import sqlite3\ndef program(s):\n    sqlite3.connect({WRITTEN_FILE!r})\n",
+                           "refused: sqlite3.connect"),
+    "spawns_via_posixsubprocess": (
+        f"import os\ndef program(s):\n    import _posixsubprocess\n    r, w = os.pipe()\n"
+        f"    _posixsubprocess.fork_exec({FORK_EXEC})\n",
+        "refused: import",
+    ),
 }
 
 
@@ -147,6 +176,7 @@ def test_crashed_and_hung_workers_are_replaced(mixed_run):
 def test_nothing_a_program_does_reaches_this_process(mixed_run):
     assert not hasattr(np, "attnprog_marker")
     assert not os.path.exists(WRITTEN_FILE)
+    assert not os.path.exists(PARENT_MARKER)
 
 
 def test_outputs_are_packed_normalised_float32(mixed_run, texts):
@@ -188,3 +218,38 @@ def test_no_programs_or_no_texts_give_empty_results(texts):
         assert box.run([], texts) == []
         [result] = box.run([make(GOOD["previous_token"], "p")], [])
     assert result.values.shape == (0,) and result.failed.shape == (0,)
+
+
+def test_a_program_that_evades_the_timeout_is_stopped_by_the_backstop(texts):
+    """It ignores the alarm and writes "idle" into its progress cell: the parent stops it
+    anyway, after (texts + 1) x (timeout + grace) seconds."""
+    source = ("import mmap, signal, struct, sys, time\ndef program(s):\n"
+              "    signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+              "    cell = mmap.mmap(int(sys.argv[3]), 16)\n"
+              "    while True:\n"
+              "        struct.pack_into('dd', cell, 0, -1.0, 0.0)\n        time.sleep(0.01)\n")
+    good = make(GOOD["previous_token"], "previous_token")
+    with Sandbox(workers=1, timeout=0.5, progress=False) as box:
+        evader, after = box.run([make(source, "evader"), good], texts)
+        assert box.replaced == 1
+    assert "no reply within 4.0 s" in evader.reason and evader.failed.all()
+    assert after.reason == "" and not after.failed.any()
+
+
+def test_a_worker_that_fails_to_start_reports_its_error(texts):
+    box = Sandbox(workers=1, progress=False)
+    box._command = [sys.executable, "-c", "import sys; sys.exit('no such module: boom')"]
+    with pytest.raises(SandboxError, match="no such module: boom"), box:
+        box.run([make(GOOD["previous_token"], "p")], texts)
+
+
+def test_a_worker_that_cannot_be_spawned_leaks_no_file_descriptors(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("cannot fork")
+
+    monkeypatch.setattr(sandbox.subprocess, "Popen", refuse)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(SandboxError, match="cannot fork"):
+            Sandbox(workers=1, progress=False).start()
+    assert len(os.listdir("/proc/self/fd")) == before
