@@ -145,6 +145,32 @@ def check(
 
 
 @app.command()
+def show(
+    table: Path = typer.Option(..., help="IoU table from `attnprog rank` or `attnprog run`"),
+    head: str = typer.Argument(..., help="LAYER.HEAD, e.g. 18.8"),
+    top: int = typer.Option(3, help="how many of the head's best programs to print"),
+) -> None:
+    """Print a head's best programs, with their IoU, as readable source."""
+    from attnprog.engine.rank import IoUTable
+
+    layer, _, head_index = head.partition(".")
+    if not (layer.isdigit() and head_index.isdigit()):
+        raise AttnProgError(f"head {head!r} is not LAYER.HEAD, e.g. 18.8")
+    ious = IoUTable.load(table)
+    layer_no, head_no = int(layer), int(head_index)
+    if layer_no >= ious.n_layers or head_no >= ious.n_heads:
+        raise AttnProgError(f"the model has {ious.n_layers} layers x {ious.n_heads} heads; "
+                            f"L{layer_no} H{head_no} is out of range")
+    column = layer_no * ious.n_heads + head_no
+    values, indices = ious.topk(top)
+    for rank_no, (iou, index) in enumerate(zip(values[column].tolist(), indices[column].tolist()), 1):
+        program = ious.programs[index]
+        typer.echo(f"# {rank_no}. L{layer_no} H{head_no}: IoU {iou:.3f} on {ious.split}, "
+                   f"family {program.family}, hash {program.hash}")
+        typer.echo(program.source.rstrip() + "\n")
+
+
+@app.command()
 def run(
     out: Path = typer.Option(Path("runs/demo"), help="run directory (re-running resumes it)"),
     model: str = typer.Option("smollm2-135m", help="built-in name, checkpoint dir, .gguf file or hub id"),

@@ -128,6 +128,7 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
              f"{heldout.mean():.3f}, median {heldout.median():.3f}; top {config.top}:")
         for fit in fits[: config.top]:
             echo(f"    L{fit.layer:<2d} H{fit.head:<2d} IoU {fit.reported_iou:.3f}  {fit.family}")
+        echo(f"  read a head's programs: attnprog show --table {table_path} LAYER.HEAD")
         summary["best_fit_iou"] = {"mean": float(heldout.mean()), "median": float(heldout.median())}
 
     with _stage(echo, "5/5 replace heads: perplexity and QA"):

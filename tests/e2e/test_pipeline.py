@@ -55,3 +55,28 @@ def test_run_prints_every_stage_and_the_sweep_with_both_baselines_then_resumes(t
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr
     assert "reused" in second.stdout and "reused" in second.stdout.split("[2/5")[1]
+
+
+def _two_program_table(path):
+    import torch
+
+    from attnprog.engine.rank import IoUTable
+    from attnprog.synth.golden import golden_programs
+
+    programs = golden_programs()[:2]
+    iou = torch.tensor([[0.2, 0.9, 0.1, 0.3], [0.8, 0.1, 0.2, 0.4]])  # [P, L*H] with 2 x 2 heads
+    IoUTable(iou=iou, programs=programs, split="selection", n_layers=2, n_heads=2).save(path)
+    return programs
+
+
+def test_show_prints_a_heads_best_program_source_first(tmp_path):
+    programs = _two_program_table(tmp_path / "t.safetensors")
+    result = run_cli("show", "--table", str(tmp_path / "t.safetensors"), "0.1", "--top", "1")
+    assert result.returncode == 0, result.stderr
+    assert "IoU 0.900" in result.stdout and programs[0].source.strip() in result.stdout
+
+
+def test_show_refuses_a_head_outside_the_model(tmp_path):
+    _two_program_table(tmp_path / "t.safetensors")
+    result = run_cli("show", "--table", str(tmp_path / "t.safetensors"), "5.0")
+    assert result.returncode == 2 and "2 layers x 2 heads" in result.stderr
