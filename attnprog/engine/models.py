@@ -219,7 +219,9 @@ def load_model(
         model, tokenizer = _from_pretrained(
             str(checkpoint), local_only=True, dtype=dtype, attn_implementation=attn_implementation
         )
-        model.config._attnprog_id = f"{spec}@{checkpoint.name}"
+        # the GGUF file's hash, recorded at conversion: the same weights keep the same id
+        source = (checkpoint / "attnprog_source.txt").read_text().split()
+        model.config._attnprog_id = f"{spec}@{source[-1] if source else checkpoint.name}"
     elif path.is_file() and path.suffix == ".gguf":
         model, tokenizer = _from_pretrained(
             str(path.parent), gguf_file=path.name, local_only=True, dtype=dtype,
