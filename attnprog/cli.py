@@ -213,43 +213,30 @@ def rank_command(
 
     import torch
 
-    from attnprog.engine.rank import rank, rank_with_heldout
+    from attnprog.engine.pipeline import evaluate_pool, rank_table, ranking_subset
     from attnprog.engine.store import AttentionStore
     from attnprog.synth.outputs import ProgramOutputs
+    from attnprog.synth.program import load_pool
 
     if (pool is None) == (outputs is None):
         raise AttnProgError("pass exactly one of --pool (programs to evaluate) or --outputs")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     attention = AttentionStore.load(store, device=device)
-    splits = [split] + ([heldout] if heldout and heldout in attention.splits else [])
-    texts = sorted({s for name in splits for s in attention.split_indices(name)})
-    subset = attention.subset(texts) if len(texts) < attention.n_texts else attention
-
     if outputs is not None:
         program_outputs = ProgramOutputs.load(outputs)
-        if len(program_outputs.offsets) == attention.n_texts + 1:
-            subset = attention  # evaluated on every text of the store
+        # outputs may cover every text of the store or only the ranked splits
+        if len(program_outputs.offsets) != attention.n_texts + 1:
+            attention = ranking_subset(attention, split, heldout)
     else:
-        from attnprog.synth.program import load_pool
-
-        try:
-            from attnprog.synth.evaluate import evaluate_programs
-        except ImportError as err:
-            raise AttnProgError(
-                "program evaluation (attnprog.synth.evaluate) is not available in this install; "
-                "pass pre-computed --outputs instead"
-            ) from err
+        attention = ranking_subset(attention, split, heldout)
         programs = load_pool(pool)
-        typer.echo(f"evaluating {len(programs)} programs on {subset.n_texts} texts")
-        program_outputs = evaluate_programs(programs, subset.sentences())
+        typer.echo(f"evaluating {len(programs)} programs on {attention.n_texts} texts")
+        program_outputs = evaluate_pool(attention, programs)
 
     start = time.perf_counter()
-    kwargs = dict(per_text=per_text, impl=impl, memory_budget=memory_mb << 20, progress=True)
-    if len(splits) == 2:
-        table = rank_with_heldout(subset, program_outputs, split=split, heldout_split=heldout, **kwargs)
-    else:
-        table = rank(subset, program_outputs, split=split, **kwargs)
+    table = rank_table(attention, program_outputs, split=split, heldout=heldout, per_text=per_text,
+                       impl=impl, memory_budget=memory_mb << 20, progress=True)
     seconds = time.perf_counter() - start
     table.save(out)
     n_failed = int(program_outputs.failed.all(axis=1).sum())

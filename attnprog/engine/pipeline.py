@@ -17,6 +17,8 @@ import torch
 from attnprog.engine.corpus import load_corpus
 from attnprog.engine.extract import extract_or_load
 from attnprog.engine.models import load_model
+from attnprog.engine.store import AttentionStore
+from attnprog.synth.outputs import ProgramOutputs
 from attnprog.synth.program import Program, load_pool, save_pool
 
 
@@ -65,11 +67,37 @@ def build_pool(n_candidates: int, golden: bool = True) -> list[Program]:
     return golden + [p for p in generated if p.hash not in seen]
 
 
+def ranking_subset(store: AttentionStore, split: str, heldout: str | None) -> AttentionStore:
+    """The store restricted to the texts ranking reads: ``split`` and ``heldout`` when present."""
+    splits = [split] + ([heldout] if heldout and heldout in store.splits else [])
+    texts = sorted({s for name in splits for s in store.split_indices(name)})
+    return store.subset(texts) if len(texts) < store.n_texts else store
+
+
+def evaluate_pool(store: AttentionStore, programs: list[Program], progress: bool = True) -> ProgramOutputs:
+    """Outputs of ``programs`` on the store's texts (sandboxed, cached by corpus and tokenizer)."""
+    from attnprog.synth.evaluate import evaluate_programs
+
+    return evaluate_programs(
+        programs, store.sentences(), corpus_hash=store.meta.get("corpus_hash"),
+        tokenizer_id=store.meta.get("tokenizer_id", ""), progress=progress,
+    )
+
+
+def rank_table(store: AttentionStore, outputs: ProgramOutputs, split: str = "selection",
+               heldout: str | None = "heldout", **rank_kwargs):
+    """Rank on ``split``; measure each best fit on ``heldout`` when the store has that split."""
+    from attnprog.engine.rank import rank, rank_with_heldout
+
+    if heldout and heldout in store.splits:
+        return rank_with_heldout(store, outputs, split=split, heldout_split=heldout, **rank_kwargs)
+    return rank(store, outputs, split=split, **rank_kwargs)
+
+
 def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
     """Run every stage for ``config`` and return a summary (also saved as ``summary.json``)."""
     from attnprog.engine.evaluate import fractions_up_to, load_qa, perplexity_sweep
-    from attnprog.engine.rank import IoUTable, rank_with_heldout
-    from attnprog.synth.evaluate import evaluate_programs
+    from attnprog.engine.rank import IoUTable
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,12 +132,8 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
         summary["programs"] = len(pool)
 
     with _stage(echo, "3/5 evaluate programs"):
-        # ranking and the sweep read only the selection and held-out texts
-        store = store.subset([s for s, split in enumerate(store.splits) if split != "synthesis"])
-        outputs = evaluate_programs(
-            pool, store.sentences(), corpus_hash=store.meta["corpus_hash"],
-            tokenizer_id=store.meta.get("tokenizer_id", ""),
-        )
+        store = ranking_subset(store, "selection", "heldout")  # the sweep uses held-out texts too
+        outputs = evaluate_pool(store, pool)
         n_failed = int(outputs.failed.any(axis=1).sum())
         echo(f"  {outputs.n_programs} programs x {store.n_texts} selection and held-out texts; "
              f"{n_failed} programs failed on some text")
@@ -120,7 +144,7 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
             table = IoUTable.load(table_path)
             echo(f"  reused {table_path}")
         else:
-            table = rank_with_heldout(store, outputs, split="selection", heldout_split="heldout")
+            table = rank_table(store, outputs)
             table.save(table_path)
         fits = sorted(table.best_fits(), key=lambda f: -f.reported_iou)
         heldout = torch.as_tensor(table.heldout_iou).float()
