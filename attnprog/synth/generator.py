@@ -44,6 +44,12 @@ SINK_SHARES = (0.5, 0.25, 0.1)
 PAIR_WEIGHTS = ((0.5, 0.5), (0.75, 0.25), (0.25, 0.75))
 PAIR_WITH_SINK_WEIGHTS = ((0.4, 0.4, 0.2), (0.6, 0.2, 0.2), (0.2, 0.6, 0.2))
 TRIPLE_WEIGHTS = (0.4, 0.3, 0.3)
+# A sink-weighted recent context plus one sharp target: target shares, and the settings
+# of sink_recency (sink size, decay) it is mixed with.
+BACKGROUND_TARGETS = [("the_tokens", {}), ("previous", {"k": 1}), ("punctuation", {}), ("self_token", {})]
+BACKGROUND_TARGET_SHARES = (0.1, 0.25, 0.5, 0.75)
+BACKGROUND_THE_PAIR_SHARES = ((0.25, 0.1), (0.5, 0.1), (0.25, 0.25))  # "the" + a second target
+BACKGROUND_SETTINGS = [{"sink": c, "rate": r} for c in (2, 4, 8, 16, 32, 64) for r in (0.5, 0.8, 0.9, 0.95)]
 
 # Atoms mixed with each other in pairs and triples: one or two settings per primitive.
 _MIX_POOL = [
@@ -93,8 +99,7 @@ def _family(spec: dict) -> str:
         family = dsl.PRIMITIVES[t["prim"]].family
         if family == "first" and len(spec["terms"]) > 1:
             family = "sink"
-        if family not in names:
-            names.append(family)
+        names += [name for name in family.split("+") if name not in names]
     names.sort(key=lambda name: (name != "sink", name))  # canonical order, sink share first
     return "+".join(names)
 
@@ -104,7 +109,8 @@ def _family(spec: dict) -> str:
 
 
 def _call(prim: str, args: dict) -> str:
-    arguments = "".join(f", {name}={value!r}" for name, value in args.items())
+    order = list(dsl.PRIMITIVES[prim].settings[0])  # the signature's order, whatever the dict's
+    arguments = "".join(f", {name}={args[name]!r}" for name in order)
     return f"{prim}(s{arguments})"
 
 
@@ -207,7 +213,28 @@ def enumerate_specs() -> Iterator[dict]:
     # 1. single atoms
     for prim, args, fallback in atoms:
         yield {"terms": [term(prim, args, fallback)]}
-    # 2. single atoms with a share on the first token (the attention sink)
+    # 2. a sink-weighted recent context with one sharp target
+    for share in BACKGROUND_TARGET_SHARES:
+        for prim, args in BACKGROUND_TARGETS:
+            for background in BACKGROUND_SETTINGS:
+                yield {
+                    "terms": [
+                        term("sink_recency", background, weight=1.0 - share),
+                        term(prim, args, weight=share),
+                    ]
+                }
+    # ... and with "the" tokens plus a second target
+    for the_share, share in BACKGROUND_THE_PAIR_SHARES:
+        for prim, args in BACKGROUND_TARGETS[1:]:
+            for background in BACKGROUND_SETTINGS:
+                yield {
+                    "terms": [
+                        term("sink_recency", background, weight=1.0 - the_share - share),
+                        term("the_tokens", weight=the_share),
+                        term(prim, args, weight=share),
+                    ]
+                }
+    # 3. single atoms with a share on the first token (the attention sink)
     for share in SINK_SHARES:
         for prim, args, fallback in atoms:
             if prim != "first_token":
@@ -217,7 +244,7 @@ def enumerate_specs() -> Iterator[dict]:
                         term(prim, args, fallback, weight=1.0 - share),
                     ]
                 }
-    # 3. pairs of pool atoms, then the same pairs with a sink share
+    # 4. pairs of pool atoms, then the same pairs with a sink share
     pairs = list(itertools.combinations(_MIX_POOL, 2))
     for w_a, w_b in PAIR_WEIGHTS:
         for (a, a_args), (b, b_args) in pairs:
@@ -231,10 +258,10 @@ def enumerate_specs() -> Iterator[dict]:
                     term(b, b_args, weight=w_b),
                 ]
             }
-    # 4. triples of pool atoms, in a fixed shuffled order so any prefix is varied
+    # 5. triples of pool atoms, in a fixed shuffled order so any prefix is varied
     for triple in _shuffled(itertools.combinations(_MIX_POOL, 3), seed=0):
         yield {"terms": [term(p, a, weight=w) for (p, a), w in zip(triple, TRIPLE_WEIGHTS, strict=True)]}
-    # 5. pairs of any atoms, fallbacks included, equal shares
+    # 6. pairs of any atoms, fallbacks included, equal shares
     for (a, a_args, a_fb), (b, b_args, b_fb) in _shuffled(itertools.combinations(atoms, 2), 1):
         yield {"terms": [term(a, a_args, a_fb, 0.5), term(b, b_args, b_fb, 0.5)]}
 

@@ -54,6 +54,19 @@ def recency(s, rate):
     return np.where(distance >= 0, rate ** np.maximum(distance, 0), 0.0)
 
 
+def sink_recency(s, sink, rate):
+    """Attention decays with distance (rate ** (i - j)) and token 0 scores `sink` on top.
+
+    Like a softmax with a fixed attention-sink logit: the sink's share of a row shrinks as
+    the recent context gains mass (rate 1.0: every token so far scores 1, the sink `sink`).
+    """
+    pos = np.arange(s.n)
+    distance = pos[:, None] - pos[None, :]
+    m = np.where(distance >= 0, rate ** np.maximum(distance, 0), 0.0)
+    m[:, 0] += sink
+    return m
+
+
 def uniform(s):
     """Token i attends equally to every token up to and including itself."""
     return np.tril(np.ones((s.n, s.n)))
@@ -74,6 +87,12 @@ def punctuation(s):
     """Token i attends to every punctuation token at or before i."""
     is_punct = np.array([t.strip() != "" and not any(c.isalnum() for c in t) for t in s.tokens])
     return np.tril(np.ones((s.n, s.n)) * is_punct[None, :])
+
+
+def the_tokens(s):
+    """Token i attends to every "the" token at or before i (any case)."""
+    is_the = np.array([t.strip().lower() == "the" for t in s.tokens])
+    return np.tril(np.ones((s.n, s.n)) * is_the[None, :])
 
 
 def last_punctuation(s):
@@ -320,6 +339,9 @@ class Primitive:
         return self.phrase.format(**args)
 
 
+# sink_recency: the sink's weight in tokens, and the decay of the recent context (1.0: none)
+SINK_SIZES = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+SINK_RECENCY_RATES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0)
 _POS_TAGS = ("NOUN", "VERB", "ADJ", "ADV", "DET", "ADP", "PRON", "PROPN", "AUX", "CCONJ")
 
 PRIMITIVES: dict[str, Primitive] = {
@@ -341,6 +363,13 @@ PRIMITIVES: dict[str, Primitive] = {
             can_be_empty=False,
             phrase="recent tokens (decay {rate})",
         ),
+        Primitive(
+            sink_recency,
+            "sink+recency",
+            tuple({"sink": c, "rate": r} for c in SINK_SIZES for r in SINK_RECENCY_RATES),
+            can_be_empty=False,
+            phrase="recent tokens (decay {rate}) with {sink} extra on the first token",
+        ),
         Primitive(uniform, "uniform", can_be_empty=False, phrase="all tokens so far"),
         Primitive(
             window,
@@ -351,6 +380,7 @@ PRIMITIVES: dict[str, Primitive] = {
         ),
         Primitive(punctuation, "punctuation", phrase="punctuation so far"),
         Primitive(last_punctuation, "punctuation", phrase="the last punctuation"),
+        Primitive(the_tokens, "the", phrase='"the" tokens so far'),
         Primitive(sentence_start, "sentence-start", can_be_empty=False, phrase="the sentence start"),
         Primitive(same_token, "duplicate", phrase="earlier copies of the token"),
         Primitive(last_same_token, "duplicate", phrase="the last earlier copy of the token"),

@@ -70,6 +70,14 @@ def test_generate_covers_singles_sinks_pairs_and_triples(programs):
     families = {p.family for p in programs}
     assert sizes == {1, 2, 3}
     assert {"previous", "first", "induction", "duplicate", "sink+previous"} <= families
+    assert {"sink+recency", "sink+recency+the", "sink+previous+recency"} <= families
+
+
+def test_multi_argument_sources_survive_sorted_json(programs):
+    program = next(p for p in programs if p.provenance["spec"]["terms"][0]["prim"] == "sink_recency")
+    restored = Program.from_dict(json.loads(json.dumps(program.to_dict(), sort_keys=True)))
+    assert is_generated(restored)
+    assert "sink_recency(s, sink=" in program.source
 
 
 def test_generate_is_deterministic_and_simplest_first(programs):

@@ -38,6 +38,9 @@ CASES = [
     ("window", {"width": 2}, 5, {4, 5}),
     ("punctuation", {}, 2, set()),
     ("punctuation", {}, 9, {3, 7, 9}),
+    ("the_tokens", {}, 3, {0}),
+    ("the_tokens", {}, 5, {0, 4}),
+    ("sink_recency", {"sink": 4, "rate": 0.5}, 2, {0, 1, 2}),
     ("last_punctuation", {}, 2, set()),
     ("last_punctuation", {}, 8, {7}),
     ("sentence_start", {}, 3, {0}),
@@ -84,6 +87,13 @@ def test_primitive_row_targets(prim, args, row, expected):
 def test_recency_halves_per_step_back():
     matrix = dsl.recency(make_sentence(), rate=0.5)
     np.testing.assert_allclose(matrix[2, :3], [0.25, 0.5, 1.0])
+
+
+def test_sink_recency_adds_the_sink_to_decaying_scores():
+    matrix = dsl.sink_recency(make_sentence(), sink=4, rate=0.5)
+    np.testing.assert_allclose(matrix[2, :3], [4.25, 0.5, 1.0])
+    flat = dsl.rows(dsl.sink_recency(make_sentence(), sink=3, rate=1.0))
+    np.testing.assert_allclose(flat[9, :2], [4 / 13, 1 / 13])  # token 0: its own 1 plus the sink
 
 
 @pytest.mark.parametrize("prim", ["pos_tag", "last_pos_tag", "same_pos"])
