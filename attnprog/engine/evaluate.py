@@ -425,10 +425,11 @@ def _outputs_for(table, needed, outputs, sentences, n_texts: int, progress: bool
         if _n_texts(outputs) != n_texts:
             raise StoreError(f"program outputs cover {_n_texts(outputs)} texts, expected "
                              f"{n_texts}: evaluate them on the same texts")
-        if outputs.values.shape[0] != len(table.programs):
-            raise StoreError(f"program outputs hold {outputs.values.shape[0]} programs, the IoU "
+        if outputs.n_programs != len(table.programs):
+            raise StoreError(f"program outputs hold {outputs.n_programs} programs, the IoU "
                              f"table {len(table.programs)}: evaluate the table's programs")
-        return outputs, {p: p for p in range(len(table.programs))}
+        # only the rows the sweep uses, so streamed outputs compute just those
+        return outputs.select(needed), {p: row for row, p in enumerate(needed)}
     if not needed:
         return None, {}
     evaluated = _evaluate([table.programs[p] for p in needed], sentences(), progress)

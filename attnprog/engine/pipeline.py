@@ -18,7 +18,6 @@ from attnprog.engine.corpus import load_corpus
 from attnprog.engine.extract import extract_or_load
 from attnprog.engine.models import load_model
 from attnprog.engine.store import AttentionStore
-from attnprog.synth.outputs import ProgramOutputs
 from attnprog.synth.program import Program, load_pool, save_pool
 
 
@@ -74,17 +73,18 @@ def ranking_subset(store: AttentionStore, split: str, heldout: str | None) -> At
     return store.subset(texts) if len(texts) < store.n_texts else store
 
 
-def evaluate_pool(store: AttentionStore, programs: list[Program], progress: bool = True) -> ProgramOutputs:
-    """Outputs of ``programs`` on the store's texts (sandboxed, cached by corpus and tokenizer)."""
+def evaluate_pool(store: AttentionStore, programs: list[Program], progress: bool = True):
+    """Outputs of ``programs`` on the store's texts, streamed: sandboxed programs run now (and
+    are cached by corpus and tokenizer), generator programs when ranking reads their rows."""
     from attnprog.synth.evaluate import evaluate_programs
 
     return evaluate_programs(
         programs, store.sentences(), corpus_hash=store.meta.get("corpus_hash"),
-        tokenizer_id=store.meta.get("tokenizer_id", ""), progress=progress,
+        tokenizer_id=store.meta.get("tokenizer_id", ""), progress=progress, stream=True,
     )
 
 
-def rank_table(store: AttentionStore, outputs: ProgramOutputs, split: str = "selection",
+def rank_table(store: AttentionStore, outputs, split: str = "selection",
                heldout: str | None = "heldout", **rank_kwargs):
     """Rank on ``split``; measure each best fit on ``heldout`` when the store has that split."""
     from attnprog.engine.rank import rank, rank_with_heldout

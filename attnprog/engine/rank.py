@@ -171,9 +171,6 @@ def _check_outputs(store: AttentionStore, outputs: ProgramOutputs) -> None:
             f"cells but the store has {store.n_texts} / {store.n_cells}: evaluate the programs "
             "on this store's texts"
         )
-    if outputs.values.shape != (outputs.n_programs, store.n_cells):
-        raise StoreError(f"program outputs have shape {outputs.values.shape}, expected "
-                         f"({outputs.n_programs}, {store.n_cells})")
     if outputs.failed.shape != (outputs.n_programs, store.n_texts):
         raise StoreError(f"failure mask has shape {outputs.failed.shape}, expected "
                          f"({outputs.n_programs}, {store.n_texts})")
@@ -211,7 +208,8 @@ def rank(
 ) -> IoUTable:
     """Mean soft IoU of every program against every head over the texts of ``split``.
 
-    ``outputs`` must be evaluated on the store's texts (same packed offsets). Programs stream
+    ``outputs`` (ProgramOutputs, or StreamedOutputs whose rows are computed as they are read)
+    must be evaluated on the store's texts (same packed offsets). Programs stream
     to the attention's device ``chunk_programs`` at a time (default: what fits
     ``memory_budget`` bytes). ``impl`` picks the sum-min path ("auto": Triton on CUDA, numba
     on CPU). ``split=None`` or "all" ranks on every text.
@@ -249,7 +247,8 @@ def rank(
         starts = tqdm(starts, desc="ranking", unit="chunk")
     for p0 in starts:
         p1 = min(n_programs, p0 + chunk_programs)
-        values = outputs.values[p0:p1] if cells is None else outputs.values[p0:p1][:, cells]
+        values = outputs.rows(p0, p1)  # streamed outputs compute these rows only now
+        values = values if cells is None else values[:, cells]
         chunk = torch.as_tensor(np.asarray(values, dtype=np.float32)).to(device)  # [Pc, C_split]
         failed = torch.from_numpy(failed_all[p0:p1]).to(device)  # [Pc, S]
         # A non-finite value fails the program on that text; the kernel needs finite, >= 0.
@@ -285,15 +284,7 @@ def rank(
 
 def subset_outputs(outputs: ProgramOutputs, indices) -> ProgramOutputs:
     """The outputs of the programs at ``indices`` only (rows copied)."""
-    indices = np.asarray(list(indices), dtype=np.int64)
-    return ProgramOutputs(
-        programs=[outputs.programs[i] for i in indices],
-        values=outputs.values[indices],
-        failed=np.asarray(outputs.failed)[indices],
-        offsets=outputs.offsets,
-        reasons=[outputs.reasons[i] for i in indices] if outputs.reasons else [],
-        corpus_hash=outputs.corpus_hash,
-    )
+    return outputs.select(indices)
 
 
 def rank_with_heldout(

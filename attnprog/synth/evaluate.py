@@ -9,7 +9,6 @@ workers stay up between calls (the engine evaluates batch after batch) and stop 
 from __future__ import annotations
 
 import atexit
-import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,12 +34,15 @@ def evaluate_programs(
     progress: bool = True,
     memory_mb: float = 1024,
     use_cache: bool = True,
-) -> ProgramOutputs:
+    stream: bool = False,
+) -> ProgramOutputs | StreamedOutputs:
     """Normalised outputs of every program on every text, packed like the AttentionStore.
 
     ``values`` is 0 and ``failed`` True where a program failed on a text; ``reasons``
     holds each program's first failure. ``corpus_hash`` defaults to a hash of the texts
-    and token ids; ``tokenizer_id`` names the tokenizer in cache keys.
+    and token ids; ``tokenizer_id`` names the tokenizer in cache keys. With ``stream=True``
+    generator outputs are computed only when their rows are read (:class:`StreamedOutputs`),
+    so a pool of any size fits in memory.
     """
     programs, sentences = list(programs), list(sentences)
     if not sentences:
@@ -51,55 +53,86 @@ def evaluate_programs(
     if all(s.has_syntax for s in sentences):
         tokenizer_id += "+syntax"  # outputs with and without POS tags are cached apart
     offsets = causal_offsets([s.n for s in sentences])
-    outputs = ProgramOutputs(
-        programs=programs,
-        values=np.zeros((len(programs), int(offsets[-1])), dtype=np.float32),
-        failed=np.zeros((len(programs), len(sentences)), dtype=bool),
-        offsets=offsets,
-        reasons=[""] * len(programs),
-        corpus_hash=corpus,
-    )
+    unique = list({p.hash: p for p in programs}.values())  # identical programs run once
+    _, others = _split_generated(unique)
+
+    # sandboxed programs run now (or come from the cache); generator programs are recomputed
+    # from their specs when read, which is faster than reading gigabytes back from disk
     cache = OutputCache(cache_dir) if use_cache else None
-    rows_by_hash: dict[str, list[int]] = {}
-    for row, program in enumerate(programs):
-        rows_by_hash.setdefault(program.hash, []).append(row)  # identical programs run once
-    generated, others = _split_generated([programs[rows[0]] for rows in rows_by_hash.values()])
-    # generator outputs are recomputed (faster than reading gigabytes back); sandboxed ones are cached
-    todo = _fill_from_cache(outputs, {p.hash: rows_by_hash[p.hash] for p in others}, cache, corpus,
-                            tokenizer_id)
-    computed = _evaluate_in_sandbox([programs[rows[0]] for rows in todo], sentences, workers, timeout,
-                                    memory_mb, progress)
-    if cache is not None:
-        for program, values, failed, reason in computed:
+    sandboxed, todo = {}, []
+    n_cells = int(offsets[-1])
+    for program in others:
+        hit = cache.get(program.hash, corpus, tokenizer_id, n_cells, len(sentences)) if cache else None
+        if hit is None:
+            todo.append(program)
+        else:
+            sandboxed[program.hash] = (hit.values, hit.failed, hit.reason)
+    for program, values, failed, reason in _evaluate_in_sandbox(todo, sentences, workers, timeout,
+                                                                memory_mb, progress):
+        sandboxed[program.hash] = (values, failed, reason)
+        if cache is not None:
             cache.put(program.hash, corpus, tokenizer_id, values, failed, reason)
-    results = itertools.chain(computed, _evaluate_generated(generated, sentences))
-    for program, values, failed, reason in results:
-        for row in rows_by_hash[program.hash]:
-            outputs.values[row] = values
-            outputs.failed[row] = failed
-            outputs.reasons[row] = reason
-    return outputs
+
+    streamed = StreamedOutputs(programs, sentences, offsets, sandboxed, corpus)
+    return streamed if stream else streamed.select(range(len(programs)))
+
+
+class StreamedOutputs:
+    """Program outputs whose generator rows are computed when read, chunk by chunk.
+
+    Has the interface ranking uses: ``programs``, ``n_programs``, ``offsets``, ``failed [P, S]``,
+    ``reasons``, ``corpus_hash``, ``rows(start, stop)`` and ``select(indices)``.
+    """
+
+    def __init__(self, programs, sentences, offsets, sandboxed: dict, corpus_hash: str):
+        self.programs, self.sentences, self.offsets = programs, sentences, offsets
+        self.corpus_hash = corpus_hash
+        self._sandboxed = sandboxed  # program hash -> (values [C], failed [S], reason)
+        self.failed = np.zeros((len(programs), len(sentences)), dtype=bool)
+        self.reasons = [""] * len(programs)
+        for row, program in enumerate(programs):
+            if program.hash in sandboxed:
+                _, self.failed[row], self.reasons[row] = sandboxed[program.hash]
+
+    @property
+    def n_programs(self) -> int:
+        return len(self.programs)
+
+    def rows(self, start: int, stop: int, chunk: int = 1024) -> np.ndarray:
+        """Values of programs ``start:stop``: [stop - start, C] float32."""
+        return self._values(range(start, min(stop, self.n_programs)), chunk)
+
+    def select(self, indices) -> ProgramOutputs:
+        """Dense :class:`ProgramOutputs` of the programs at ``indices``."""
+        indices = [int(i) for i in indices]
+        return ProgramOutputs(
+            programs=[self.programs[i] for i in indices],
+            values=self._values(indices),
+            failed=self.failed[indices],
+            offsets=self.offsets,
+            reasons=[self.reasons[i] for i in indices],
+            corpus_hash=self.corpus_hash,
+        )
+
+    def _values(self, indices, chunk: int = 1024) -> np.ndarray:
+        values = np.empty((len(indices), int(self.offsets[-1])), dtype=np.float32)
+        generated = []  # (position in values, program)
+        for position, index in enumerate(indices):
+            program = self.programs[index]
+            if program.hash in self._sandboxed:
+                values[position] = self._sandboxed[program.hash][0]
+            else:
+                generated.append((position, program))
+        for start in range(0, len(generated), chunk):  # bounded copies of generator output
+            part = generated[start : start + chunk]
+            mixed = _generator_module().evaluate_generated([p for _, p in part], self.sentences)
+            values[[position for position, _ in part]] = mixed
+        return values
 
 
 def _needs_syntax(programs: list[Program], sentences: list[Sentence]) -> bool:
     missing = any(not s.has_syntax for s in sentences)
     return missing and any(".pos" in p.source or "dep_head" in p.source for p in programs)
-
-
-def _fill_from_cache(outputs, rows_by_hash, cache, corpus, tokenizer_id) -> list[list[int]]:
-    """Copy cached outputs in; return the row groups still to compute."""
-    todo = []
-    n_cells, n_texts = outputs.values.shape[1], outputs.failed.shape[1]
-    for program_hash, rows in rows_by_hash.items():
-        hit = cache.get(program_hash, corpus, tokenizer_id, n_cells, n_texts) if cache else None
-        if hit is None:
-            todo.append(rows)
-            continue
-        for row in rows:
-            outputs.values[row] = hit.values
-            outputs.failed[row] = hit.failed
-            outputs.reasons[row] = hit.reason
-    return todo
 
 
 def _split_generated(programs: list[Program]) -> tuple[list[Program], list[Program]]:
@@ -119,16 +152,6 @@ def _generator_module():
     except ImportError:
         return None
     return generator
-
-
-def _evaluate_generated(programs: list[Program], sentences: list[Sentence], chunk: int = 1024):
-    """Yield (program, values, failed, reason) chunk by chunk, so the copy stays small."""
-    no_failures = np.zeros(len(sentences), dtype=bool)
-    for start in range(0, len(programs), chunk):
-        part = programs[start : start + chunk]
-        values = np.asarray(_generator_module().evaluate_generated(part, sentences), dtype=np.float32)
-        for program, row in zip(part, values, strict=True):
-            yield program, row, no_failures, ""
 
 
 def _evaluate_in_sandbox(programs, sentences, workers, timeout, memory_mb, progress) -> list:

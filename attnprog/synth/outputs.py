@@ -37,6 +37,22 @@ class ProgramOutputs:
     def n_programs(self) -> int:
         return len(self.programs)
 
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Values of programs ``start:stop``: [stop - start, C] float32."""
+        return self.values[start:stop]
+
+    def select(self, indices) -> ProgramOutputs:
+        """The outputs of the programs at ``indices`` only (rows copied)."""
+        indices = np.asarray(list(indices), dtype=np.int64)
+        return ProgramOutputs(
+            programs=[self.programs[i] for i in indices],
+            values=self.values[indices],
+            failed=np.asarray(self.failed)[indices],
+            offsets=self.offsets,
+            reasons=[self.reasons[i] for i in indices],
+            corpus_hash=self.corpus_hash,
+        )
+
     def save(self, path: str | Path) -> None:
         from safetensors.numpy import save_file
 

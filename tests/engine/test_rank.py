@@ -240,3 +240,22 @@ def test_table_names_the_stores_model(outputs):
     store = make_store(PLANTED)
     store.meta["model_id"] = "tiny-gpt2@abc"
     assert rank(store, outputs).meta["model"] == "tiny-gpt2@abc"
+
+
+def test_ranking_streamed_outputs_equals_ranking_dense_outputs(tiny_gpt2):
+    from attnprog.engine.corpus import make_corpus
+    from attnprog.engine.extract import extract_attention
+    from attnprog.synth.evaluate import evaluate_programs
+    from attnprog.synth.generator import generate
+    from attnprog.synth.golden import golden_programs
+
+    model, tokenizer = tiny_gpt2
+    texts = make_corpus([f"Tom saw {i} cats, and the cats saw Tom." for i in range(12)])
+    store = extract_attention(model, tokenizer, texts, progress=False)
+    programs = golden_programs()[:4] + generate(n_min=60)
+    kwargs = dict(corpus_hash=store.meta["corpus_hash"], use_cache=False, progress=False)
+    dense = evaluate_programs(programs, store.sentences(), **kwargs)
+    streamed = evaluate_programs(programs, store.sentences(), stream=True, **kwargs)
+    by_dense = rank(store, dense, split=None, chunk_programs=7)
+    by_stream = rank(store, streamed, split=None, chunk_programs=7)
+    assert torch.equal(by_dense.iou, by_stream.iou)

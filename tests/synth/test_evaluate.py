@@ -104,3 +104,21 @@ def test_generator_programs_take_the_vectorised_path(tmp_path, sandbox_calls, mo
 def test_an_empty_corpus_says_what_to_do():
     with pytest.raises(CorpusError, match="no texts"):
         evaluate_programs([Program(FIRST)], [])
+
+
+def test_streamed_outputs_equal_dense_outputs_row_for_row():
+    from attnprog.synth.evaluate import evaluate_programs
+    from attnprog.synth.features import probe_sentences
+    from attnprog.synth.generator import generate
+    from attnprog.synth.golden import golden_programs
+
+    programs = golden_programs()[:3] + generate(n_min=40)
+    sentences = probe_sentences()
+    dense = evaluate_programs(programs, sentences, use_cache=False, progress=False)
+    streamed = evaluate_programs(programs, sentences, use_cache=False, progress=False, stream=True)
+    assert np.array_equal(streamed.rows(0, streamed.n_programs), dense.values)
+    assert np.array_equal(streamed.rows(2, 9), dense.values[2:9])
+    assert np.array_equal(streamed.failed, dense.failed)
+    picked = streamed.select([5, 0])
+    assert np.array_equal(picked.values, dense.values[[5, 0]])
+    assert [p.hash for p in picked.programs] == [programs[5].hash, programs[0].hash]
