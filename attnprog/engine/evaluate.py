@@ -69,7 +69,7 @@ def token_logprobs(
     result: list[np.ndarray] = [np.zeros(0)] * len(token_ids)
     with replace_heads(model, heads or {}, impl=impl) as replacement:
         for texts in tqdm(_batches_by_length(lengths, batch_size), desc=desc, unit="batch",
-                          disable=not progress, leave=False):
+                          disable=None if progress else True, leave=False):
             indices = texts if corpus_indices is None else [corpus_indices[s] for s in texts]
             batch = make_batch([token_ids[s] for s in texts], pad_id=pad_id, indices=indices,
                                device=device)
@@ -386,7 +386,7 @@ def perplexity_sweep(
     base_lp, base_acc = run(lambda _: {}, "unmodified")
     base = perplexity(base_lp)
     rows = []
-    for fraction in tqdm(fractions, desc="sweep", unit="fraction", disable=not progress):
+    for fraction in tqdm(fractions, desc="sweep", unit="fraction", disable=None if progress else True):
         count = counts[fraction]
         ppl, acc = {}, {}
         for condition in CONDITIONS:

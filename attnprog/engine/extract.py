@@ -64,7 +64,7 @@ def extract_attention(
     tril = {}  # n -> (rows, cols) of the causal cells, on the model's device
 
     batches = _batches(lengths, batch_size)
-    for batch in tqdm(batches, desc="extract", unit="batch", disable=not progress):
+    for batch in tqdm(batches, desc="extract", unit="batch", disable=None if progress else True):
         width = max(lengths[s] for s in batch)
         input_ids = torch.zeros(len(batch), width, dtype=torch.long)
         attention_mask = torch.zeros(len(batch), width, dtype=torch.long)

@@ -94,6 +94,21 @@ def rank_table(store: AttentionStore, outputs, split: str = "selection",
     return rank(store, outputs, split=split, **rank_kwargs)
 
 
+class _Ledger:
+    """``stages.json`` in the run directory: the inputs each finished stage was made from."""
+
+    def __init__(self, out: Path):
+        self.path = out / "stages.json"
+        self.keys = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def done(self, stage: str, key: str, *artefacts: Path) -> bool:
+        return self.keys.get(stage) == key and all(a.is_file() for a in artefacts)
+
+    def record(self, stage: str, key: str) -> None:
+        self.keys[stage] = key
+        self.path.write_text(json.dumps(self.keys, indent=2))
+
+
 def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
     """Run every stage for ``config`` and return a summary (also saved as ``summary.json``)."""
     from attnprog.engine.evaluate import fractions_up_to, load_qa, perplexity_sweep
@@ -103,6 +118,7 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
     summary: dict = {"config": asdict(config)}
+    ledger = _Ledger(out)
 
     with _stage(echo, "1/5 extract attention"):
         corpus = load_corpus(config.corpus, text_field=config.text_field)
@@ -121,13 +137,14 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
                             "model_id": store.meta["model_id"]}
 
     with _stage(echo, "2/5 program pool"):
-        pool_path = out / "pool.jsonl"
-        if pool_path.is_file():
+        pool_path, pool_key = out / "pool.jsonl", f"candidates={config.n_candidates}"
+        if ledger.done("pool", pool_key, pool_path):
             pool = load_pool(pool_path)
             echo(f"  reused {pool_path}: {len(pool)} programs")
         else:
             pool = build_pool(config.n_candidates)
             save_pool(pool, pool_path)
+            ledger.record("pool", pool_key)
             echo(f"  wrote {pool_path}: {len(pool)} programs (golden library + generator)")
         summary["programs"] = len(pool)
 
@@ -140,12 +157,14 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
 
     with _stage(echo, "4/5 rank programs against every head"):
         table_path = out / "iou_table.safetensors"
-        if table_path.is_file():
+        table_key = f"{store.meta['model_id']}|{store.meta['corpus_hash']}|{pool_key}"
+        if ledger.done("rank", table_key, table_path):
             table = IoUTable.load(table_path)
             echo(f"  reused {table_path}")
         else:
             table = rank_table(store, outputs)
             table.save(table_path)
+            ledger.record("rank", table_key)
         fits = sorted(table.best_fits(), key=lambda f: -f.reported_iou)
         heldout = torch.as_tensor(table.heldout_iou).float()
         echo(f"  best fit per head (chosen on selection, IoU on held-out): mean "
@@ -156,18 +175,26 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
         summary["best_fit_iou"] = {"mean": float(heldout.mean()), "median": float(heldout.median())}
 
     with _stage(echo, "5/5 replace heads: perplexity and QA"):
-        result = perplexity_sweep(
-            model, store, table, fractions=fractions_up_to(config.fraction), split="heldout",
-            outputs=outputs, qa_items=load_qa(None) if config.qa else None, tokenizer=tokenizer,
-            qa_source="built-in sample", batch_size=config.batch_size,
-        )
-        text = result.to_text()
-        (out / "sweep.txt").write_text(text + "\n")
+        sweep_key = f"{table_key}|fraction={config.fraction}|qa={config.qa}"
+        if ledger.done("sweep", sweep_key, out / "sweep.txt", out / "sweep.json"):
+            text = (out / "sweep.txt").read_text().rstrip()
+            summary["sweep"] = json.loads((out / "sweep.json").read_text())
+            echo(f"  reused {out / 'sweep.txt'}")
+        else:
+            result = perplexity_sweep(
+                model, store, table, fractions=fractions_up_to(config.fraction), split="heldout",
+                outputs=outputs, qa_items=load_qa(None) if config.qa else None, tokenizer=tokenizer,
+                qa_source="built-in sample", batch_size=config.batch_size,
+            )
+            text = result.to_text()
+            summary["sweep"] = {f"{row.fraction:g}": {c: result.increase(row, c) for c in row.perplexity}
+                                for row in result.rows}
+            (out / "sweep.txt").write_text(text + "\n")
+            (out / "sweep.json").write_text(json.dumps(summary["sweep"], indent=2))
+            ledger.record("sweep", sweep_key)
         echo(text)
-        summary["sweep"] = {f"{row.fraction:g}": {c: result.increase(row, c) for c in row.perplexity}
-                            for row in result.rows}
 
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     echo(f"run directory: {out} (config.json, attention.safetensors, pool.jsonl, "
-         "iou_table.safetensors, sweep.txt, summary.json)")
+         "iou_table.safetensors, sweep.txt, sweep.json, stages.json, summary.json)")
     return summary

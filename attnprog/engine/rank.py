@@ -244,7 +244,7 @@ def rank(
     if progress:
         from tqdm import tqdm
 
-        starts = tqdm(starts, desc="ranking", unit="chunk")
+        starts = tqdm(starts, desc="ranking", unit="chunk", disable=None)  # None: only on a terminal
     for p0 in starts:
         p1 = min(n_programs, p0 + chunk_programs)
         values = outputs.rows(p0, p1)  # streamed outputs compute these rows only now

@@ -54,7 +54,22 @@ def test_run_prints_every_stage_and_the_sweep_with_both_baselines_then_resumes(t
 
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr
-    assert "reused" in second.stdout and "reused" in second.stdout.split("[2/5")[1]
+    for stage in ("[1/5", "[2/5", "[4/5", "[5/5"):  # every stage with an artefact is read back
+        assert "reused" in second.stdout.split(stage)[1].split("done in")[0]
+    sweep_table = first.stdout.split("Head replacement")[1].split("done in")[0]
+    assert sweep_table in second.stdout  # the same table, printed again
+
+
+@pytest.mark.slow
+def test_run_with_other_settings_redoes_the_stages_they_change(tmp_path):
+    args = ("run", "--out", str(tmp_path / "run"), "--limit", "24", "--max-tokens", "32",
+            "--fraction", "0.05", "--no-qa")
+    assert run_cli(*args, "--candidates", "100").returncode == 0
+    changed = run_cli(*args, "--candidates", "200")
+    assert changed.returncode == 0, changed.stderr
+    assert "reused" in changed.stdout.split("[1/5")[1].split("[2/5")[0]
+    for stage in ("[2/5", "[4/5", "[5/5"):
+        assert "reused" not in changed.stdout.split(stage)[1].split("done in")[0]
 
 
 def _two_program_table(path):
