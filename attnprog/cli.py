@@ -295,6 +295,9 @@ def _dtype(name: str):
 
 def main() -> None:
     """Console entry point: a user error prints one line, no traceback, and exits 2."""
+    import warnings
+
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         app()
     except AttnProgError as err:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from attnprog.engine.corpus import load_corpus
 from attnprog.engine.extract import extract_or_load
 from attnprog.engine.models import load_model
 from attnprog.engine.store import AttentionStore
+from attnprog.errors import CorpusError
 from attnprog.synth.program import Program, load_pool, save_pool
 
 
@@ -39,20 +41,13 @@ class RunConfig:
     top: int = 12  # best fits printed
 
 
+@contextmanager
 def _stage(echo: Callable[[str], None], name: str):
-    """Context manager printing a stage's name and its wall time."""
-
-    class _Timer:
-        def __enter__(self):
-            self.start = time.perf_counter()
-            echo(f"[{name}]")
-            return self
-
-        def __exit__(self, *exc):
-            if exc[0] is None:
-                echo(f"  done in {time.perf_counter() - self.start:.1f} s")
-
-    return _Timer()
+    """Print a stage's name, then its wall time when it finishes."""
+    start = time.perf_counter()
+    echo(f"[{name}]")
+    yield
+    echo(f"  done in {time.perf_counter() - start:.1f} s")
 
 
 def build_pool(n_candidates: int, golden: bool = True) -> list[Program]:
@@ -60,10 +55,10 @@ def build_pool(n_candidates: int, golden: bool = True) -> list[Program]:
     from attnprog.synth.generator import generate
     from attnprog.synth.golden import golden_programs
 
-    golden = golden_programs() if golden else []
+    library = golden_programs() if golden else []
     generated = generate(n_min=n_candidates) if n_candidates > 0 else []
-    seen = {p.hash for p in golden}
-    return golden + [p for p in generated if p.hash not in seen]
+    seen = {p.hash for p in library}
+    return library + [p for p in generated if p.hash not in seen]
 
 
 def ranking_subset(store: AttentionStore, split: str, heldout: str | None) -> AttentionStore:
@@ -133,6 +128,10 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
              f"({store.n_layers} layers x {store.n_heads}) on {store.n_texts} texts, "
              f"{store.n_cells} causal cells; splits: "
              + ", ".join(f"{s} {store.splits.count(s)}" for s in sorted(set(store.splits))))
+        missing = {"selection", "heldout"} - set(store.splits)
+        if missing:
+            raise CorpusError(f"the run needs texts in the selection and heldout splits; "
+                              f"{store.n_texts} texts left none in {sorted(missing)}: use more texts")
         summary["store"] = {"heads": store.n_rows, "texts": store.n_texts, "cells": store.n_cells,
                             "model_id": store.meta["model_id"]}
 
