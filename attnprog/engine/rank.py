@@ -219,7 +219,7 @@ def rank(
     if not texts:
         raise StoreError(f"split {split!r} holds no texts")
     device = store.attn_packed.device
-    impl = resolve_impl(impl, device)
+    requested, impl = impl, resolve_impl(impl, device)
     cells, offsets_np = _split_cells(store, texts)
     offsets = torch.from_numpy(np.asarray(offsets_np, dtype=np.int64))
     n_texts, n_rows = len(texts), store.n_rows
@@ -262,7 +262,8 @@ def rank(
         if impl == "numba":
             m = sum_min_numba(chunk, attention, offsets, attention_cell_major=attention_t)
         else:
-            m = sum_min(chunk, attention, offsets, impl=impl)  # [Pc, L*H, S]
+            # "auto" lets sum_min fall back to torch if the Triton kernel fails on this GPU
+            m = sum_min(chunk, attention, offsets, impl=requested if requested == "auto" else impl)
         iou = iou_from_sums(m.to(device), text_sums(chunk, offsets), attn_sums)
         iou.masked_fill_(failed[:, None, :], 0.0)
         iou_mean[p0:p1] = iou.mean(dim=2).cpu()

@@ -403,8 +403,13 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl != "auto":
         return impl
     if torch.device(device).type == "cuda" and triton is not None:
-        return "triton"
+        return "torch" if _triton_failure else "triton"
     return "numba" if numba is not None else "torch"
+
+
+# Set when the Triton kernel, chosen by "auto", failed to compile or launch on this GPU: later
+# "auto" calls take the torch path instead of failing the user's run (forced "triton" still raises).
+_triton_failure: str | None = None
 
 
 def sum_min(
@@ -415,12 +420,31 @@ def sum_min(
     programs [P, C], attention [H, C]: fp16/bf16/fp32, finite, non-negative, same device.
     impl: "auto" (Triton on CUDA, numba on CPU), or force "triton", "numba" or "torch".
     """
-    impl = resolve_impl(impl, programs.device)
+    chosen = resolve_impl(impl, programs.device)
+    if chosen == "triton" and impl == "auto":
+        try:
+            return sum_min_triton(programs, attention, offsets)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any compile/launch failure falls back, loudly
+            _fall_back(err)
+            return sum_min_torch(programs, attention, offsets)
+    impl = chosen
     if impl == "triton":
         return sum_min_triton(programs, attention, offsets)
     if impl == "numba":
         return sum_min_numba(programs, attention, offsets).to(programs.device)
     return sum_min_torch(programs, attention, offsets)
+
+
+def _fall_back(err: Exception) -> None:
+    global _triton_failure
+    import warnings
+
+    _triton_failure = f"{type(err).__name__}: {err}"
+    warnings.warn(f"the Triton sum-min kernel failed on this GPU ({_triton_failure}); using the "
+                  "torch path from now on. Please report this with your GPU and Triton version.",
+                  RuntimeWarning, stacklevel=3)
 
 
 def text_sums(values: torch.Tensor, offsets) -> torch.Tensor:

@@ -379,7 +379,22 @@ def _interpreted() -> bool:
 
 
 def _triton_usable(q: torch.Tensor) -> bool:
-    return triton is not None and q.is_cuda
+    return triton is not None and q.is_cuda and _triton_failure is None
+
+
+# Set when the Triton kernel, chosen by "auto", failed to compile or launch on this GPU: later
+# "auto" calls take the torch path instead of failing the user's run (forced "triton" still raises).
+_triton_failure: str | None = None
+
+
+def _fall_back(err: Exception) -> None:
+    global _triton_failure
+    import warnings
+
+    _triton_failure = f"{type(err).__name__}: {err}"
+    warnings.warn(f"the Triton override kernel failed on this GPU ({_triton_failure}); using the "
+                  "torch path from now on. Please report this with your GPU and Triton version.",
+                  RuntimeWarning, stacklevel=3)
 
 
 def override_attention(
@@ -400,8 +415,17 @@ def override_attention(
     ``impl``: "auto" (Triton on CUDA, else torch), "triton", "torch" or "reference".
     Returns [B, H, n_q, D].
     """
+    if impl == "auto" and _triton_usable(q):
+        try:
+            return override_attention_triton(
+                q, k, v, flags, program_probs, key_valid=key_valid, scale=scale
+            )
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any compile/launch failure falls back, loudly
+            _fall_back(err)
     if impl == "auto":
-        impl = "triton" if _triton_usable(q) else "torch"
+        impl = "torch"
     if impl == "triton":
         return override_attention_triton(
             q, k, v, flags, program_probs, key_valid=key_valid, scale=scale

@@ -171,3 +171,22 @@ def test_gpu_kernel_matches_reference_at_context_length(dtype):
     ref = sum_min_torch(programs.double(), attention.double(), offsets)
     tol = 1e-5 if dtype == torch.float32 else 1e-3
     torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
+def test_auto_falls_back_to_torch_with_a_warning_when_the_triton_kernel_fails(monkeypatch):
+    import attnprog.kernels.iou as iou_module
+
+    def broken_kernel(*args, **kwargs):
+        raise RuntimeError("PTX too new for this driver")
+
+    monkeypatch.setattr(iou_module, "_triton_failure", None)
+    monkeypatch.setattr(iou_module, "resolve_impl", lambda impl, device: "triton")
+    monkeypatch.setattr(iou_module, "sum_min_triton", broken_kernel)
+    programs, attention = torch.rand(3, 10), torch.rand(2, 10)
+    offsets = torch.tensor([0, 1, 10])
+    with pytest.warns(RuntimeWarning, match="PTX too new"):
+        m = iou_module.sum_min(programs, attention, offsets, impl="auto")
+    assert torch.allclose(m, iou_module.sum_min_torch(programs, attention, offsets))
+    assert iou_module._triton_failure is not None
+    with pytest.raises(RuntimeError):  # forcing the kernel still reports its failure
+        iou_module.sum_min(programs, attention, offsets, impl="triton")

@@ -112,3 +112,18 @@ def test_triton_on_gpu_matches_reference(dtype):
     expected = override_attention_reference(*args, key_valid=key_valid)
     got = override_attention(*args, key_valid=key_valid)  # auto: Triton on CUDA
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_auto_falls_back_to_torch_with_a_warning_when_the_triton_kernel_fails(monkeypatch):
+    import attnprog.kernels.override as override_module
+
+    def broken_kernel(*args, **kwargs):
+        raise RuntimeError("out of shared memory")
+
+    monkeypatch.setattr(override_module, "_triton_failure", None)
+    monkeypatch.setattr(override_module, "_triton_usable", lambda q: True)
+    monkeypatch.setattr(override_module, "override_attention_triton", broken_kernel)
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    with pytest.warns(RuntimeWarning, match="out of shared memory"):
+        out = override_module.override_attention(q, k, v, impl="auto")
+    assert torch.allclose(out, override_module.override_attention_torch(q, k, v, None, None))
