@@ -52,6 +52,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from attnprog.kernels.fallback import TritonFallback
+
 try:  # numba is the CPU path; without it CPU tensors use the torch reference
     import numba
 except ImportError:  # pragma: no cover - exercised only where numba is absent
@@ -403,13 +405,12 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl != "auto":
         return impl
     if torch.device(device).type == "cuda" and triton is not None:
-        return "torch" if _triton_failure else "triton"
+        return "torch" if TRITON_FALLBACK.failed else "triton"
     return "numba" if numba is not None else "torch"
 
 
-# Set when the Triton kernel, chosen by "auto", failed to compile or launch on this GPU: later
-# "auto" calls take the torch path instead of failing the user's run (forced "triton" still raises).
-_triton_failure: str | None = None
+# after the Triton kernel, chosen by "auto", fails on this GPU, "auto" takes the torch path
+TRITON_FALLBACK = TritonFallback("sum-min")
 
 
 def sum_min(
@@ -427,7 +428,7 @@ def sum_min(
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as err:  # noqa: BLE001 - any compile/launch failure falls back, loudly
-            _fall_back(err)
+            TRITON_FALLBACK.record(err)
             return sum_min_torch(programs, attention, offsets)
     impl = chosen
     if impl == "triton":
@@ -435,16 +436,6 @@ def sum_min(
     if impl == "numba":
         return sum_min_numba(programs, attention, offsets).to(programs.device)
     return sum_min_torch(programs, attention, offsets)
-
-
-def _fall_back(err: Exception) -> None:
-    global _triton_failure
-    import warnings
-
-    _triton_failure = f"{type(err).__name__}: {err}"
-    warnings.warn(f"the Triton sum-min kernel failed on this GPU ({_triton_failure}); using the "
-                  "torch path from now on. Please report this with your GPU and Triton version.",
-                  RuntimeWarning, stacklevel=3)
 
 
 def text_sums(values: torch.Tensor, offsets) -> torch.Tensor:

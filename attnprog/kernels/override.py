@@ -41,6 +41,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from attnprog.kernels.fallback import TritonFallback
+
 try:  # Triton is optional: CPU-only installs use the torch path
     import triton
     import triton.language as tl
@@ -379,22 +381,11 @@ def _interpreted() -> bool:
 
 
 def _triton_usable(q: torch.Tensor) -> bool:
-    return triton is not None and q.is_cuda and _triton_failure is None
+    return triton is not None and q.is_cuda and not TRITON_FALLBACK.failed
 
 
-# Set when the Triton kernel, chosen by "auto", failed to compile or launch on this GPU: later
-# "auto" calls take the torch path instead of failing the user's run (forced "triton" still raises).
-_triton_failure: str | None = None
-
-
-def _fall_back(err: Exception) -> None:
-    global _triton_failure
-    import warnings
-
-    _triton_failure = f"{type(err).__name__}: {err}"
-    warnings.warn(f"the Triton override kernel failed on this GPU ({_triton_failure}); using the "
-                  "torch path from now on. Please report this with your GPU and Triton version.",
-                  RuntimeWarning, stacklevel=3)
+# after the Triton kernel, chosen by "auto", fails on this GPU, "auto" takes the torch path
+TRITON_FALLBACK = TritonFallback("override")
 
 
 def override_attention(
@@ -423,7 +414,7 @@ def override_attention(
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as err:  # noqa: BLE001 - any compile/launch failure falls back, loudly
-            _fall_back(err)
+            TRITON_FALLBACK.record(err)
     if impl == "auto":
         impl = "torch"
     if impl == "triton":

@@ -179,7 +179,7 @@ def test_auto_falls_back_to_torch_with_a_warning_when_the_triton_kernel_fails(mo
     def broken_kernel(*args, **kwargs):
         raise RuntimeError("PTX too new for this driver")
 
-    monkeypatch.setattr(iou_module, "_triton_failure", None)
+    monkeypatch.setattr(iou_module.TRITON_FALLBACK, "failure", None)
     monkeypatch.setattr(iou_module, "resolve_impl", lambda impl, device: "triton")
     monkeypatch.setattr(iou_module, "sum_min_triton", broken_kernel)
     programs, attention = torch.rand(3, 10), torch.rand(2, 10)
@@ -187,6 +187,6 @@ def test_auto_falls_back_to_torch_with_a_warning_when_the_triton_kernel_fails(mo
     with pytest.warns(RuntimeWarning, match="PTX too new"):
         m = iou_module.sum_min(programs, attention, offsets, impl="auto")
     assert torch.allclose(m, iou_module.sum_min_torch(programs, attention, offsets))
-    assert iou_module._triton_failure is not None
+    assert iou_module.TRITON_FALLBACK.failed
     with pytest.raises(RuntimeError):  # forcing the kernel still reports its failure
         iou_module.sum_min(programs, attention, offsets, impl="triton")

@@ -120,7 +120,7 @@ def test_auto_falls_back_to_torch_with_a_warning_when_the_triton_kernel_fails(mo
     def broken_kernel(*args, **kwargs):
         raise RuntimeError("out of shared memory")
 
-    monkeypatch.setattr(override_module, "_triton_failure", None)
+    monkeypatch.setattr(override_module.TRITON_FALLBACK, "failure", None)
     monkeypatch.setattr(override_module, "_triton_usable", lambda q: True)
     monkeypatch.setattr(override_module, "override_attention_triton", broken_kernel)
     q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
