@@ -80,7 +80,7 @@ def replace(
     seed: int = typer.Option(0, help="seed of the random-program baseline"),
 ) -> None:
     """Replace heads by their best-fit programs and print the perplexity and QA sweep table."""
-    from attnprog.engine.evaluate import fractions_up_to, load_qa, perplexity_sweep
+    from attnprog.engine.sweep import fractions_up_to, load_qa, perplexity_sweep
     from attnprog.engine.models import load_model
     from attnprog.engine.rank import IoUTable
     from attnprog.engine.store import AttentionStore
@@ -215,7 +215,7 @@ def rank_command(
 
     from attnprog.engine.pipeline import evaluate_pool, rank_table, ranking_subset
     from attnprog.engine.store import AttentionStore
-    from attnprog.synth.outputs import ProgramOutputs
+    from attnprog.synth.runtime.outputs import ProgramOutputs
     from attnprog.synth.program import load_pool
 
     if (pool is None) == (outputs is None):

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attnprog.synth.execute import run_trusted
+from attnprog.synth.runtime.execute import run_trusted
 from attnprog.synth.features import Sentence
-from attnprog.synth.sandbox import Sandbox
+from attnprog.synth.runtime.sandbox import Sandbox
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llm_style_programs import llm_style_programs  # noqa: E402

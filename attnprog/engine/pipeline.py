@@ -52,8 +52,8 @@ def _stage(echo: Callable[[str], None], name: str):
 
 def build_pool(n_candidates: int, golden: bool = True) -> list[Program]:
     """The golden library (when asked) plus ``n_candidates`` distinct generator programs."""
-    from attnprog.synth.generator import generate
-    from attnprog.synth.golden import golden_programs
+    from attnprog.synth.generator.specs import generate
+    from attnprog.synth.generator.golden import golden_programs
 
     library = golden_programs() if golden else []
     generated = generate(n_min=n_candidates) if n_candidates > 0 else []
@@ -71,7 +71,7 @@ def ranking_subset(store: AttentionStore, split: str, heldout: str | None) -> At
 def evaluate_pool(store: AttentionStore, programs: list[Program], progress: bool = True):
     """Outputs of ``programs`` on the store's texts, streamed: sandboxed programs run now (and
     are cached by corpus and tokenizer), generator programs when ranking reads their rows."""
-    from attnprog.synth.evaluate import evaluate_programs
+    from attnprog.synth.runtime.evaluate import evaluate_programs
 
     return evaluate_programs(
         programs, store.sentences(), corpus_hash=store.meta.get("corpus_hash"),
@@ -106,7 +106,7 @@ class _Ledger:
 
 def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
     """Run every stage for ``config`` and return a summary (also saved as ``summary.json``)."""
-    from attnprog.engine.evaluate import fractions_up_to, load_qa, perplexity_sweep
+    from attnprog.engine.sweep import fractions_up_to, load_qa, perplexity_sweep
     from attnprog.engine.rank import IoUTable
 
     out = Path(config.out)

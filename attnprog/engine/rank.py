@@ -26,7 +26,7 @@ from attnprog.kernels.iou import (
     text_sums,
 )
 from attnprog.layout import causal_offsets
-from attnprog.synth.outputs import ProgramOutputs
+from attnprog.synth.runtime.outputs import ProgramOutputs
 from attnprog.synth.program import Program
 
 FORMAT_VERSION = "1"

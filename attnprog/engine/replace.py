@@ -6,7 +6,7 @@ attention implementation (registered with transformers' ``AttentionInterface`` a
 and hands them to ``kernels.override``, which uses Π instead of softmax(QKᵀ) *before* the
 values are mixed, per head. On exit the model's previous implementation is restored.
 
-A source is a ``Program`` (run through ``synth.evaluate``), ``"uniform"`` (the uniform causal
+A source is a ``Program`` (run through ``synth.runtime.evaluate``), ``"uniform"`` (the uniform causal
 matrix), ``OutputsRow(outputs, row)`` (precomputed program outputs on a corpus; batches then
 carry corpus indices), or a tensor [B, n, n] (fixed matrices, for tests).
 """
@@ -166,7 +166,7 @@ def make_batch(
 class OutputsRow:
     """Row ``row`` of precomputed ``ProgramOutputs``; batches must carry ``indices``."""
 
-    outputs: object  # attnprog.synth.outputs.ProgramOutputs
+    outputs: object  # attnprog.synth.runtime.outputs.ProgramOutputs
     row: int
 
 
@@ -327,7 +327,7 @@ class HeadReplacement:
         return matrices
 
     def _program_matrices(self, keys, batch: Batch) -> dict:
-        from attnprog.synth.evaluate import evaluate_programs
+        from attnprog.synth.runtime.evaluate import evaluate_programs
 
         if batch.sentences is None:
             raise ModelError("Program sources need the batch's sentences: use forward_texts()")

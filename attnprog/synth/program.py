@@ -311,7 +311,7 @@ def validate_many(programs: Sequence[Program], probes=None, sandbox=None) -> lis
     """:func:`validate` for many programs with one sandbox run."""
     from attnprog.layout import unpack
     from attnprog.synth.features import probe_sentences
-    from attnprog.synth.sandbox import Sandbox
+    from attnprog.synth.runtime.sandbox import Sandbox
 
     probes = list(probes) if probes is not None else probe_sentences()
     results: list[ValidationResult | None] = [None] * len(programs)
@@ -332,7 +332,7 @@ def validate_many(programs: Sequence[Program], probes=None, sandbox=None) -> lis
 def _run_probes(programs, probes, sandbox, sandbox_class):
     if sandbox is not None:
         return sandbox.run(programs, probes, progress=False)
-    from attnprog.synth.sandbox import uses_spacy
+    from attnprog.synth.runtime.sandbox import uses_spacy
 
     workers = 1 if len(programs) < 8 else None
     with sandbox_class(workers, progress=False, spacy=uses_spacy(programs)) as box:

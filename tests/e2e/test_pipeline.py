@@ -76,7 +76,7 @@ def _two_program_table(path):
     import torch
 
     from attnprog.engine.rank import IoUTable
-    from attnprog.synth.golden import golden_programs
+    from attnprog.synth.generator.golden import golden_programs
 
     programs = golden_programs()[:2]
     iou = torch.tensor([[0.2, 0.9, 0.1, 0.3], [0.8, 0.1, 0.2, 0.4]])  # [P, L*H] with 2 x 2 heads

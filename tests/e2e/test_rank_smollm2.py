@@ -17,7 +17,7 @@ def run_cli(*args):
 
 @pytest.mark.slow
 def test_rank_names_first_token_and_previous_token_heads(tmp_path):
-    from attnprog.synth.golden import golden_programs
+    from attnprog.synth.generator.golden import golden_programs
     from attnprog.synth.program import save_pool
 
     store, pool, table = (tmp_path / name for name in ("s.safetensors", "golden.jsonl", "t.safetensors"))

@@ -182,7 +182,7 @@ def test_replacement_gate_smollm2(smollm2):
 
 
 def test_program_source_runs_through_the_sandbox_on_the_batch_texts(tiny_gpt2):
-    from attnprog.synth.golden import golden_programs
+    from attnprog.synth.generator.golden import golden_programs
 
     model, tokenizer = tiny_gpt2
     previous_token = golden_programs()[1]  # token i attends to i - 1 (token 0 to itself)
@@ -212,7 +212,7 @@ def test_fixed_matrices_of_the_caller_are_not_modified(tiny_gpt2):
 def test_precomputed_outputs_of_other_lengths_are_a_user_error(tiny_gpt2):
     from attnprog.engine.replace import OutputsRow
     from attnprog.layout import causal_offsets
-    from attnprog.synth.outputs import ProgramOutputs
+    from attnprog.synth.runtime.outputs import ProgramOutputs
 
     model, _ = tiny_gpt2
     lengths = [5, 3]  # the batch's texts have 13 and 9 tokens

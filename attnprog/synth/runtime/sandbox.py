@@ -1,6 +1,6 @@
 """The sandbox: untrusted programs run in worker processes, never in this one.
 
-Each worker is a fresh interpreter (``python -m attnprog.synth.sandbox_worker``, so the
+Each worker is a fresh interpreter (``python -m attnprog.synth.runtime.worker``, so the
 parent's torch and ``__main__`` are never inherited or re-imported) that limits its own
 memory and CPU time and refuses network, processes and file writes through an audit
 hook. A task is one program on a batch of texts: one pipe round trip per batch. The
@@ -38,10 +38,10 @@ import numpy as np
 
 from attnprog.errors import SandboxError
 from attnprog.layout import causal_offsets
-from attnprog.synth.execute import ProgramResult
+from attnprog.synth.runtime.execute import ProgramResult
 from attnprog.synth.features import Sentence
 from attnprog.synth.program import Program
-from attnprog.synth.sandbox_worker import DEFINING, IDLE, MAX_REASON_CHARS, PROGRESS, seconds
+from attnprog.synth.runtime.worker import DEFINING, IDLE, MAX_REASON_CHARS, PROGRESS, seconds
 
 __all__ = ["ProgramResult", "Sandbox", "run_in_sandbox", "uses_spacy"]
 
@@ -249,7 +249,7 @@ class Sandbox:
         self.calls = 0  # program-text calls sent to workers
         self.replaced = 0  # workers killed or lost and replaced
         safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # no cwd on the worker's path
-        self._command = [sys.executable, *safe_path, "-m", "attnprog.synth.sandbox_worker"]
+        self._command = [sys.executable, *safe_path, "-m", "attnprog.synth.runtime.worker"]
         self._settings = [str(memory_mb), str(cpu_seconds), "spacy" if spacy else "-"]
         self._env = _worker_env()
         self._workers: list[_Worker] = []
@@ -579,7 +579,7 @@ class _Run:
         if not worker.ready:
             raise SandboxError(
                 f"a sandbox worker failed to start: {worker.startup_error() or 'no output'}; "
-                f"check that `{sys.executable} -m attnprog.synth.sandbox_worker` imports attnprog"
+                f"check that `{sys.executable} -m attnprog.synth.runtime.worker` imports attnprog"
             )
         index, _ = worker.call_in_progress()
         running = worker.tasks.popleft() if worker.tasks else None

@@ -1,4 +1,4 @@
-"""engine.evaluate: perplexity sweep, QA scoring and QA file loading."""
+"""engine.sweep: perplexity sweep, QA scoring and QA file loading."""
 
 import json
 from dataclasses import dataclass
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnprog.engine.evaluate import (
+from attnprog.engine.sweep import (
     QAItem,
     fractions_up_to,
     load_qa,
@@ -21,7 +21,7 @@ from attnprog.engine.evaluate import (
 from attnprog.engine.store import AttentionStore, packed_offsets_tensor
 from attnprog.errors import CorpusError
 from attnprog.layout import causal_offsets, pack
-from attnprog.synth.outputs import ProgramOutputs
+from attnprog.synth.runtime.outputs import ProgramOutputs
 from attnprog.synth.program import Program, normalise
 
 

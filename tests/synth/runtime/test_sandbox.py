@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from attnprog.errors import SandboxError
-from attnprog.synth import sandbox
-from attnprog.synth.execute import run_trusted
+from attnprog.synth.runtime import sandbox
+from attnprog.synth.runtime.execute import run_trusted
 from attnprog.synth.features import Sentence, probe_sentences
 from attnprog.synth.program import Program
-from attnprog.synth.sandbox import Sandbox, run_in_sandbox
+from attnprog.synth.runtime.sandbox import Sandbox, run_in_sandbox
 
 TIMEOUT = 1.0
 WRITTEN_FILE = os.path.join(tempfile.gettempdir(), "attnprog-sandbox-test-written")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from attnprog.layout import causal_offsets, tril_index
-from attnprog.synth import primitives as dsl
+from attnprog.synth.generator import primitives as dsl
 
 AtomKey = tuple  # (prim name, args as JSON, fallback name or None)
 
@@ -70,7 +70,7 @@ def evaluate_specs(specs: Sequence[dict], sentences: Sequence) -> np.ndarray:
     out = np.empty((len(specs), int(offsets[-1])), dtype=np.float32)
     if not len(specs) or not len(sentences):
         return out
-    from attnprog.synth.mix_kernel import mix_rows  # numba: imported only when needed
+    from attnprog.synth.generator.mix_kernel import mix_rows  # numba: imported only when needed
 
     for s, sentence in enumerate(sentences):
         atoms = atom_matrices(sentence, keys)  # [K, c_s]

@@ -16,7 +16,7 @@ import numpy as np
 from attnprog.errors import ProgramError
 from attnprog.layout import causal_offsets
 from attnprog.synth.features import Sentence
-from attnprog.synth.paper_form import adapt_paper_form
+from attnprog.synth.runtime.paper_form import adapt_paper_form
 from attnprog.synth.program import Program, normalise_packed
 
 _MAX_REASON = 300

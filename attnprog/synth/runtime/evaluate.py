@@ -15,10 +15,10 @@ import numpy as np
 
 from attnprog.errors import CorpusError
 from attnprog.layout import causal_offsets
-from attnprog.synth.cache import OutputCache
-from attnprog.synth.cache import corpus_hash as hash_corpus
+from attnprog.synth.runtime.cache import OutputCache
+from attnprog.synth.runtime.cache import corpus_hash as hash_corpus
 from attnprog.synth.features import Sentence, attach_syntax
-from attnprog.synth.outputs import ProgramOutputs
+from attnprog.synth.runtime.outputs import ProgramOutputs
 from attnprog.synth.program import Program
 
 
@@ -148,7 +148,7 @@ def _split_generated(programs: list[Program]) -> tuple[list[Program], list[Progr
 def _generator_module():
     """The built-in generator module, or None where it is missing."""
     try:
-        from attnprog.synth import generator
+        from attnprog.synth.generator import specs as generator
     except ImportError:
         return None
     return generator
@@ -157,7 +157,7 @@ def _generator_module():
 def _evaluate_in_sandbox(programs, sentences, workers, timeout, memory_mb, progress) -> list:
     if not programs:
         return []
-    from attnprog.synth.sandbox import uses_spacy
+    from attnprog.synth.runtime.sandbox import uses_spacy
 
     box = shared_sandbox(workers, timeout, memory_mb, uses_spacy(programs))
     results = box.run(programs, sentences, progress=progress)
@@ -169,7 +169,7 @@ _shared: dict[tuple, object] = {}
 
 def shared_sandbox(workers: int | None, timeout: float, memory_mb: float, spacy: bool):
     """The process-wide sandbox for these settings (one pool at a time, stopped at exit)."""
-    from attnprog.synth.sandbox import Sandbox
+    from attnprog.synth.runtime.sandbox import Sandbox
 
     key = (workers, float(timeout), float(memory_mb), spacy)
     if key not in _shared:

@@ -1,7 +1,7 @@
 """The built-in offline generator: enumerate DSL mixtures, emit them as readable programs.
 
 A candidate is a *spec*, a JSON-able list of weighted terms, each one primitive call from
-:mod:`attnprog.synth.primitives` with an optional fallback for rows with no target::
+:mod:`attnprog.synth.generator.primitives` with an optional fallback for rows with no target::
 
     {"terms": [{"prim": "induction", "args": {}, "fallback": "self", "weight": 0.75},
                {"prim": "first_token", "args": {}, "fallback": None, "weight": 0.25}]}
@@ -24,9 +24,9 @@ from functools import lru_cache
 import numpy as np
 
 from attnprog.errors import ProgramError
-from attnprog.synth import primitives as dsl
-from attnprog.synth import probes
-from attnprog.synth.mixing import evaluate_specs
+from attnprog.synth.generator import primitives as dsl
+from attnprog.synth.generator import probes
+from attnprog.synth.generator.mixing import evaluate_specs
 from attnprog.synth.program import Program
 
 __all__ = [

@@ -289,7 +289,7 @@ def _best_fit(table) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _evaluate(programs, sentences, progress: bool):
-    from attnprog.synth.evaluate import evaluate_programs
+    from attnprog.synth.runtime.evaluate import evaluate_programs
 
     return evaluate_programs(programs, sentences, progress=progress)
 
@@ -314,7 +314,7 @@ def perplexity_sweep(
     """Replace 0..100 % of heads (best IoU first) by best programs and both baselines.
 
     ``outputs``: ProgramOutputs of ``table.programs`` on the split's texts or on all of the
-    store's texts (when None, only the programs needed run, through ``synth.evaluate``).
+    store's texts (when None, only the programs needed run, through ``synth.runtime.evaluate``).
     ``qa_items`` adds QA accuracy (needs ``tokenizer``; ``qa_outputs`` likewise covers the
     tokenised QA texts).
     """

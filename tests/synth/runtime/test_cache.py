@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from attnprog.synth.cache import OutputCache, corpus_hash, default_cache_dir
+from attnprog.synth.runtime.cache import OutputCache, corpus_hash, default_cache_dir
 from attnprog.synth.features import Sentence
 
 

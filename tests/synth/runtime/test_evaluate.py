@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-import attnprog.synth.sandbox as sandbox_module
+import attnprog.synth.runtime.sandbox as sandbox_module
 from attnprog.errors import CorpusError
 from attnprog.layout import causal_offsets
-from attnprog.synth import evaluate as evaluate_module
-from attnprog.synth.evaluate import close_shared_sandbox, evaluate_programs
-from attnprog.synth.execute import run_trusted
+from attnprog.synth.runtime import evaluate as evaluate_module
+from attnprog.synth.runtime.evaluate import close_shared_sandbox, evaluate_programs
+from attnprog.synth.runtime.execute import run_trusted
 from attnprog.synth.features import probe_sentences
 from attnprog.synth.program import Program
 
@@ -107,10 +107,10 @@ def test_an_empty_corpus_says_what_to_do():
 
 
 def test_streamed_outputs_equal_dense_outputs_row_for_row():
-    from attnprog.synth.evaluate import evaluate_programs
+    from attnprog.synth.runtime.evaluate import evaluate_programs
     from attnprog.synth.features import probe_sentences
-    from attnprog.synth.generator import generate
-    from attnprog.synth.golden import golden_programs
+    from attnprog.synth.generator.specs import generate
+    from attnprog.synth.generator.golden import golden_programs
 
     programs = golden_programs()[:3] + generate(n_min=40)
     sentences = probe_sentences()

@@ -1,6 +1,6 @@
 """The numba kernel behind vectorised generator evaluation: mix atom rows, then normalise.
 
-Kept apart from :mod:`attnprog.synth.mixing` so numba is imported only when it is needed.
+Kept apart from :mod:`attnprog.synth.generator.mixing` so numba is imported only when it is needed.
 """
 
 import numpy as np

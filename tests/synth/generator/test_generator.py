@@ -9,7 +9,7 @@ import pytest
 from attnprog.errors import ProgramError
 from attnprog.layout import causal_offsets, pack
 from attnprog.synth.features import Sentence
-from attnprog.synth.generator import (
+from attnprog.synth.generator.specs import (
     enumerate_specs,
     evaluate_generated,
     generate,
@@ -17,7 +17,7 @@ from attnprog.synth.generator import (
     probe_sentences,
     program_from_spec,
 )
-from attnprog.synth.probes import tokenise
+from attnprog.synth.generator.probes import tokenise
 from attnprog.synth.program import Program, normalise
 
 ALLOWED_IMPORTS = {"numpy", "math", "re", "string", "collections", "itertools", "functools"}
@@ -148,7 +148,7 @@ def test_emitted_sources_pass_validate(programs):
     program_module = pytest.importorskip("attnprog.synth.program")
     if not hasattr(program_module, "validate_many"):
         pytest.skip("attnprog.synth.program.validate_many is not written yet")
-    pytest.importorskip("attnprog.synth.sandbox")
+    pytest.importorskip("attnprog.synth.runtime.sandbox")
     sample = random.Random(1).sample(programs, 100)
     results = program_module.validate_many(sample)
     failures = [(p.hash, r.reason) for p, r in zip(sample, results, strict=True) if not r.ok]

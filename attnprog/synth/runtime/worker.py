@@ -1,6 +1,6 @@
 """The sandbox worker process: runs untrusted programs on batches of texts.
 
-Started by :mod:`attnprog.synth.sandbox` as ``python -m attnprog.synth.sandbox_worker``.
+Started by :mod:`attnprog.synth.runtime.sandbox` as ``python -m attnprog.synth.runtime.worker``.
 After importing what programs need it limits its own memory and CPU time and installs
 an audit hook that refuses network, subprocesses, signals to other processes, foreign
 code loading and file writes; then it serves tasks until its command pipe closes.
@@ -22,7 +22,7 @@ import numpy as np
 
 from attnprog.errors import ProgramError
 from attnprog.layout import n_cells
-from attnprog.synth.execute import call_program, compile_program
+from attnprog.synth.runtime.execute import call_program, compile_program
 
 PROGRESS = struct.Struct("dd")  # (index of the text being run, monotonic start time)
 IDLE = -1.0  # progress index between calls

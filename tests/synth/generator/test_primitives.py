@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from attnprog.synth import primitives as dsl
+from attnprog.synth.generator import primitives as dsl
 from attnprog.synth.features import Sentence
 
 # index:     0      1       2       3     4       5       6       7      8      9     10     11

@@ -1,0 +1,1 @@
+"""Running programs: the OS-isolated sandbox and its worker, execution, the output cache, packed outputs."""
