@@ -80,10 +80,10 @@ def replace(
     seed: int = typer.Option(0, help="seed of the random-program baseline"),
 ) -> None:
     """Replace heads by their best-fit programs and print the perplexity and QA sweep table."""
-    from attnprog.engine.sweep import fractions_up_to, load_qa, perplexity_sweep
     from attnprog.engine.models import load_model
     from attnprog.engine.rank import IoUTable
     from attnprog.engine.store import AttentionStore
+    from attnprog.engine.sweep import fractions_up_to, load_qa, perplexity_sweep
 
     if not 0.0 <= fraction <= 1.0:
         raise AttnProgError(f"--fraction must be between 0 and 1, got {fraction}")
@@ -215,8 +215,8 @@ def rank_command(
 
     from attnprog.engine.pipeline import evaluate_pool, rank_table, ranking_subset
     from attnprog.engine.store import AttentionStore
-    from attnprog.synth.runtime.outputs import ProgramOutputs
     from attnprog.synth.program import load_pool
+    from attnprog.synth.runtime.outputs import ProgramOutputs
 
     if (pool is None) == (outputs is None):
         raise AttnProgError("pass exactly one of --pool (programs to evaluate) or --outputs")

@@ -18,8 +18,8 @@ import pytest
 
 from attnprog.layout import pack
 from attnprog.synth.features import Sentence
-from attnprog.synth.generator.specs import evaluate_generated, generate
 from attnprog.synth.generator.probes import PROBE_TEXTS, tokenise
+from attnprog.synth.generator.specs import evaluate_generated, generate
 from attnprog.synth.program import normalise
 
 N_TOKENS = 64

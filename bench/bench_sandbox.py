@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attnprog.synth.runtime.execute import run_trusted
 from attnprog.synth.features import Sentence
+from attnprog.synth.runtime.execute import run_trusted
 from attnprog.synth.runtime.sandbox import Sandbox
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -52,8 +52,8 @@ def _stage(echo: Callable[[str], None], name: str):
 
 def build_pool(n_candidates: int, golden: bool = True) -> list[Program]:
     """The golden library (when asked) plus ``n_candidates`` distinct generator programs."""
-    from attnprog.synth.generator.specs import generate
     from attnprog.synth.generator.golden import golden_programs
+    from attnprog.synth.generator.specs import generate
 
     library = golden_programs() if golden else []
     generated = generate(n_min=n_candidates) if n_candidates > 0 else []
@@ -106,8 +106,8 @@ class _Ledger:
 
 def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
     """Run every stage for ``config`` and return a summary (also saved as ``summary.json``)."""
-    from attnprog.engine.sweep import fractions_up_to, load_qa, perplexity_sweep
     from attnprog.engine.rank import IoUTable
+    from attnprog.engine.sweep import fractions_up_to, load_qa, perplexity_sweep
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

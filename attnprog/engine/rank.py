@@ -26,8 +26,8 @@ from attnprog.kernels.iou import (
     text_sums,
 )
 from attnprog.layout import causal_offsets
-from attnprog.synth.runtime.outputs import ProgramOutputs
 from attnprog.synth.program import Program
+from attnprog.synth.runtime.outputs import ProgramOutputs
 
 FORMAT_VERSION = "1"
 DEFAULT_MEMORY_BUDGET = 512 << 20  # bytes of per-chunk working memory on the device

@@ -8,8 +8,8 @@ from attnprog.engine.rank import IoUTable, rank, rank_with_heldout
 from attnprog.engine.store import AttentionStore
 from attnprog.errors import StoreError
 from attnprog.layout import causal_offsets, pack
-from attnprog.synth.runtime.outputs import ProgramOutputs
 from attnprog.synth.program import Program
+from attnprog.synth.runtime.outputs import ProgramOutputs
 
 LENGTHS = [5, 9, 3, 12, 7, 10, 4, 8]
 SPLITS = ["selection"] * 5 + ["heldout"] * 3
@@ -245,9 +245,9 @@ def test_table_names_the_stores_model(outputs):
 def test_ranking_streamed_outputs_equals_ranking_dense_outputs(tiny_gpt2):
     from attnprog.engine.corpus import make_corpus
     from attnprog.engine.extract import extract_attention
-    from attnprog.synth.runtime.evaluate import evaluate_programs
-    from attnprog.synth.generator.specs import generate
     from attnprog.synth.generator.golden import golden_programs
+    from attnprog.synth.generator.specs import generate
+    from attnprog.synth.runtime.evaluate import evaluate_programs
 
     model, tokenizer = tiny_gpt2
     texts = make_corpus([f"Tom saw {i} cats, and the cats saw Tom." for i in range(12)])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from attnprog.engine.store import AttentionStore, packed_offsets_tensor
 from attnprog.engine.sweep import (
     QAItem,
     fractions_up_to,
@@ -18,11 +19,10 @@ from attnprog.engine.sweep import (
     token_logprobs,
     tokenise_qa,
 )
-from attnprog.engine.store import AttentionStore, packed_offsets_tensor
 from attnprog.errors import CorpusError
 from attnprog.layout import causal_offsets, pack
-from attnprog.synth.runtime.outputs import ProgramOutputs
 from attnprog.synth.program import Program, normalise
+from attnprog.synth.runtime.outputs import ProgramOutputs
 
 
 @dataclass

@@ -15,11 +15,11 @@ import numpy as np
 
 from attnprog.errors import CorpusError
 from attnprog.layout import causal_offsets
+from attnprog.synth.features import Sentence, attach_syntax
+from attnprog.synth.program import Program
 from attnprog.synth.runtime.cache import OutputCache
 from attnprog.synth.runtime.cache import corpus_hash as hash_corpus
-from attnprog.synth.features import Sentence, attach_syntax
 from attnprog.synth.runtime.outputs import ProgramOutputs
-from attnprog.synth.program import Program
 
 
 def evaluate_programs(

@@ -16,8 +16,8 @@ import numpy as np
 from attnprog.errors import ProgramError
 from attnprog.layout import causal_offsets
 from attnprog.synth.features import Sentence
-from attnprog.synth.runtime.paper_form import adapt_paper_form
 from attnprog.synth.program import Program, normalise_packed
+from attnprog.synth.runtime.paper_form import adapt_paper_form
 
 _MAX_REASON = 300
 

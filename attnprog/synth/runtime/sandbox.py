@@ -38,9 +38,9 @@ import numpy as np
 
 from attnprog.errors import SandboxError
 from attnprog.layout import causal_offsets
-from attnprog.synth.runtime.execute import ProgramResult
 from attnprog.synth.features import Sentence
 from attnprog.synth.program import Program
+from attnprog.synth.runtime.execute import ProgramResult
 from attnprog.synth.runtime.worker import DEFINING, IDLE, MAX_REASON_CHARS, PROGRESS, seconds
 
 __all__ = ["ProgramResult", "Sandbox", "run_in_sandbox", "uses_spacy"]

@@ -9,6 +9,7 @@ import pytest
 from attnprog.errors import ProgramError
 from attnprog.layout import causal_offsets, pack
 from attnprog.synth.features import Sentence
+from attnprog.synth.generator.probes import tokenise
 from attnprog.synth.generator.specs import (
     enumerate_specs,
     evaluate_generated,
@@ -17,7 +18,6 @@ from attnprog.synth.generator.specs import (
     probe_sentences,
     program_from_spec,
 )
-from attnprog.synth.generator.probes import tokenise
 from attnprog.synth.program import Program, normalise
 
 ALLOWED_IMPORTS = {"numpy", "math", "re", "string", "collections", "itertools", "functools"}

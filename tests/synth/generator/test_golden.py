@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from attnprog.synth.runtime.execute import compile_program
 from attnprog.synth.generator.golden import golden_programs
 from attnprog.synth.generator.probes import probe_sentences, tokenise
+from attnprog.synth.runtime.execute import compile_program
 
 GOLDEN = golden_programs()
 

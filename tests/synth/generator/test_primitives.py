@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from attnprog.synth.generator import primitives as dsl
 from attnprog.synth.features import Sentence
+from attnprog.synth.generator import primitives as dsl
 
 # index:     0      1       2       3     4       5       6       7      8      9     10     11
 TOKENS = ["The", " cat", " sat", ".", " The", " cat", " ran", ' "', "far", '"', " 4", "2"]

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from attnprog.synth.runtime.cache import OutputCache, corpus_hash, default_cache_dir
 from attnprog.synth.features import Sentence
+from attnprog.synth.runtime.cache import OutputCache, corpus_hash, default_cache_dir
 
 
 def corpus(*texts: str) -> list[Sentence]:

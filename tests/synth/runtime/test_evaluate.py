@@ -6,11 +6,11 @@ import pytest
 import attnprog.synth.runtime.sandbox as sandbox_module
 from attnprog.errors import CorpusError
 from attnprog.layout import causal_offsets
+from attnprog.synth.features import probe_sentences
+from attnprog.synth.program import Program
 from attnprog.synth.runtime import evaluate as evaluate_module
 from attnprog.synth.runtime.evaluate import close_shared_sandbox, evaluate_programs
 from attnprog.synth.runtime.execute import run_trusted
-from attnprog.synth.features import probe_sentences
-from attnprog.synth.program import Program
 
 FIRST = "import numpy as np\ndef program(s):\n    out = np.zeros((s.n, s.n))\n" \
         "    out[:, 0] = 1\n    return out\n"
@@ -107,10 +107,10 @@ def test_an_empty_corpus_says_what_to_do():
 
 
 def test_streamed_outputs_equal_dense_outputs_row_for_row():
-    from attnprog.synth.runtime.evaluate import evaluate_programs
     from attnprog.synth.features import probe_sentences
-    from attnprog.synth.generator.specs import generate
     from attnprog.synth.generator.golden import golden_programs
+    from attnprog.synth.generator.specs import generate
+    from attnprog.synth.runtime.evaluate import evaluate_programs
 
     programs = golden_programs()[:3] + generate(n_min=40)
     sentences = probe_sentences()

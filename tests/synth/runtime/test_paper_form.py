@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from attnprog.errors import ProgramError
-from attnprog.synth.runtime.execute import call_form, compile_program
 from attnprog.synth.features import Sentence
+from attnprog.synth.runtime.execute import call_form, compile_program
 from attnprog.synth.runtime.paper_form import SentenceTokenizer, adapt_paper_form
 
 

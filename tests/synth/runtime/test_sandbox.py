@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from attnprog.errors import SandboxError
-from attnprog.synth.runtime import sandbox
-from attnprog.synth.runtime.execute import run_trusted
 from attnprog.synth.features import Sentence, probe_sentences
 from attnprog.synth.program import Program
+from attnprog.synth.runtime import sandbox
+from attnprog.synth.runtime.execute import run_trusted
 from attnprog.synth.runtime.sandbox import Sandbox, run_in_sandbox
 
 TIMEOUT = 1.0
