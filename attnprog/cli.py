@@ -183,6 +183,8 @@ def run(
     qa: bool = typer.Option(True, help="score the built-in QA sample in the sweep"),
     batch_size: int = typer.Option(8),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    fit: bool = typer.Option(True, help="fit one program per head (synthesis split) and rank it too"),
+    fit_terms: int = typer.Option(11, help="features per fitted program"),
 ) -> None:
     """Run the whole pipeline: extract, generate, evaluate, rank, replace heads."""
     from attnprog.engine.pipeline import RunConfig, run_pipeline
@@ -190,7 +192,7 @@ def run(
     run_pipeline(RunConfig(
         out=str(out), model=model, corpus=corpus, text_field=text_field, limit=limit,
         max_tokens=max_tokens, n_candidates=candidates, fraction=fraction, qa=qa,
-        batch_size=batch_size, device=device,
+        batch_size=batch_size, device=device, fit=fit, fit_terms=fit_terms,
     ), echo=typer.echo)
 
 

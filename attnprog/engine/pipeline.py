@@ -39,6 +39,8 @@ class RunConfig:
     batch_size: int = 8
     device: str = "cpu"
     top: int = 12  # best fits printed
+    fit: bool = True  # fit one program per head on the synthesis split and add it to the pool
+    fit_terms: int = 11  # features per fitted program (its sink share is one more setting)
 
 
 @contextmanager
@@ -147,6 +149,15 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
             echo(f"  wrote {pool_path}: {len(pool)} programs (golden library + generator)")
         summary["programs"] = len(pool)
 
+    fit_key = ""
+    if config.fit:
+        with _stage(echo, "2b/5 fit a program to every head"):
+            from attnprog.engine.fit import fit_stage
+
+            fitted, fit_key = fit_stage(store, config, ledger, out, echo)
+            pool = pool + fitted
+            summary["fitted_programs"] = len(fitted)
+
     with _stage(echo, "3/5 evaluate programs"):
         store = ranking_subset(store, "selection", "heldout")  # the sweep uses held-out texts too
         outputs = evaluate_pool(store, pool)
@@ -156,7 +167,7 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
 
     with _stage(echo, "4/5 rank programs against every head"):
         table_path = out / "iou_table.safetensors"
-        table_key = f"{store.meta['model_id']}|{store.meta['corpus_hash']}|{pool_key}"
+        table_key = f"{store.meta['model_id']}|{store.meta['corpus_hash']}|{pool_key}{fit_key}"
         if ledger.done("rank", table_key, table_path):
             table = IoUTable.load(table_path)
             echo(f"  reused {table_path}")

@@ -25,6 +25,24 @@ _STOPWORDS = frozenset(
     "his their our not no so do does did have has had will would can could should may might "
     "must there here what which who whom whose when where why how".split()
 )
+# Word classes for programs' features (closed classes: a list is the whole class).
+_DETERMINERS = frozenset(
+    "a an the this that these those my your his her its our their some any every each no "
+    "another all both".split()
+)
+_PRONOUNS = frozenset(
+    "i me you he him she her it we us they them myself yourself himself herself itself "
+    "ourselves themselves".split()
+)
+_PREPOSITIONS = frozenset(
+    "of in on at to for from by with about into onto over under after before through up "
+    "down out off around across behind near past along toward towards".split()
+)
+_CONJUNCTIONS = frozenset("and or but so because while although though nor yet".split())
+_NUMBER_WORDS = frozenset(
+    "one two three four five six seven eight nine ten eleven twelve hundred thousand "
+    "first second third".split()
+)
 
 
 @dataclass
@@ -174,6 +192,50 @@ class Sentence:
         return self._feature("stopword", lambda: [t in _STOPWORDS for t in self.lower])
 
     @property
+    def is_determiner(self) -> np.ndarray:
+        """[n] bool: the token is a determiner (a, the, this, my, every, ...)."""
+        return self._feature("determiner", lambda: [t in _DETERMINERS for t in self.lower])
+
+    @property
+    def is_pronoun(self) -> np.ndarray:
+        """[n] bool: the token is a personal pronoun (he, her, they, ...)."""
+        return self._feature("pronoun", lambda: [t in _PRONOUNS for t in self.lower])
+
+    @property
+    def is_preposition(self) -> np.ndarray:
+        """[n] bool: the token is a common preposition (of, in, with, ...)."""
+        return self._feature("preposition", lambda: [t in _PREPOSITIONS for t in self.lower])
+
+    @property
+    def is_conjunction(self) -> np.ndarray:
+        """[n] bool: the token is a conjunction (and, but, because, ...)."""
+        return self._feature("conjunction", lambda: [t in _CONJUNCTIONS for t in self.lower])
+
+    @property
+    def is_number(self) -> np.ndarray:
+        """[n] bool: the token holds a digit or is a number word (one, ten, first, ...)."""
+        return self._feature(
+            "number",
+            lambda: [any(c.isdigit() for c in t) or t in _NUMBER_WORDS for t in self.lower],
+        )
+
+    @property
+    def is_name(self) -> np.ndarray:
+        """[n] bool: a capitalised word start that does not begin a sentence (likely a name)."""
+
+        def compute() -> np.ndarray:
+            upper = self.is_capitalised & self.is_word_start & ~self.is_sentence_start
+            upper[1:] &= ~self.is_special[:-1]  # the first word after BOS starts a sentence
+            return upper & np.array([t != "i" for t in self.lower], dtype=bool)
+
+        return self._feature("name", compute)
+
+    @property
+    def is_newline(self) -> np.ndarray:
+        """[n] bool: the token holds a line break."""
+        return self._feature("newline", lambda: ["\n" in t for t in self.tokens])
+
+    @property
     def is_special(self) -> np.ndarray:
         """[n] bool: the token covers no text (BOS, EOS and other special tokens)."""
         return self._feature("special", lambda: [a == b for a, b in self.offsets])
@@ -192,6 +254,20 @@ class Sentence:
             return np.maximum.accumulate(np.where(self.is_word_start, np.arange(self.n), 0))
 
         return self._feature("word_start_index", compute)
+
+    @property
+    def previous_occurrence(self) -> np.ndarray:
+        """[n] int: index of the latest earlier token with the same id; -1 where none."""
+
+        def compute() -> np.ndarray:
+            last: dict[int, int] = {}
+            out = np.full(self.n, -1, dtype=np.int64)
+            for i, token_id in enumerate(self.ids):
+                out[i] = last.get(token_id, -1)
+                last[token_id] = i
+            return out
+
+        return self._feature("previous_occurrence", compute)
 
     @property
     def words(self) -> list[str]:
@@ -251,6 +327,8 @@ _CACHED_FEATURES = (
     "is_punct", "is_word_start", "is_sentence_start", "is_sentence_end", "is_capitalised",
     "is_alpha", "is_digit", "is_space", "is_quote", "is_open_bracket", "is_close_bracket",
     "is_stopword", "is_special", "sentence_ids", "word_start_index",
+    "is_determiner", "is_pronoun", "is_preposition", "is_conjunction", "is_number", "is_name",
+    "is_newline", "previous_occurrence",
 )
 _SIMPLE_PIECE = re.compile(r"\s*\w+|\s*[^\w\s]|\s+$")
 

@@ -1,0 +1,247 @@
+"""Fit one readable program per head: a sink share plus a softmax over named features.
+
+Every head of a store is fitted at once (the features are the same for all heads; only the
+weights differ) by gradient ascent on the mean soft IoU of the synthesis split. For
+row-stochastic matrices a text's IoU is (n - D/2) / (n + D/2) with D the L1 distance, so
+this is L1 fitting, not cross-entropy. Two phases: all features with an L1 penalty on the
+weights, then the ``max_terms`` strongest features only, refitted without it. The weights
+are rounded for reading, and the rounded fit is what the program computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from attnprog.engine.store import AttentionStore
+from attnprog.synth.fitted import (
+    FEATURE_NAMES,
+    feature_packed,
+    key_token_name,
+    program_from_fit,
+    query_token_name,
+    round_fit,
+)
+from attnprog.synth.program import Program
+
+
+@dataclass
+class FitSettings:
+    """How hard to fit: terms kept per head, optimiser steps per phase, and where to run."""
+
+    max_terms: int = 11  # features kept per head (the sink share is one more setting)
+    search_steps: int = 120  # phase 1: every feature, L1 penalty
+    refit_steps: int = 120  # phase 2: the kept features only
+    lr: float = 0.08
+    penalty: float = 3e-4  # L1 on the (scaled) weights during phase 1
+    key_tokens: int = 40  # the most frequent token pieces of the split, as key features
+    query_tokens: int = 40  # ... and as queries gating the first token
+    heads_per_chunk: int = 48  # bounds memory: [chunk, cells] tensors
+    device: str = "cpu"
+
+
+@dataclass
+class CorpusFeatures:
+    """Features of every causal cell of some texts (cells along dim 0: segment sums over rows
+    and texts are then contiguous), with the indices the loss needs."""
+
+    values: torch.Tensor  # [C, F] float32, each feature divided by its scale
+    scale: torch.Tensor  # [F] what each feature was divided by
+    row: torch.Tensor  # [C] int64 global query row of each cell
+    row_cells: torch.Tensor  # [R] cells per query row (i + 1 for row i)
+    text_cells: torch.Tensor  # [S] cells per text
+    first: torch.Tensor  # [C, 1] float32: 1 where the cell is key 0
+    lengths: torch.Tensor  # [S] float32 tokens per text (a text's IoU needs n)
+
+
+def corpus_features(sentences: Sequence, names: Sequence[str] = FEATURE_NAMES,
+                    device: str = "cpu") -> CorpusFeatures:
+    """Every feature on every causal cell of ``sentences`` (packed like the store)."""
+    blocks, row_cells = [], []
+    for s in sentences:
+        blocks.append(feature_packed(s, names).astype(np.float32).T)
+        row_cells.append(np.arange(1, s.n + 1))
+    values = torch.from_numpy(np.concatenate(blocks, axis=0))
+    scale = values.abs().amax(dim=0).clamp_min(1.0)  # binary features keep scale 1
+    row_cells = torch.from_numpy(np.concatenate(row_cells))
+    starts = torch.cumsum(row_cells, 0) - row_cells
+    first = torch.zeros(len(values), 1)
+    first[starts] = 1.0
+    lengths = torch.tensor([s.n for s in sentences], dtype=torch.float32)
+    return CorpusFeatures(
+        values=(values / scale).contiguous().to(device),
+        scale=scale,
+        row=torch.repeat_interleave(torch.arange(len(row_cells)), row_cells).to(device),
+        row_cells=row_cells.to(device),
+        text_cells=(lengths * (lengths + 1) / 2).long().to(device),
+        first=first.to(device),
+        lengths=lengths.to(device),
+    )
+
+
+def model_cells(weights: torch.Tensor, share: torch.Tensor, data: CorpusFeatures) -> torch.Tensor:
+    """The fitted model on every cell: [C, H]. ``weights`` [H, F] (scaled), ``share`` [H]."""
+    score = data.values @ weights.T  # [C, H]
+    peak = torch.segment_reduce(score.detach(), "max", lengths=data.row_cells)  # [R, H]
+    e = torch.exp(score - peak[data.row])
+    total = torch.zeros_like(peak).index_add_(0, data.row, e)
+    return (1.0 - share) * (e / total[data.row]) + share * data.first
+
+
+def text_iou(pred: torch.Tensor, attn: torch.Tensor, data: CorpusFeatures) -> torch.Tensor:
+    """Soft IoU per text and head, [S, H], through the L1 identity (rows sum to 1)."""
+    distance = torch.segment_reduce((pred - attn).abs(), "sum", lengths=data.text_cells)
+    n = data.lengths[:, None]
+    return (n - distance / 2) / (n + distance / 2)
+
+
+def _optimise(weights, logit, mask, attn, data, steps, lr, penalty):
+    weights = weights.clone().requires_grad_(True)
+    logit = logit.clone().requires_grad_(True)
+    opt = torch.optim.Adam([weights, logit], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        iou = text_iou(model_cells(weights * mask, torch.sigmoid(logit), data), attn, data)
+        loss = -iou.mean(dim=0).sum() + penalty * (weights * mask).abs().sum()
+        loss.backward()
+        opt.step()
+    return weights.detach() * mask, logit.detach()
+
+
+def fit_rows(attn: torch.Tensor, data: CorpusFeatures, settings: FitSettings,
+             names: Sequence[str] = FEATURE_NAMES) -> list[dict]:
+    """Fits for a chunk of heads' attention ``attn`` [C, H] on the cells of ``data``."""
+    n_heads, n_features = attn.shape[1], len(names)
+    device = attn.device
+    weights = torch.zeros(n_heads, n_features, device=device)
+    sink = attn[data.first[:, 0] > 0].mean(dim=0).clamp(0.02, 0.9)
+    logit = torch.logit(sink * 0.5)  # start with half the mean first-token share as fixed share
+    everything = torch.ones_like(weights)
+    weights, logit = _optimise(weights, logit, everything, attn, data, settings.search_steps,
+                               settings.lr, settings.penalty)
+    keep = weights.abs().topk(min(settings.max_terms, n_features), dim=1).indices
+    mask = torch.zeros_like(weights).scatter_(1, keep, 1.0)
+    weights, logit = _optimise(weights, logit, mask, attn, data, settings.refit_steps,
+                               settings.lr, 0.0)
+    per_unit = (weights / data.scale.to(device)).cpu().numpy()  # undo the feature scaling
+    shares = torch.sigmoid(logit).cpu().numpy()
+    fits = []
+    for h in range(n_heads):
+        kept = [k for k in range(n_features) if mask[h, k] > 0 and per_unit[h, k] != 0.0]
+        kept.sort(key=lambda k: -abs(float(weights[h, k])))  # strongest term first
+        fits.append(round_fit({"share": float(shares[h]),
+                               "weights": {names[k]: float(per_unit[h, k]) for k in kept}}))
+    return fits
+
+
+def frequent_pieces(sentences: Sequence, count: int) -> list[str]:
+    """The ``count`` most frequent token pieces of ``sentences`` (ties: first seen first)."""
+    from collections import Counter
+
+    counts = Counter(t for s in sentences for t in s.tokens)
+    return [piece for piece, _ in counts.most_common(count)]
+
+
+def vocabulary(sentences: Sequence, key_tokens: int, query_tokens: int = 0) -> list[str]:
+    """The features a fit chooses from: every named feature and the frequent tokens, as keys
+    and as queries (seen from which the first token scores more or less)."""
+    return (list(FEATURE_NAMES)
+            + [key_token_name(p) for p in frequent_pieces(sentences, key_tokens)]
+            + [query_token_name(p) for p in frequent_pieces(sentences, query_tokens)])
+
+
+def fit_store(store: AttentionStore, split: str = "synthesis", settings: FitSettings | None = None,
+              rows: Sequence[int] | None = None, progress: bool = True) -> list[dict]:
+    """One rounded fit per head row of ``store`` (all rows when None), on ``split``'s texts."""
+    from tqdm.auto import tqdm
+
+    settings = settings or FitSettings()
+    texts = store.split_indices(split)
+    sentences = store.sentences(texts)
+    names = vocabulary(sentences, settings.key_tokens, settings.query_tokens)
+    data = corpus_features(sentences, names, device=settings.device)
+    cells = torch.cat([torch.arange(int(store.offsets[s]), int(store.offsets[s + 1])) for s in texts])
+    rows = list(range(store.n_rows)) if rows is None else list(rows)
+    fits: list[dict] = []
+    bar = tqdm(total=len(rows), desc="fit heads", unit="head", disable=not progress)
+    threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        for start in range(0, len(rows), settings.heads_per_chunk):
+            chunk = rows[start : start + settings.heads_per_chunk]
+            attn = store.attn_packed[chunk][:, cells.to(store.device)].float().T.contiguous()
+            fits += fit_rows(attn.to(settings.device), data, settings, names)
+            bar.update(len(chunk))
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+    return fits
+
+
+def fit_scores(fits: Sequence[dict], store: AttentionStore, split: str,
+               rows: Sequence[int] | None = None) -> np.ndarray:
+    """Mean IoU of each (rounded) fit against its own head on ``split``: [len(fits)]."""
+    from attnprog.synth.fitted import evaluate_fits
+
+    texts = store.split_indices(split)
+    rows = list(range(store.n_rows)) if rows is None else list(rows)
+    sub = store.subset(texts)
+    values = torch.from_numpy(evaluate_fits(fits, sub.sentences()))
+    attn = sub.attn_packed[rows].float().cpu()
+    scores = np.zeros(len(fits))
+    for t in range(sub.n_texts):
+        a, b = int(sub.offsets[t]), int(sub.offsets[t + 1])
+        low = torch.minimum(values[:, a:b], attn[:, a:b]).sum(dim=1)
+        high = torch.maximum(values[:, a:b], attn[:, a:b]).sum(dim=1)
+        scores += (low / high).numpy()
+    return scores / sub.n_texts
+
+
+def fitted_programs(store: AttentionStore, split: str = "synthesis",
+                    settings: FitSettings | None = None, progress: bool = True) -> list[Program]:
+    """Fit every head of ``store`` on ``split`` and emit each fit as a program."""
+    fits = fit_store(store, split, settings, progress=progress)
+    scores = fit_scores(fits, store, split)
+    model_id = store.meta.get("model_id", "")
+    return [
+        program_from_fit(fit, head=f"L{layer}.H{head}", model_id=model_id, split=split, score=score)
+        for row, (fit, score) in enumerate(zip(fits, scores, strict=True))
+        for layer, head in [store.head_of(row)]
+    ]
+
+
+FIT_VERSION = "1"  # bump when the fitter changes what it produces
+
+
+def fit_stage(store: AttentionStore, config, ledger, out, echo) -> tuple[list[Program], str]:
+    """The pipeline's fit stage: fitted programs for every head (read back when the run
+    directory has them for the same store and settings), and the key ranking depends on."""
+    import time
+    from pathlib import Path
+
+    from attnprog.synth.program import load_pool, save_pool
+
+    path = Path(out) / "fitted.jsonl"
+    key = f"|fit=v{FIT_VERSION},terms={config.fit_terms}"
+    stage_key = f"{store.meta.get('model_id')}|{store.meta.get('corpus_hash')}{key}"
+    if ledger.done("fit", stage_key, path):
+        programs = load_pool(path)
+        echo(f"  reused {path}: {len(programs)} fitted programs")
+        return programs, key
+    if "synthesis" not in store.splits:
+        echo("  no texts in the synthesis split: nothing to fit on (use more texts)")
+        return [], ""
+    settings = FitSettings(max_terms=config.fit_terms, device=config.device)
+    start = time.perf_counter()
+    programs = fitted_programs(store, "synthesis", settings)
+    save_pool(programs, path)
+    ledger.record("fit", stage_key)
+    scores = [p.provenance["split_iou"] for p in programs]
+    echo(f"  fitted {len(programs)} heads on {store.splits.count('synthesis')} synthesis texts in "
+         f"{time.perf_counter() - start:.0f} s (mean IoU there {np.mean(scores):.3f}); "
+         f"wrote {path}")
+    return programs, key
