@@ -10,6 +10,7 @@ are rounded for reading, and the rounded fit is what the program computes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,6 +42,8 @@ class FitSettings:
     query_tokens: int = 40  # ... and as queries gating the first token
     heads_per_chunk: int = 48  # bounds memory: [chunk, cells] tensors
     device: str = "cpu"
+    initial_share: float | None = None  # None: half the head's mean attention on token 0
+    threads: int | None = 1  # CPU threads; 1 because small ops on a busy machine only wait
 
 
 @dataclass
@@ -99,16 +102,31 @@ def text_iou(pred: torch.Tensor, attn: torch.Tensor, data: CorpusFeatures) -> to
 
 
 def _optimise(weights, logit, mask, attn, data, steps, lr, penalty):
+    """Adam on -mean IoU (+ L1 penalty); returns each head's best weights seen (by IoU)."""
     weights = weights.clone().requires_grad_(True)
     logit = logit.clone().requires_grad_(True)
+    best = torch.full((weights.shape[0],), -torch.inf, device=weights.device)
+    best_weights, best_logit = weights.detach().clone(), logit.detach().clone()
     opt = torch.optim.Adam([weights, logit], lr=lr)
-    for _ in range(steps):
+    # the step size falls to 0 along a cosine: Adam's steps of ~lr would keep the weights
+    # jittering around the optimum
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: 0.5 * (1.0 + math.cos(math.pi * min(k, steps) / max(steps, 1))))
+    for _ in range(steps + 1):
         opt.zero_grad(set_to_none=True)
-        iou = text_iou(model_cells(weights * mask, torch.sigmoid(logit), data), attn, data)
-        loss = -iou.mean(dim=0).sum() + penalty * (weights * mask).abs().sum()
+        iou = text_iou(model_cells(weights * mask, torch.sigmoid(logit), data), attn, data).mean(dim=0)
+        better = iou.detach() > best
+        best = torch.where(better, iou.detach(), best)
+        best_weights[better], best_logit[better] = weights.detach()[better], logit.detach()[better]
+        if _ == steps:
+            break
+        loss = -iou.sum() + penalty * (weights * mask).abs().sum()
         loss.backward()
         opt.step()
-    return weights.detach() * mask, logit.detach()
+        schedule.step()
+    if penalty:  # the search phase ends where it ended: its best-by-IoU ignores the penalty
+        return weights.detach() * mask, logit.detach()
+    return best_weights * mask, best_logit
 
 
 def fit_rows(attn: torch.Tensor, data: CorpusFeatures, settings: FitSettings,
@@ -117,8 +135,11 @@ def fit_rows(attn: torch.Tensor, data: CorpusFeatures, settings: FitSettings,
     n_heads, n_features = attn.shape[1], len(names)
     device = attn.device
     weights = torch.zeros(n_heads, n_features, device=device)
-    sink = attn[data.first[:, 0] > 0].mean(dim=0).clamp(0.02, 0.9)
-    logit = torch.logit(sink * 0.5)  # start with half the mean first-token share as fixed share
+    if settings.initial_share is None:  # half the mean first-token share, as the fixed share
+        share = attn[data.first[:, 0] > 0].mean(dim=0).clamp(0.02, 0.9) * 0.5
+    else:
+        share = torch.full((n_heads,), settings.initial_share, device=device)
+    logit = torch.logit(share)
     everything = torch.ones_like(weights)
     weights, logit = _optimise(weights, logit, everything, attn, data, settings.search_steps,
                                settings.lr, settings.penalty)
@@ -126,8 +147,16 @@ def fit_rows(attn: torch.Tensor, data: CorpusFeatures, settings: FitSettings,
     mask = torch.zeros_like(weights).scatter_(1, keep, 1.0)
     weights, logit = _optimise(weights, logit, mask, attn, data, settings.refit_steps,
                                settings.lr, 0.0)
+    shares = torch.sigmoid(logit)
+    with torch.no_grad():  # L1 is not smooth: a near-uniform head can end in a kink that the
+        # uniform pattern (no weights, no share) beats; then uniform is its explanation
+        fitted_iou, uniform_iou = (
+            text_iou(model_cells(w, s, data), attn, data).mean(dim=0)
+            for w, s in ((weights, shares), (torch.zeros_like(weights), torch.zeros_like(shares))))
+    uniform = uniform_iou > fitted_iou
+    shares = torch.where(uniform, 0.0, shares).cpu().numpy()
+    weights[uniform] = 0.0
     per_unit = (weights / data.scale.to(device)).cpu().numpy()  # undo the feature scaling
-    shares = torch.sigmoid(logit).cpu().numpy()
     fits = []
     for h in range(n_heads):
         kept = [k for k in range(n_features) if mask[h, k] > 0 and per_unit[h, k] != 0.0]

@@ -1,0 +1,119 @@
+"""Fitting a program to every head: readable, reproducible, and blind to held-out texts."""
+
+import numpy as np
+import pytest
+import torch
+
+from attnprog.engine.fit import (
+    FitSettings,
+    corpus_features,
+    fit_scores,
+    fit_store,
+    fitted_programs,
+    model_cells,
+)
+from attnprog.synth.fitted import evaluate_fits, feature
+
+QUICK = FitSettings(max_terms=5, search_steps=80, refit_steps=80, key_tokens=10, query_tokens=5)
+
+
+@pytest.fixture(scope="module")
+def store(tiny_gpt2, builtin_corpus):
+    from attnprog.engine.extract import extract_attention
+
+    model, tokenizer = tiny_gpt2
+    return extract_attention(model, tokenizer, builtin_corpus.take(30), batch_size=8, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def fits(store):
+    return fit_store(store, settings=QUICK, progress=False)
+
+
+def with_heldout_replaced(store, split="heldout", seed=0):
+    """A copy of the store whose ``split`` texts hold random (row-stochastic) attention."""
+    from copy import copy
+
+    from attnprog.layout import pack
+
+    clone = copy(store)
+    clone.attn_packed = store.attn_packed.clone()
+    rng = np.random.default_rng(seed)
+    for s in store.split_indices(split):
+        n = int(store.lengths[s])
+        for row in range(store.n_rows):
+            m = np.tril(rng.random((n, n)))
+            m /= m.sum(axis=1, keepdims=True)
+            a, b = int(store.offsets[s]), int(store.offsets[s + 1])
+            clone.attn_packed[row, a:b] = torch.from_numpy(pack(m)).to(clone.attn_packed.dtype)
+    return clone
+
+
+def test_one_fit_per_head_with_at_most_max_terms_features(store, fits):
+    assert len(fits) == store.n_rows
+    for fit in fits:
+        assert len(fit["weights"]) <= QUICK.max_terms and 0.0 <= fit["share"] < 1.0
+        for name in fit["weights"]:
+            feature(name)  # every name is a known feature
+
+
+def test_fits_beat_the_uniform_pattern_on_the_texts_they_were_fitted_on(store, fits):
+    uniform = [{"share": 0.0, "weights": {}}] * store.n_rows
+    fitted_iou = fit_scores(fits, store, "synthesis")
+    assert (fitted_iou >= fit_scores(uniform, store, "synthesis") - 1e-6).all()
+
+
+def test_the_torch_model_and_the_numpy_programs_compute_the_same_matrices(store, fits):
+    texts = store.split_indices("synthesis")
+    sentences = store.sentences(texts)
+    names = sorted({k for f in fits for k in f["weights"]})
+    data = corpus_features(sentences, names)
+    weights = torch.tensor([[f["weights"].get(k, 0.0) for k in names] for f in fits],
+                           dtype=torch.float32) * data.scale
+    shares = torch.tensor([f["share"] for f in fits])
+    torch_cells = model_cells(weights, shares, data).T.numpy()
+    np.testing.assert_allclose(evaluate_fits(fits, sentences), torch_cells, atol=1e-5)
+
+
+def test_fitted_programs_run_unchanged_in_the_sandbox_and_reproduce_the_fit(store):
+    from attnprog.synth.fitted import evaluate_fitted
+    from attnprog.synth.program import validate_many
+    from attnprog.synth.runtime.sandbox import Sandbox
+
+    programs = fitted_programs(store, settings=QUICK, progress=False)
+    assert all(r.ok for r in validate_many(programs))
+    sentences = store.sentences(store.split_indices("heldout"))
+    expected = evaluate_fitted(programs, sentences)
+    with Sandbox(2, progress=False) as box:
+        runs = box.run(programs, sentences)
+    for run, values in zip(runs, expected, strict=True):
+        assert not run.failed.any()
+        np.testing.assert_allclose(run.values, values, atol=1e-5)
+    assert programs[3].provenance["head"] == "L%d.H%d" % store.head_of(3)
+
+
+def test_no_selection_or_heldout_text_changes_a_fit(store, fits):
+    changed = with_heldout_replaced(with_heldout_replaced(store, "heldout"), "selection", seed=1)
+    assert fit_store(changed, settings=QUICK, progress=False) == fits
+
+
+def test_no_heldout_text_changes_which_program_is_chosen(store):
+    from attnprog.engine.pipeline import evaluate_pool, rank_table
+    from attnprog.synth.generator.golden import golden_programs
+
+    pool = golden_programs() + fitted_programs(store, settings=QUICK, progress=False)
+    changed = with_heldout_replaced(store)
+    chosen = []
+    for version in (store, changed):
+        table = rank_table(version, evaluate_pool(version, pool, progress=False))
+        chosen.append(table.best()[1].tolist())
+    assert chosen[0] == chosen[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_gpu_path_fits_like_the_cpu_path(store):
+    gpu = fit_store(store, settings=FitSettings(**{**QUICK.__dict__, "device": "cuda"}),
+                    progress=False)
+    cpu_iou, gpu_iou = fit_scores(fit_store(store, settings=QUICK, progress=False), store,
+                                  "synthesis"), fit_scores(gpu, store, "synthesis")
+    assert abs(cpu_iou.mean() - gpu_iou.mean()) < 0.01
