@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from attnprog.engine.store import AttentionStore
+from attnprog.synth.features import attach_syntax
 from attnprog.synth.fitted import (
     FEATURE_NAMES,
+    SYNTAX_FEATURE_NAMES,
     feature_packed,
     key_token_name,
     program_from_fit,
@@ -34,14 +36,15 @@ class FitSettings:
     """How hard to fit: terms kept per head, optimiser steps per phase, and where to run."""
 
     max_terms: int = 11  # features kept per head (the sink share is one more setting)
-    search_steps: int = 120  # phase 1: every feature, L1 penalty
+    search_steps: int = 100  # phase 1: every feature, L1 penalty
     refit_steps: int = 120  # phase 2: the kept features only
     lr: float = 0.08
-    penalty: float = 3e-4  # L1 on the (scaled) weights during phase 1
+    penalty: float = 2e-3  # L1 on the (scaled) weights during phase 1
     key_tokens: int = 40  # the most frequent token pieces of the split, as key features
-    query_tokens: int = 40  # ... and as queries gating the first token
+    query_tokens: int = 0  # ... and as queries gating the first token (no gain measured)
     heads_per_chunk: int = 48  # bounds memory: [chunk, cells] tensors
     device: str = "cpu"
+    syntax: bool = True  # offer POS / dependency features when spaCy is installed
     initial_share: float | None = None  # None: half the head's mean attention on token 0
     threads: int | None = 1  # CPU threads; 1 because small ops on a busy machine only wait
 
@@ -175,9 +178,11 @@ def frequent_pieces(sentences: Sequence, count: int) -> list[str]:
 
 
 def vocabulary(sentences: Sequence, key_tokens: int, query_tokens: int = 0) -> list[str]:
-    """The features a fit chooses from: every named feature and the frequent tokens, as keys
-    and as queries (seen from which the first token scores more or less)."""
-    return (list(FEATURE_NAMES)
+    """The features a fit chooses from: every named feature (syntax ones when the texts have
+    POS tags), and the frequent tokens as keys and as queries (seen from which the first
+    token scores more or less)."""
+    syntax = list(SYNTAX_FEATURE_NAMES) if sentences and all(s.has_syntax for s in sentences) else []
+    return (list(FEATURE_NAMES) + syntax
             + [key_token_name(p) for p in frequent_pieces(sentences, key_tokens)]
             + [query_token_name(p) for p in frequent_pieces(sentences, query_tokens)])
 
@@ -190,6 +195,8 @@ def fit_store(store: AttentionStore, split: str = "synthesis", settings: FitSett
     settings = settings or FitSettings()
     texts = store.split_indices(split)
     sentences = store.sentences(texts)
+    if settings.syntax:
+        attach_syntax(sentences)  # POS and dependency features when spaCy is installed
     names = vocabulary(sentences, settings.key_tokens, settings.query_tokens)
     data = corpus_features(sentences, names, device=settings.device)
     cells = torch.cat([torch.arange(int(store.offsets[s]), int(store.offsets[s + 1])) for s in texts])

@@ -236,6 +236,26 @@ class Sentence:
         return self._feature("newline", lambda: ["\n" in t for t in self.tokens])
 
     @property
+    def is_content_word(self) -> np.ndarray:
+        """[n] bool: a word start of letters that is not a function word (nouns, verbs, ...)."""
+        return self._feature(
+            "content_word", lambda: self.is_alpha & self.is_word_start & ~self.is_stopword
+        )
+
+    def has_pos(self, tag: str) -> np.ndarray:
+        """[n] bool: the token's POS tag is ``tag`` (all False without syntax)."""
+        if self.pos is None:
+            return np.zeros(self.n, dtype=bool)
+        return np.array([p == tag for p in self.pos], dtype=bool)
+
+    @property
+    def head_index(self) -> np.ndarray:
+        """[n] int: the token index of each token's syntactic head; -1 without syntax."""
+        if self.dep_head is None:
+            return np.full(self.n, -1, dtype=np.int64)
+        return np.asarray(self.dep_head, dtype=np.int64)
+
+    @property
     def is_special(self) -> np.ndarray:
         """[n] bool: the token covers no text (BOS, EOS and other special tokens)."""
         return self._feature("special", lambda: [a == b for a, b in self.offsets])
@@ -328,7 +348,7 @@ _CACHED_FEATURES = (
     "is_alpha", "is_digit", "is_space", "is_quote", "is_open_bracket", "is_close_bracket",
     "is_stopword", "is_special", "sentence_ids", "word_start_index",
     "is_determiner", "is_pronoun", "is_preposition", "is_conjunction", "is_number", "is_name",
-    "is_newline", "previous_occurrence",
+    "is_newline", "previous_occurrence", "is_content_word",
 )
 _SIMPLE_PIECE = re.compile(r"\s*\w+|\s*[^\w\s]|\s+$")
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from attnprog.errors import ProgramError
 from attnprog.layout import causal_offsets, tril_index
+from attnprog.synth.features import attach_syntax
 from attnprog.synth.program import Program
 
 FITTER = "softmax-features"
@@ -55,8 +56,9 @@ _CLASSES = (  # (name, Sentence attribute, phrase): token classes used for keys 
     ("determiner", "is_determiner", "determiners"), ("pronoun", "is_pronoun", "pronouns"),
     ("preposition", "is_preposition", "prepositions"),
     ("conjunction", "is_conjunction", "conjunctions"), ("number", "is_number", "numbers"),
-    ("quote", "is_quote", "quotes"),
+    ("quote", "is_quote", "quotes"), ("content_word", "is_content_word", "content words"),
 )
+POS_TAGS = ("NOUN", "VERB", "ADJ", "ADV", "PROPN", "PRON", "AUX", "ADP", "DET", "CCONJ")
 
 
 FEATURES: tuple[Feature, ...] = (
@@ -99,9 +101,27 @@ FEATURES: tuple[Feature, ...] = (
     Feature("last_name", "j == s.most_recent(s.is_name)[i]", "{w} on the last name"),
     Feature("last_function_word", "j == s.most_recent(s.is_stopword)[i]",
             "{w} on the last function word"),
+)
+_PAIR_CLASSES = ("punct", "sentence_end", "function_word", "content_word", "name", "pronoun",
+                 "determiner", "preposition", "word_start")
+_CLASS = {name: (attr, phrase) for name, attr, phrase in _CLASSES}
+# from a class of query to a class of key: "+1.2 from pronouns to names"
+PAIR_FEATURES: tuple[Feature, ...] = tuple(
+    Feature(f"{q}_to_{k}", f"s.{_CLASS[q][0]}[i] & s.{_CLASS[k][0]}[j]",
+            f"{{w}} from {_CLASS[q][1]} to {_CLASS[k][1]}")
+    for q in _PAIR_CLASSES for k in _PAIR_CLASSES
+)
+FEATURES = FEATURES + PAIR_FEATURES
+# with spaCy: POS tags of the key and dependency arcs (all zero on texts without syntax)
+SYNTAX_FEATURES: tuple[Feature, ...] = (
+    Feature("syntactic_head", "j == s.head_index[i]", "{w} on its syntactic head"),
+    Feature("syntactic_dependent", "s.head_index[j] == i", "{w} on its syntactic dependents"),
+    *(Feature(f"pos_{tag.lower()}", f"s.has_pos({tag!r})[j]", f"{{w}} on {tag} tokens")
+      for tag in POS_TAGS),
 )  # fmt: skip
 FEATURE_NAMES = tuple(f.name for f in FEATURES)
-_BY_NAME = {f.name: f for f in FEATURES}
+SYNTAX_FEATURE_NAMES = tuple(f.name for f in SYNTAX_FEATURES)
+_BY_NAME = {f.name: f for f in FEATURES + SYNTAX_FEATURES}
 KEY_TOKEN = "key_token:"  # + JSON string of a token piece: the key is that very token
 QUERY_TOKEN = "first_from_token:"  # + JSON piece: key 0, seen from a query that is that token
 
@@ -142,7 +162,8 @@ def feature(name: str) -> Feature:
 
 
 def _order(name: str) -> tuple:
-    return (FEATURE_NAMES.index(name), "") if name in _BY_NAME else (len(FEATURE_NAMES), name)
+    known = FEATURE_NAMES + SYNTAX_FEATURE_NAMES
+    return (known.index(name), "") if name in _BY_NAME else (len(known), name)
 
 
 @cache
@@ -214,6 +235,8 @@ def evaluate_fits(fits: Sequence[dict], sentences: Sequence) -> np.ndarray:
     computed once for all fits)."""
     fits = [check_fit(f) for f in fits]
     used = sorted({k for f in fits for k in f["weights"]}, key=_order)
+    if set(used) & set(SYNTAX_FEATURE_NAMES) and not all(s.has_syntax for s in sentences):
+        attach_syntax(sentences)  # as evaluate_programs does for programs that read s.pos
     offsets = causal_offsets([s.n for s in sentences])
     out = np.empty((len(fits), int(offsets[-1])), dtype=np.float32)
     for t, s in enumerate(sentences):

@@ -117,3 +117,31 @@ def test_the_gpu_path_fits_like_the_cpu_path(store):
     cpu_iou, gpu_iou = fit_scores(fit_store(store, settings=QUICK, progress=False), store,
                                   "synthesis"), fit_scores(gpu, store, "synthesis")
     assert abs(cpu_iou.mean() - gpu_iou.mean()) < 0.01
+
+
+def test_the_pipeline_fits_every_head_ranks_the_fits_and_resumes(tmp_path):
+    from attnprog.engine.pipeline import RunConfig, run_pipeline
+    from attnprog.engine.rank import IoUTable
+
+    config = RunConfig(out=str(tmp_path / "run"), model="tiny-gpt2", limit=30, max_tokens=24,
+                       n_candidates=50, fraction=0.25, qa=False, fit_terms=4)
+    lines: list[str] = []
+    summary = run_pipeline(config, echo=lines.append)
+    assert summary["fitted_programs"] == summary["store"]["heads"] == 8
+    table = IoUTable.load(tmp_path / "run" / "iou_table.safetensors")
+    fitted = [p for p in table.programs if p.family == "fitted"]
+    assert len(fitted) == 8 and all(p.provenance["split"] == "synthesis" for p in fitted)
+
+    again: list[str] = []
+    run_pipeline(config, echo=again.append)
+    stage = "\n".join(again).split("[2b/5")[1].split("done in")[0]
+    assert "reused" in stage and "fitted.jsonl" in stage
+
+
+def test_the_pipeline_without_fitting_adds_no_fitted_programs(tmp_path):
+    from attnprog.engine.pipeline import RunConfig, run_pipeline
+
+    config = RunConfig(out=str(tmp_path / "run"), model="tiny-gpt2", limit=30, max_tokens=24,
+                       n_candidates=50, fraction=0.25, qa=False, fit=False)
+    summary = run_pipeline(config, echo=lambda line: None)
+    assert "fitted_programs" not in summary and not (tmp_path / "run" / "fitted.jsonl").exists()
