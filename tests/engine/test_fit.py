@@ -89,7 +89,8 @@ def test_fitted_programs_run_unchanged_in_the_sandbox_and_reproduce_the_fit(stor
     for run, values in zip(runs, expected, strict=True):
         assert not run.failed.any()
         np.testing.assert_allclose(run.values, values, atol=1e-5)
-    assert programs[3].provenance["head"] == "L%d.H%d" % store.head_of(3)
+    layer, head = store.head_of(3)
+    assert programs[3].provenance["head"] == f"L{layer}.H{head}"
 
 
 def test_no_selection_or_heldout_text_changes_a_fit(store, fits):
