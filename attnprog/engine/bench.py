@@ -21,6 +21,7 @@ Used by ``attnprog bench`` and by ``bench/bench_iou.py``.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -34,13 +35,9 @@ P_SIZES = (256, 1024, 4096)
 H_SIZES = (144, 270, 704)  # GPT-2 (12 x 12), SmolLM2-135M (30 x 9), TinyLlama (22 x 32)
 QUICK_SHAPES = ((256, 144), (1024, 270), (4096, 704))
 
-# fp32 pair-cells/s a GPU can do at most: min and add are 2 instructions per pair-cell on
-# 128 fp32 lanes per SM per clock, so SMs x 128 x boost clock / 2 (see kernels/iou.py).
-KNOWN_BOUNDS = {
-    "H100": 132 * 128 * 1.98e9 / 2,  # SXM; H200 is the same GH100 die and clocks
-    "H200": 132 * 128 * 1.98e9 / 2,
-    "A100": 108 * 64 * 1.41e9 / 2,  # 64 fp32 lanes per SM on Ampere GA100
-}
+# fp32 lanes per SM by compute capability (CUDA programming guide, arithmetic throughput):
+# 64 on Volta/Turing and on GA100 (8.0), 128 on the other Ampere parts, Ada, Hopper and later.
+FP32_LANES = {(7, 0): 64, (7, 2): 64, (7, 5): 64, (8, 0): 64}
 
 
 @dataclass
@@ -194,17 +191,46 @@ def _numba_threads() -> int:
     return numba.get_num_threads()
 
 
+def sm_clock_hz(device) -> tuple[float | None, str]:
+    """(maximum SM clock in Hz, where it was read) of a CUDA device, or (None, "")."""
+    index = torch.device(device).index or 0
+    try:  # NVML, as nvidia-smi reads it
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM) * 1e6, "NVML"
+    except Exception:  # noqa: BLE001 - NVML missing or refused: try the next source
+        pass
+    try:
+        text = subprocess.run(
+            ["nvidia-smi", f"--id={index}", "--query-gpu=clocks.max.sm",
+             "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10,
+        ).stdout
+        return float(text.split()[0]) * 1e6, "nvidia-smi"
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        pass
+    rate = getattr(torch.cuda.get_device_properties(device), "clock_rate", None)  # kHz, some builds
+    return (rate * 1e3, "torch") if rate else (None, "")
+
+
 def hardware_bound(device) -> tuple[float | None, str]:
-    """(fp32 pair-cells/s bound, how it was obtained) for a CUDA device; (None, "") on CPU."""
+    """(fp32 pair-cells/s bound, how it was obtained) for a CUDA device; (None, "") on CPU.
+
+    min and add are two fp32 instructions per pair-cell, so the bound is
+    SMs x fp32 lanes per SM x maximum SM clock / 2, all read from the device.
+    """
     device = torch.device(device)
     if device.type != "cuda":
         return None, ""
-    name = torch.cuda.get_device_name(device)
-    for key, bound in KNOWN_BOUNDS.items():
-        if key in name:
-            return bound, f"{key}: SMs x fp32 lanes x boost clock / 2"
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return sms * 128 * 1.7e9 / 2, f"estimate: {sms} SMs x 128 lanes x 1.7 GHz / 2"
+    props = torch.cuda.get_device_properties(device)
+    lanes = FP32_LANES.get((props.major, props.minor), 128)
+    clock, source = sm_clock_hz(device)
+    if clock is None:
+        clock, source = 1.5e9, "assumed, not readable"
+    note = (f"{props.multi_processor_count} SMs x {lanes} fp32 lanes x {clock / 1e9:.2f} GHz "
+            f"({source}) / 2")
+    return props.multi_processor_count * lanes * clock / 2, note
 
 
 def run_rank_bench(
