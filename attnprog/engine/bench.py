@@ -24,6 +24,7 @@ from __future__ import annotations
 import subprocess
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -308,3 +309,59 @@ def format_results(rows: list[dict]) -> str:
     first = rows[0]
     head = _title(first["device"], first["impl"], first["dtype"], first["S"], first["n"])
     return "\n".join([head, HEADER] + [format_row(r) for r in rows])
+
+
+# --- head replacement: the override kernel per layer ------------------------------------------
+
+OVERRIDE_SHAPES = (  # (batch, query heads, KV heads, tokens, head size)
+    (16, 9, 3, 256, 64),  # SmolLM2-135M, the GPU target batch
+    (4, 32, 8, 1024, 64),  # Llama-3.2-1B
+    (1, 32, 8, 4096, 64),
+    (4, 16, 4, 1024, 128),
+    (16, 16, 4, 256, 128),
+)
+
+
+def run_override_bench(device=None, dtype: torch.dtype = torch.float16, shapes=OVERRIDE_SHAPES,
+                       fraction: float = 0.25, verbose: bool = True) -> list[dict]:
+    """One attention layer four ways, in microseconds: SDPA (FlashAttention on GPU), the fused
+    override kernel with no head and with ``fraction`` of heads flagged, and eager attention
+    with the flagged heads' probabilities overwritten (the authors' method)."""
+    from attnprog.kernels.override import override_attention
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = []
+    if verbose:
+        print(f"override attention per layer on {_device_name(device)} ({str(dtype)[6:]}), "
+              f"{fraction:.0%} of heads flagged; microseconds")
+        print(f"{'B':>3} {'H':>3} {'KV':>3} {'n':>5} {'D':>4} {'sdpa':>8} {'fused 0%':>9} "
+              f"{'fused':>8} {'eager':>9} {'0%/sdpa':>8} {'flag/sdpa':>9} {'eager/flag':>10}")
+    gen = torch.Generator().manual_seed(0)
+    for batch, heads, kv_heads, n, dim in shapes:
+        def rand(*shape):
+            return torch.randn(*shape, generator=gen).to(device, dtype)
+
+        # [B, n, H, D] storage seen as [B, H, n, D], as Hugging Face hands it over
+        q = rand(batch, n, heads, dim).transpose(1, 2)
+        k, v = rand(batch, n, kv_heads, dim).transpose(1, 2), rand(batch, n, kv_heads, dim).transpose(1, 2)
+        flags = torch.zeros(heads, dtype=torch.bool)
+        flags[torch.randperm(heads, generator=gen)[: max(1, round(fraction * heads))]] = True
+        probs = torch.rand(batch, int(flags.sum()), n, n, generator=gen).tril()
+        probs = (probs / probs.sum(-1, keepdim=True)).to(device, dtype)
+        sdpa_call = partial(torch.nn.functional.scaled_dot_product_attention, q, k, v,
+                            is_causal=True, enable_gqa=True)
+        sdpa = time_call(sdpa_call, device, repeats=20, warmup=3)
+        plain = time_call(partial(override_attention, q, k, v), device, repeats=20, warmup=3)
+        fused = time_call(partial(override_attention, q, k, v, flags, probs), device,
+                          repeats=20, warmup=3)
+        eager = time_call(partial(override_attention, q, k, v, flags, probs, impl="reference"),
+                          device, repeats=5, warmup=1)
+        row = {"device": _device_name(device), "dtype": str(dtype)[6:], "B": batch, "H": heads,
+               "KV": kv_heads, "n": n, "D": dim, "sdpa_us": sdpa * 1e6, "fused_0_us": plain * 1e6,
+               "fused_us": fused * 1e6, "eager_us": eager * 1e6, "fraction": fraction}
+        rows.append(row)
+        if verbose:
+            print(f"{batch:>3} {heads:>3} {kv_heads:>3} {n:>5} {dim:>4} {sdpa * 1e6:>8.1f} "
+                  f"{plain * 1e6:>9.1f} {fused * 1e6:>8.1f} {eager * 1e6:>9.1f} "
+                  f"{plain / sdpa:>8.2f} {fused / sdpa:>9.2f} {eager / fused:>10.1f}", flush=True)
+    return rows

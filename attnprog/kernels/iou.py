@@ -343,10 +343,12 @@ if triton is not None:
         offsets_ptr,  # [S + 1] int64, padded offsets
         item_text_ptr,  # [items] int32: the text of each work item
         item_tile_ptr,  # [items] int32: its program tile
-        out_ptr,  # [P, H, S] fp32
+        out_ptr,  # [P, H, S] fp32, zeros when SPLIT
         n_programs,
         n_heads,
         n_tiles_h,
+        n_splits,
+        split_cells,  # cells per split, a multiple of UNROLL
         stride_prog,
         stride_attn,
         stride_out_p,
@@ -354,45 +356,44 @@ if triton is not None:
         BLOCK_P: tl.constexpr,
         BLOCK_H: tl.constexpr,
         UNROLL: tl.constexpr,
-        TILE3D: tl.constexpr = False,
+        SPLIT: tl.constexpr,
     ):
-        # One instance = one BLOCK_P x BLOCK_H tile of M for one (text, program tile) item;
-        # head tiles are fastest in the grid, so neighbours share the item's program columns.
+        # One instance = one BLOCK_P x BLOCK_H tile of M for one (text, program tile) item and
+        # one split of the text's cells (splits add into M atomically: more instances in
+        # flight for small P x H, shorter fp32 sums for long texts). Head tiles are fastest
+        # in the grid, then splits, so neighbours share the item's program columns in L2.
         pid = tl.program_id(0)
         tile_h = pid % n_tiles_h
-        item = pid // n_tiles_h
+        split = (pid // n_tiles_h) % n_splits
+        item = pid // (n_tiles_h * n_splits)
         text = tl.load(item_text_ptr + item)
         tile_p = tl.load(item_tile_ptr + item)
         start = tl.load(offsets_ptr + text)  # int64: packed corpora pass 2^31 cells
         end = tl.load(offsets_ptr + text + 1)
+        start = start + split * split_cells
+        end = tl.minimum(end, start + split_cells)
 
         offs_p = tile_p * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_h = tile_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        prog = prog_t_ptr + start * stride_prog + offs_p  # [BP] pointers into one cell's row
+        attn = attn_t_ptr + start * stride_attn + offs_h  # [BH]
         acc = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
-        if TILE3D:  # UNROLL cells as one [U, BP] x [U, BH] step, reduced over the cell axis
-            offs_u = tl.arange(0, UNROLL)
-            prog3 = prog_t_ptr + (start + offs_u)[:, None] * stride_prog + offs_p[None, :]
-            attn3 = attn_t_ptr + (start + offs_u)[:, None] * stride_attn + offs_h[None, :]
-            for _ in range(start, end, UNROLL):
-                p3 = tl.load(prog3)
-                a3 = tl.load(attn3)
-                acc += tl.sum(tl.minimum(p3[:, :, None], a3[:, None, :]), axis=0)
-                prog3 += UNROLL * stride_prog
-                attn3 += UNROLL * stride_attn
-        else:
-            prog = prog_t_ptr + start * stride_prog + offs_p  # [BP] pointers into one cell's row
-            attn = attn_t_ptr + start * stride_attn + offs_h  # [BH]
-            for _ in range(start, end, UNROLL):  # texts are padded to whole UNROLLs: no mask
-                for u in tl.static_range(UNROLL):
-                    p = tl.load(prog + u * stride_prog)
-                    a = tl.load(attn + u * stride_attn)
-                    acc += tl.minimum(p[:, None], a[None, :])  # outer product, min for multiply
-                prog += UNROLL * stride_prog
-                attn += UNROLL * stride_attn
+        for _ in range(start, end, UNROLL):  # texts are padded to whole UNROLLs: no mask
+            for u in tl.static_range(UNROLL):
+                p = tl.load(prog + u * stride_prog)
+                a = tl.load(attn + u * stride_attn)
+                acc += tl.minimum(p[:, None], a[None, :])  # outer product, min for multiply
+            prog += UNROLL * stride_prog
+            attn += UNROLL * stride_attn
 
         out = (out_ptr + offs_p.to(tl.int64)[:, None] * stride_out_p
                + offs_h.to(tl.int64)[None, :] * stride_out_h + text)
-        tl.store(out, acc, mask=(offs_p < n_programs)[:, None] & (offs_h < n_heads)[None, :])
+        if SPLIT:  # a split past the end of a short text has nothing to add
+            rows = tl.where(start < end, n_programs, 0)
+            mask = (offs_p < rows)[:, None] & (offs_h < n_heads)[None, :]
+            tl.atomic_add(out, acc, mask=mask, sem="relaxed")
+        else:
+            tl.store(out, acc, mask=(offs_p < n_programs)[:, None] & (offs_h < n_heads)[None, :])
 
     @triton.jit
     def _sum_min_sparse_kernel(
@@ -454,17 +455,35 @@ def _interpreted() -> bool:
 def _pick_tiles(n_programs: int, n_heads: int) -> tuple[int, int, int, int]:
     """(BLOCK_P, BLOCK_H, UNROLL, num_warps) of the dense kernel for a launch.
 
-    Tuned on an H100 (bench/RESULTS.md): 128 x 64 tiles, 4 warps, 4 cells a step. Small P or H
-    shrink the tile so few lanes are masked off.
+    Swept on an H100 (bench/tune_gpu.py, bench/RESULTS.md): 64 accumulators a thread over
+    2 warps ran fastest (64 x 64 tiles: 46 % of the bound, against 40 % for 128 x 64 over
+    4 warps), since small instances fit more per SM to hide load latency. BLOCK_H is 32 or
+    64, whichever pads the heads less (144 heads: 160, not 192). Small P or H shrink the tile.
     """
-    block_p = min(128, max(16, triton.next_power_of_2(n_programs)))
-    block_h = min(64, max(16, triton.next_power_of_2(n_heads)))
-    return block_p, block_h, 4, 4
+    block_h = 64 if -(-n_heads // 64) * 64 <= -(-n_heads // 32) * 32 else 32
+    block_h = min(block_h, max(16, triton.next_power_of_2(n_heads)))
+    block_p = min(4096 // block_h, max(16, triton.next_power_of_2(n_programs)))
+    return block_p, block_h, 4, 2
+
+
+def _n_splits(n_instances: int, longest: int, device) -> int:
+    """Splits of each text's cells: enough instances for ~16 per SM, and fp32 sums of at
+    most MAX_SPLIT_CELLS cells, but no split shorter than MIN_SPLIT_CELLS."""
+    if torch.device(device).type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = max(-(-16 * sms // max(n_instances, 1)), -(-longest // MAX_SPLIT_CELLS))
+    return max(1, min(wanted, longest // MIN_SPLIT_CELLS))
+
+
+MIN_SPLIT_CELLS = 256
+MAX_SPLIT_CELLS = 16384
 
 
 def _sparse_tiles(block_p: int, n_heads: int) -> tuple[int, int]:
-    """(BLOCK_H, num_warps) of the sparse kernel, given the shared BLOCK_P."""
-    return min(128, max(16, triton.next_power_of_2(n_heads))), 4
+    """(BLOCK_H, num_warps) of the sparse kernel, given the shared BLOCK_P: 32 heads over 2
+    warps was the fastest swept (bench/RESULTS.md)."""
+    return min(32, max(16, triton.next_power_of_2(n_heads))), 2
 
 
 @dataclass
@@ -486,7 +505,7 @@ def _row_nonzeros(programs: torch.Tensor, layout: DeviceLayout, rows: int = 1024
 
 
 def _sparse_plan(programs: torch.Tensor, layout: DeviceLayout, block_p: int, p_pad: int,
-                 mode: str) -> _SparsePlan:
+                 mode: str, counts: torch.Tensor | None = None) -> _SparsePlan:
     """Which (program tile, text) blocks are sparse, and their ELLPACK layout."""
     n_programs, n_texts = programs.shape[0], layout.n_texts
     n_tiles_p = p_pad // block_p
@@ -494,9 +513,9 @@ def _sparse_plan(programs: torch.Tensor, layout: DeviceLayout, block_p: int, p_p
     if mode == "dense":  # no need to count non-zeros
         return _SparsePlan(torch.zeros(n_tiles_p, n_texts, dtype=torch.bool),
                            torch.zeros(n_tiles_p, n_texts, dtype=torch.int32, device=device))
-    counts = torch.zeros(p_pad, n_texts, device=device)
-    counts[:n_programs] = _row_nonzeros(programs, layout)
-    width = counts.view(n_tiles_p, block_p, n_texts).amax(1)  # [tiles, S]: steps per block
+    padded = torch.zeros(p_pad, n_texts, device=device)
+    padded[:n_programs] = _row_nonzeros(programs, layout) if counts is None else counts
+    width = padded.view(n_tiles_p, block_p, n_texts).amax(1)  # [tiles, S]: steps per block
     padded_lengths = (layout.offsets_pad[1:] - layout.offsets_pad[:-1]).to(device)
     if mode == "sparse":
         sparse = torch.ones(n_tiles_p, n_texts, dtype=torch.bool, device=device)
@@ -543,6 +562,7 @@ def sum_min_triton(
     num_warps: int | None = None,
     *,
     unroll: int | None = None,
+    splits: int | None = None,
     mode: str = "auto",
     layout: DeviceLayout | None = None,
 ) -> torch.Tensor:
@@ -550,7 +570,8 @@ def sum_min_triton(
     (TRITON_INTERPRET=1), else on the GPU, copied there and back.
 
     ``mode``: "auto" (sparse kernel for sparse program blocks, dense for the rest), "dense"
-    or "sparse". ``layout``: :func:`device_layout` of ``attention``, if already built. Tile
+    or "sparse". ``splits``: parts of each text's cells for the dense kernel (default: enough
+    to fill the GPU). ``layout``: :func:`device_layout` of ``attention``, if already built. Tile
     sizes default to :func:`_pick_tiles`; pass them to test masking or to tune.
     """
     if triton is None:
@@ -565,7 +586,7 @@ def sum_min_triton(
     if device.type != "cuda" and not _interpreted():
         if torch.cuda.is_available():  # forced onto the Triton path: run it on the GPU
             return sum_min_triton(programs.cuda(), attention.cuda(), offsets, block_p, block_h,
-                                  num_warps, unroll=unroll, mode=mode).to(device)
+                                  num_warps, unroll=unroll, splits=splits, mode=mode).to(device)
         raise ValueError(
             "the Triton kernel needs a CUDA GPU; to run it on the CPU set TRITON_INTERPRET=1 "
             "before triton is first imported"
@@ -584,28 +605,47 @@ def sum_min_triton(
     if CELL_MULTIPLE % unroll or HEAD_MULTIPLE % block_h:
         raise ValueError(f"unroll must divide {CELL_MULTIPLE} and block_h {HEAD_MULTIPLE}")
     p_pad = -(-n_programs // block_p) * block_p
-    plan = _sparse_plan(programs, layout, block_p, p_pad, mode)
+    order = None
+    if mode != "dense":
+        # Sort programs by their number of non-zero cells so one-hot rows share blocks with
+        # one-hot rows: a block's sparse steps are its widest row's non-zeros.
+        counts = _row_nonzeros(programs, layout)
+        order = torch.argsort(counts.sum(1), stable=True)
+        programs, counts = programs[order], counts[order]
+    plan = _sparse_plan(programs, layout, block_p, p_pad, mode,
+                        counts=None if order is None else counts)
     dense = ~plan.sparse
     if bool(dense.any()):
         prog_t = programs_cell_major(programs, layout, p_pad)
-        _launch_dense(prog_t, layout, _items(dense, device), out, block_p, block_h, unroll,
-                      num_warps)
+        items = _items(dense, device)
+        n_tiles_h = triton.cdiv(n_heads, block_h)
+        longest = int((layout.offsets_pad[1:] - layout.offsets_pad[:-1]).max())
+        n_splits = splits or _n_splits(items[0].numel() * n_tiles_h, longest, device)
+        _launch_dense(prog_t, layout, items, out, block_p, block_h, unroll, num_warps, n_splits)
     if bool(plan.sparse.any()):
         sparse_h, sparse_warps = _sparse_tiles(block_p, n_heads)
         _launch_sparse(plan, layout, _items(plan.sparse, device), out, block_p, sparse_h,
                        sparse_warps)
+    if order is not None:
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out
+        out = unsorted
     return out
 
 
-def _launch_dense(prog_t, layout, items, out, block_p, block_h, unroll, num_warps, tile3d=False):
-    """Run the dense kernel on ``items`` (text, program tile); returns the compiled kernel."""
+def _launch_dense(prog_t, layout, items, out, block_p, block_h, unroll, num_warps, n_splits=1):
+    """Run the dense kernel on ``items`` (text, program tile), each text's cells in
+    ``n_splits`` parts (``out`` must then be zeros); returns the compiled kernel."""
     item_text, item_tile = items
     n_tiles_h = triton.cdiv(out.shape[1], block_h)
-    return _sum_min_dense_kernel[(item_text.numel() * n_tiles_h,)](
+    longest = int((layout.offsets_pad[1:] - layout.offsets_pad[:-1]).max())
+    split_cells = -(-longest // (n_splits * unroll)) * unroll
+    return _sum_min_dense_kernel[(item_text.numel() * n_splits * n_tiles_h,)](
         prog_t, layout.attention_t, layout.offsets_pad_device, item_text, item_tile, out,
-        out.shape[0], out.shape[1], n_tiles_h, prog_t.stride(0), layout.attention_t.stride(0),
-        out.stride(0), out.stride(1),
-        BLOCK_P=block_p, BLOCK_H=block_h, UNROLL=unroll, TILE3D=tile3d, num_warps=num_warps,
+        out.shape[0], out.shape[1], n_tiles_h, n_splits, split_cells,
+        prog_t.stride(0), layout.attention_t.stride(0), out.stride(0), out.stride(1),
+        BLOCK_P=block_p, BLOCK_H=block_h, UNROLL=unroll, SPLIT=n_splits > 1,
+        num_warps=num_warps,
     )
 
 

@@ -342,9 +342,12 @@ def _tiles(n_q: int, head_dim: int) -> tuple[int, int, int, int]:
         return 16, 16, 2, 1
     if n_q <= 64:
         return 32, 32, 4, 2
-    # 64 x 64 tiles of a D <= 128 head keep q, k, v and the score tile in registers on
-    # Ampere/Hopper with 4 warps; 2 stages overlap the next K/V load with this tile's math
-    return 64, 64, 4, 2
+    # Swept on an H100 (bench/tune_gpu.py, bench/RESULTS.md): 64 x 64 tiles, 4 warps, 3 stages
+    # were within 0.91-1.13x SDPA from n = 256 to 4096 at head size 64 and 128; at 128 with
+    # short texts, 64 x 32 tiles (fewer registers, more resident programs) did better.
+    if head_dim > 64 and n_q <= 256:
+        return 64, 32, 4, 3
+    return 64, 64, 4, 3
 
 
 def override_attention_triton(
