@@ -29,7 +29,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from attnprog.kernels.iou import resolve_impl, sum_min, sum_min_torch
+from attnprog.kernels.iou import device_layout, resolve_impl, sum_min, sum_min_torch
 from attnprog.layout import causal_offsets, tril_index, unpack
 
 P_SIZES = (256, 1024, 4096)
@@ -47,6 +47,7 @@ class BenchData:
     attention: torch.Tensor  # [H, C] packed attention
     offsets: torch.Tensor  # [S + 1]
     n: int  # tokens per text
+    layout: object = None  # the Triton path's device layout of the attention, built once
 
     @property
     def pair_cells(self) -> int:
@@ -127,10 +128,16 @@ def time_call(fn, device="cpu", repeats: int = 3, warmup: int = 1) -> float:
 
 
 def kernel_seconds(data: BenchData, impl: str = "auto") -> float:
-    """Seconds of one ``sum_min`` call on the whole shape (synchronised on CUDA)."""
+    """Seconds of one ``sum_min`` call on the whole shape (synchronised on CUDA).
+
+    On the Triton path the attention's cell-major layout is built once per data set, as
+    ranking builds it once per store; the programs' layout is built in every call.
+    """
     device = data.programs.device
-    return time_call(lambda: sum_min(data.programs, data.attention, data.offsets, impl=impl),
-                     device, repeats=1, warmup=0)
+    if resolve_impl(impl, device) == "triton" and data.layout is None:
+        data.layout = device_layout(data.attention, data.offsets)
+    return time_call(lambda: sum_min(data.programs, data.attention, data.offsets, impl=impl,
+                                     layout=data.layout), device, repeats=1, warmup=0)
 
 
 def torch_rate(data: BenchData, sample_programs: int = 64) -> float:
@@ -322,11 +329,23 @@ OVERRIDE_SHAPES = (  # (batch, query heads, KV heads, tokens, head size)
 )
 
 
+def _layer_seconds(fn, device) -> float:
+    """Median GPU seconds of ``fn`` (CUDA events via triton.testing.do_bench, launches queued
+    ahead as in a forward pass, so Python launch overhead is not counted); on the CPU, wall
+    seconds."""
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+    return time_call(fn, device, repeats=5, warmup=1)
+
+
 def run_override_bench(device=None, dtype: torch.dtype = torch.float16, shapes=OVERRIDE_SHAPES,
                        fraction: float = 0.25, verbose: bool = True) -> list[dict]:
     """One attention layer four ways, in microseconds: SDPA (FlashAttention on GPU), the fused
     override kernel with no head and with ``fraction`` of heads flagged, and eager attention
-    with the flagged heads' probabilities overwritten (the authors' method)."""
+    with the flagged heads' probabilities overwritten (the authors' method). GPU time per
+    layer, see :func:`_layer_seconds`."""
     from attnprog.kernels.override import override_attention
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -350,12 +369,11 @@ def run_override_bench(device=None, dtype: torch.dtype = torch.float16, shapes=O
         probs = (probs / probs.sum(-1, keepdim=True)).to(device, dtype)
         sdpa_call = partial(torch.nn.functional.scaled_dot_product_attention, q, k, v,
                             is_causal=True, enable_gqa=True)
-        sdpa = time_call(sdpa_call, device, repeats=20, warmup=3)
-        plain = time_call(partial(override_attention, q, k, v), device, repeats=20, warmup=3)
-        fused = time_call(partial(override_attention, q, k, v, flags, probs), device,
-                          repeats=20, warmup=3)
-        eager = time_call(partial(override_attention, q, k, v, flags, probs, impl="reference"),
-                          device, repeats=5, warmup=1)
+        sdpa = _layer_seconds(sdpa_call, device)
+        plain = _layer_seconds(partial(override_attention, q, k, v), device)
+        fused = _layer_seconds(partial(override_attention, q, k, v, flags, probs), device)
+        eager = _layer_seconds(partial(override_attention, q, k, v, flags, probs,
+                                       impl="reference"), device)
         row = {"device": _device_name(device), "dtype": str(dtype)[6:], "B": batch, "H": heads,
                "KV": kv_heads, "n": n, "D": dim, "sdpa_us": sdpa * 1e6, "fused_0_us": plain * 1e6,
                "fused_us": fused * 1e6, "eager_us": eager * 1e6, "fraction": fraction}

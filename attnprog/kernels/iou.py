@@ -270,11 +270,16 @@ def sum_min_numba(
 # W non-zero cells, the sparse kernel walks W steps instead of the text's C_s cells: step k
 # gathers, for each program, the attention row of its k-th non-zero cell (an ELLPACK layout:
 # [W, BLOCK_P] cell indices and values). "auto" picks per (program block, text):
-# sparse when SPARSE_COST * W < C_s.
+# sparse when SPARSE_COST * W < C_s, once there are SPARSE_MIN_HEADS heads to share the
+# planning; programs are sorted by their non-zero count first, so one-hot rows share blocks.
 
 CELL_MULTIPLE = 8  # cells per text are padded to this: UNROLL must divide it
 HEAD_MULTIPLE = 128  # heads are padded to this: every BLOCK_H <= 128 tiles them without a mask
 SPARSE_COST = 3.0  # one gathered step costs about this many dense steps (tuned on an H100)
+# Planning the sparse path (counting, sorting, gathering the non-zeros) makes a few passes over
+# the P x C programs, which costs about as much as the dense kernel's P x H x C work at ~250
+# heads (H100, bench/RESULTS.md): "auto" plans only from this many heads on.
+SPARSE_MIN_HEADS = 256
 MODES = ("auto", "dense", "sparse")
 
 
@@ -330,7 +335,9 @@ def programs_cell_major(programs: torch.Tensor, layout: DeviceLayout, p_pad: int
     """programs [P, C] -> fp32 [C_pad, p_pad] in ``layout``'s padded cells (padding is 0)."""
     out = torch.zeros(layout.attention_t.shape[0], p_pad, dtype=torch.float32,
                       device=layout.device)
-    out[layout.cell_index, : programs.shape[0]] = programs.detach().T.float()
+    # a contiguous transpose first: a scatter that reads the strided view is several times slower
+    transposed = programs.detach().float().T.contiguous()  # [C, P]
+    out[:, : programs.shape[0]].index_copy_(0, layout.cell_index, transposed)
     return out
 
 
@@ -606,6 +613,8 @@ def sum_min_triton(
         raise ValueError(f"unroll must divide {CELL_MULTIPLE} and block_h {HEAD_MULTIPLE}")
     p_pad = -(-n_programs // block_p) * block_p
     order = None
+    if mode == "auto" and n_heads < SPARSE_MIN_HEADS:
+        mode = "dense"  # the sparse plan's passes over P x C would cost more than they save
     if mode != "dense":
         # Sort programs by their number of non-zero cells so one-hot rows share blocks with
         # one-hot rows: a block's sparse steps are its widest row's non-zeros.
