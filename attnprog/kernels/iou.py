@@ -23,11 +23,13 @@ flops, so it runs at memory speed (~7e8 pair-cells/s on 2 CPU cores).
 
 The shape of the fix. M is a GEMM with (min, +) in place of (×, +): for each text, the
 [P, n_s] program block "times" the transposed [H, n_s] attention block. Tensor cores only
-multiply, so we tile it like a CUDA-core GEMM: one program instance owns a
-BLOCK_P × BLOCK_H tile of M for one text, keeps the tile in registers in fp32, and walks
-the text's cells BLOCK_C at a time. Each step loads (BLOCK_P + BLOCK_H) · BLOCK_C values
-and does BLOCK_P · BLOCK_H · BLOCK_C min+add pairs, so with 64 × 64 tiles every loaded
-value feeds 32 pairs and the kernel is bound by arithmetic, not memory.
+multiply, so we tile it like a CUDA-core GEMM in its outer-product form: one program
+instance owns a BLOCK_P × BLOCK_H tile of M for one text, keeps the tile in registers in
+fp32, and walks the text's cells one at a time. Both sides are stored cell-major, so a step
+loads BLOCK_P contiguous program values and BLOCK_H contiguous attention values and does
+BLOCK_P · BLOCK_H min+add pairs: with 64 × 64 tiles every loaded value feeds 32 pairs and
+the kernel is bound by arithmetic, not memory. A sparse twin walks only each program's
+non-zero cells (see "GPU path" below).
 
 The hardware bound (H100 SXM). min and add are two separate fp32 instructions (there is
 no fused min-add). An SM issues 128 fp32 lane-operations per clock, so at the 1.98 GHz
