@@ -51,6 +51,7 @@ Entry points: :func:`sum_min`, :func:`text_sums`, :func:`iou_from_sums`, :func:`
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -480,9 +481,14 @@ def _n_splits(n_instances: int, longest: int, device) -> int:
     most MAX_SPLIT_CELLS cells, but no split shorter than MIN_SPLIT_CELLS."""
     if torch.device(device).type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(torch.device(device).index or 0)
     wanted = max(-(-16 * sms // max(n_instances, 1)), -(-longest // MAX_SPLIT_CELLS))
     return max(1, min(wanted, longest // MIN_SPLIT_CELLS))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 MIN_SPLIT_CELLS = 256
