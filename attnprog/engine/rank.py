@@ -236,11 +236,14 @@ _DEVICE_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # outputs
 
 def _device_rows(outputs, device: torch.device) -> _DeviceRows | None:
     """The GPU row maker of streamed generator outputs (one per outputs object), or None
-    where rows come from the CPU: not on CUDA, or not streamed outputs."""
+    where rows come from the CPU: not on CUDA, not streamed outputs, or no generator program."""
     if device.type != "cuda" or not hasattr(outputs, "sentences"):
         return None
     if outputs not in _DEVICE_ROWS:
-        _DEVICE_ROWS[outputs] = _DeviceRows(outputs, device)
+        from attnprog.synth.generator.specs import is_generated
+
+        mixable = any(is_generated(p) for p in outputs.programs)  # else: copy rows as before
+        _DEVICE_ROWS[outputs] = _DeviceRows(outputs, device) if mixable else None
     return _DEVICE_ROWS[outputs]
 
 
