@@ -183,6 +183,8 @@ def run(
     qa: bool = typer.Option(True, help="score the built-in QA sample in the sweep"),
     batch_size: int = typer.Option(8),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    ray: str = typer.Option("", "--ray", help="evaluate, rank and sweep on a Ray cluster: its "
+                            "address (HOST:PORT, ray://HOST:10001) or 'auto' (this machine's)"),
 ) -> None:
     """Run the whole pipeline: extract, generate, evaluate, rank, replace heads."""
     from attnprog.engine.pipeline import RunConfig, run_pipeline
@@ -190,7 +192,7 @@ def run(
     run_pipeline(RunConfig(
         out=str(out), model=model, corpus=corpus, text_field=text_field, limit=limit,
         max_tokens=max_tokens, n_candidates=candidates, fraction=fraction, qa=qa,
-        batch_size=batch_size, device=device,
+        batch_size=batch_size, device=device, ray=ray,
     ), echo=typer.echo)
 
 
@@ -207,6 +209,8 @@ def rank_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     impl: str = typer.Option("auto", help="sum-min path: auto, triton, numba or torch"),
     memory_mb: int = typer.Option(512, help="working memory per program chunk, MiB"),
+    ray: str = typer.Option("", "--ray", help="evaluate and rank on a Ray cluster, heads sharded "
+                            "over its GPUs: its address (HOST:PORT) or 'auto' (this machine's)"),
 ) -> None:
     """Score every program against every head; write the IoU table and print best fits."""
     import time
@@ -232,11 +236,11 @@ def rank_command(
         attention = ranking_subset(attention, split, heldout)
         programs = load_pool(pool)
         typer.echo(f"evaluating {len(programs)} programs on {attention.n_texts} texts")
-        program_outputs = evaluate_pool(attention, programs)
+        program_outputs = evaluate_pool(attention, programs, ray=ray)
 
     start = time.perf_counter()
     table = rank_table(attention, program_outputs, split=split, heldout=heldout, per_text=per_text,
-                       impl=impl, memory_budget=memory_mb << 20, progress=True)
+                       impl=impl, memory_budget=memory_mb << 20, progress=True, ray=ray)
     seconds = time.perf_counter() - start
     table.save(out)
     n_failed = int(program_outputs.failed.all(axis=1).sum())
