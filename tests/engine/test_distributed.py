@@ -125,3 +125,117 @@ def test_killing_a_shard_actor_mid_run_still_gives_the_full_equal_table(cluster,
     assert killed and new_pid != killed[0]
     assert table.meta["ray"]["actors_replaced"] == 1
     assert_tables_equal(table, single)
+
+
+# --- evaluation ----------------------------------------------------------------------------
+
+FIRST = "import numpy as np\ndef program(s):\n    out = np.zeros((s.n, s.n))\n" \
+        "    out[:, 0] = 1\n    return out\n"
+DIAGONAL = "import numpy as np\ndef program(s):\n    return np.eye(s.n)\n"
+EXITS = "import os\ndef program(s):\n    os._exit(3)\n"  # takes its sandbox worker down
+RAISES = "def program(s):\n    raise ValueError('no')\n"
+POISON = "def program(s):\n    return None  # poison\n"
+
+
+def evaluation_pool():
+    from attnprog.synth.generator.specs import generate
+
+    handwritten = [Program(FIRST), Program(EXITS), Program(DIAGONAL), Program(RAISES)]
+    return handwritten + generate(n_min=6)  # generator programs stay on the driver
+
+
+def test_evaluation_as_ray_tasks_marks_a_crashing_program_failed_and_finishes(cluster, tmp_path):
+    from attnprog.engine.distributed.evaluate import evaluate_on_ray
+    from attnprog.synth.features import probe_sentences
+    from attnprog.synth.runtime.evaluate import close_shared_sandbox, evaluate_programs
+
+    programs, texts = evaluation_pool(), probe_sentences()
+    remote = evaluate_on_ray(programs, texts, batch_programs=2, cache_dir=tmp_path / "ray",
+                             progress=False)
+    local = evaluate_programs(programs, texts, cache_dir=tmp_path / "local", workers=1,
+                              progress=False)
+    close_shared_sandbox()
+    assert remote.failed[1].all() and "exit" in remote.reasons[1]  # os._exit(3)
+    assert remote.failed[3].all() and "ValueError" in remote.reasons[3]
+    assert not remote.failed[[0, 2, 4]].any()
+    np.testing.assert_array_equal(remote.failed, local.failed)
+    np.testing.assert_array_equal(remote.values, local.values)
+    assert remote.reasons == local.reasons
+
+
+def test_a_program_that_kills_its_ray_worker_is_marked_failed_and_the_rest_finish(cluster):
+    """A Ray worker that dies under a batch: the batch is halved until the culprit is alone."""
+    from attnprog.engine.distributed.evaluate import LOST_WORKER, evaluate_batch, evaluate_on_ray
+    from attnprog.synth.features import probe_sentences
+
+    @ray.remote
+    def dies_on_poison(programs, sentences, options):
+        if any("poison" in p.source for p in programs):
+            os._exit(1)  # the Ray worker process itself, not a sandbox worker
+        return evaluate_batch(programs, sentences, options)
+
+    programs = [Program(FIRST), Program(POISON), Program(DIAGONAL), Program(RAISES)]
+    out = evaluate_on_ray(programs, probe_sentences(), batch_programs=4, use_cache=False,
+                          progress=False, _task=dies_on_poison)
+    assert out.failed[1].all() and out.reasons[1] == LOST_WORKER
+    assert not out.failed[[0, 2]].any() and out.failed[3].all()
+    assert out.values[0].any() and not out.values[1].any()
+
+
+# --- the sweep -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(cluster):
+    """tiny-gpt2's attention on 12 built-in stories, golden programs ranked against it."""
+    from attnprog.engine.corpus import builtin_corpus
+    from attnprog.engine.extract import extract_attention
+    from attnprog.engine.models import load_model
+    from attnprog.synth.generator.golden import golden_programs
+    from attnprog.synth.runtime.evaluate import evaluate_programs
+
+    model, tokenizer = load_model("tiny-gpt2")
+    store = extract_attention(model, tokenizer, builtin_corpus().take(12), batch_size=4,
+                              max_tokens=32)
+    outputs = evaluate_programs(golden_programs(), store.sentences(), use_cache=False,
+                                progress=False)
+    return model, tokenizer, store, outputs, rank(store, outputs, split=None)
+
+
+def test_sweep_fractions_as_ray_tasks_give_the_single_process_rows(tiny_run):
+    from attnprog.engine.distributed.sweep import sweep_on_ray
+    from attnprog.engine.sweep import perplexity_sweep
+
+    model, tokenizer, store, outputs, table = tiny_run
+    options = dict(fractions=[0.0, 0.25, 0.5], split=None, outputs=outputs, batch_size=4)
+    single = perplexity_sweep(model, store, table, tokenizer=tokenizer, progress=False, **options)
+    spread = sweep_on_ray("tiny-gpt2", store, table, device="cpu", **options)
+    assert [row.fraction for row in spread.rows] == [0.0, 0.25, 0.5]
+    assert spread.base_perplexity == pytest.approx(single.base_perplexity, rel=1e-5)
+    for ours, theirs in zip(spread.rows, single.rows):
+        assert ours.n_heads == theirs.n_heads
+        for condition, value in theirs.perplexity.items():
+            assert ours.perplexity[condition] == pytest.approx(value, rel=1e-5)
+
+
+# --- without --ray, nothing changes ----------------------------------------------------------
+
+
+def test_without_ray_the_cli_and_pipeline_never_import_ray(store, outputs, tmp_path):
+    store.save(tmp_path / "store.safetensors")
+    outputs.save(tmp_path / "outputs.safetensors")
+    script = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from attnprog.cli import app\n"
+        f"result = CliRunner().invoke(app, ['rank', '--store', {str(tmp_path / 'store.safetensors')!r},"
+        f" '--outputs', {str(tmp_path / 'outputs.safetensors')!r}, '--out', "
+        f"{str(tmp_path / 'table.safetensors')!r}])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "import attnprog.engine.pipeline\n"
+        "print('ray imported:', 'ray' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ray imported: False" in done.stdout
