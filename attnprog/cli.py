@@ -224,6 +224,11 @@ def rank_command(
 
     if (pool is None) == (outputs is None):
         raise AttnProgError("pass exactly one of --pool (programs to evaluate) or --outputs")
+    if ray:  # reach the cluster before reading a large store
+        from attnprog.engine.distributed.cluster import connect, describe
+
+        connect(ray)
+        typer.echo(describe())
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     attention = AttentionStore.load(store, device=device)

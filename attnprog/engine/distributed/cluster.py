@@ -28,6 +28,8 @@ def connect(address: str = "auto"):
     if ray.is_initialized():
         return ray
     options = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
+    if address not in ("", "auto", "local"):
+        _check_reachable(address)  # Ray itself retries an unreachable address for minutes
     try:
         if address in ("", "auto", "local"):
             ray.init(**options)  # joins a running cluster, else starts one here
@@ -40,6 +42,22 @@ def connect(address: str = "auto"):
             "others, then pass --ray HEAD:6379 (or --ray auto on the head node)"
         ) from err
     return ray
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Raise ClusterError at once when nothing listens at ``address`` (HOST:PORT)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--ray {address!r} is not HOST:PORT, ray://HOST:PORT or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ClusterError(
+            f"no Ray cluster answers at {address} ({err.strerror or err}); start one with "
+            "`ray start --head` and pass the address it prints, or --ray auto on its head node"
+        ) from err
 
 
 def resources() -> dict[str, float]:
