@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -33,6 +34,7 @@ from attnprog.engine.rank import (
 )
 from attnprog.engine.store import AttentionStore
 from attnprog.errors import ClusterError, StoreError
+from attnprog.kernels.iou import resolve_impl
 
 from .cluster import connect, resources
 
@@ -56,9 +58,11 @@ class RankShard:
         self.targets = {}  # split -> SplitAttention, prepared once per split
 
     def info(self) -> dict:
-        """Where this actor runs: process id, device, and the sum-min path it resolved."""
-        target = self._target(None)
-        return {"pid": os.getpid(), "device": str(self.shard.device), "impl": target.impl}
+        """Where this actor runs: process id, device, the sum-min path it resolved, and the
+        CPU seconds its process has used (a shard's share of the work on a busy machine)."""
+        impl = resolve_impl(self.impl, self.shard.device)
+        return {"pid": os.getpid(), "device": str(self.shard.device), "impl": impl,
+                "cpu_s": time.process_time()}
 
     def score(self, split, values: np.ndarray, failed: np.ndarray, per_text: bool):
         """(mean IoU [Pc, Hs], per-text IoU [Pc, Hs, S] or None) of one chunk vs. this shard."""
