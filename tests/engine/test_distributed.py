@@ -239,3 +239,11 @@ def test_without_ray_the_cli_and_pipeline_never_import_ray(store, outputs, tmp_p
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert "ray imported: False" in done.stdout
+
+
+def test_head_slices_cover_every_head_once_cut_at_whole_tiles():
+    from attnprog.engine.distributed.rank import head_slices
+
+    assert head_slices(5120, 16) == [(320 * i, 320 * (i + 1)) for i in range(16)]
+    assert head_slices(144, 2) == [(0, 128), (128, 144)]  # not 72 + 72: both would pad to 128
+    assert head_slices(12, 5) == [(0, 3), (3, 6), (6, 8), (8, 10), (10, 12)]  # < 1 tile each

@@ -41,6 +41,19 @@ from .cluster import connect, resources
 MAX_IN_FLIGHT = 2  # chunks outstanding at once: the driver reads chunk k+1 while shards score k
 
 
+HEAD_TILE = 64  # the sum-min kernels pad a shard's heads to whole tiles of this many
+
+
+def head_slices(n_heads: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous (start, stop) head ranges, one per shard, cut at whole tiles of 64 heads
+    when there are enough tiles (a cut inside a tile pads both halves: more work in all)."""
+    tiles = -(-n_heads // HEAD_TILE)
+    if tiles >= shards:
+        parts = np.array_split(np.arange(tiles), shards)
+        return [(int(t[0]) * HEAD_TILE, min(n_heads, (int(t[-1]) + 1) * HEAD_TILE)) for t in parts]
+    return [(int(b[0]), int(b[-1]) + 1) for b in np.array_split(np.arange(n_heads), shards)]
+
+
 class RankShard:
     """A Ray actor: one contiguous slice of heads, resident on its device, scoring chunks."""
 
@@ -109,10 +122,9 @@ class ShardedRanker:
             )
         self.store, self.device, self.impl = store, device, impl
         self.cpus, self.max_retries, self.retries = int(cpus_per_shard), int(max_retries), 0
-        # contiguous, near-equal head slices; each slice's attention goes to the object store
-        # once, owned by this driver, so a replacement actor can read it after a loss
-        self.bounds = [(int(b[0]), int(b[-1]) + 1)
-                       for b in np.array_split(np.arange(store.n_rows), shards)]
+        # each slice's attention goes to the object store once, owned by this driver, so a
+        # replacement actor can read it after a loss
+        self.bounds = head_slices(store.n_rows, shards)
         cpu_store = dataclasses.replace(store, attn_packed=store.attn_packed[:0].cpu())
         self.shard_refs = [
             self.ray.put(dataclasses.replace(cpu_store, attn_packed=store.attn_packed[h0:h1]
