@@ -202,6 +202,7 @@ def tiny_run(cluster):
     return model, tokenizer, store, outputs, rank(store, outputs, split=None)
 
 
+@pytest.mark.slow
 def test_sweep_fractions_as_ray_tasks_give_the_single_process_rows(tiny_run):
     from attnprog.engine.distributed.sweep import sweep_on_ray
     from attnprog.engine.sweep import perplexity_sweep
