@@ -79,8 +79,9 @@ class RankShard:
 
     def score(self, split, values: np.ndarray, failed: np.ndarray, per_text: bool):
         """(mean IoU [Pc, Hs], per-text IoU [Pc, Hs, S] or None) of one chunk vs. this shard."""
-        values = np.require(values, dtype=np.float32, requirements="W")  # object store: read-only
-        iou = score_chunk(self._target(split), values, failed)
+        # arrays from the object store are read-only; torch wants writable ones
+        values = np.require(values, dtype=np.float32, requirements="W")
+        iou = score_chunk(self._target(split), values, np.array(failed, dtype=bool))
         return iou.mean(dim=2).cpu(), (iou.cpu() if per_text else None)
 
     def _target(self, split):
