@@ -5,7 +5,8 @@ chunk boundaries, same ``outputs.rows``), puts each chunk into the object store 
 every shard actor scores it against its heads with the same :func:`score_chunk` (so the
 same ``sum_min`` kernel). Shards return disjoint column blocks of the IoU table, which the
 driver copies into place: no arithmetic happens in the merge, so the table equals the
-single-process one bit for bit.
+single-process one bit for bit wherever the kernel's sums do not depend on how many heads it
+sees (numba on CPUs; on GPUs the Triton kernel's atomic text splits may change the last bits).
 
 Fault tolerance: a shard's attention lives in the object store, owned by the driver. When an
 actor dies (its process or its node is lost), the driver starts a replacement, which Ray
