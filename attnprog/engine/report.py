@@ -1,9 +1,9 @@
 """The run's report: one self-contained HTML file (no network; images are data URIs).
 
 First the headline figures beside the paper's, then a layer x head grid coloured by held-out
-IoU (each cell links to its head), the IoU-vs-library-size and perplexity-vs-fraction curves,
-the library, and one section per head: its best program's source and heatmaps of real
-attention beside the program's output on two held-out texts.
+IoU (each cell links to its head), the IoU-vs-library-size and perplexity-vs-fraction curves
+(matplotlib, Agg), the library, and one section per head: its best program's source and
+heatmaps of real attention beside the program's output on two held-out texts.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from attnprog.errors import StoreError
 
 HEATMAP_TOKENS = 24  # tokens shown per heatmap axis: the matrix's top-left block, exact rows
 HEATMAP_TEXTS = 2
+CELL_PX = 11  # pixels per matrix entry; token labels are 11 px apart to match
 
 
 # --- reading the run directory ------------------------------------------------------------------
@@ -65,18 +66,13 @@ def sweep_curves(sweep: dict | None) -> dict[str, dict[str, list[tuple[float, fl
 # --- figures -------------------------------------------------------------------------------------
 
 
-def _png(fig, quantize: bool = True) -> str:
-    """A matplotlib figure as a PNG data URI (palette-quantised: heatmaps compress 3-4x)."""
+def _png(fig) -> str:
+    """A matplotlib figure as a PNG data URI."""
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
-    if quantize:
-        image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB").quantize(colors=64)
-        buffer = io.BytesIO()
-        image.save(buffer, format="png", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -106,7 +102,7 @@ def library_curve_figure(library: dict, best_fit_mean: float | None) -> str:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    return _png(fig, quantize=False)
+    return _png(fig)
 
 
 def perplexity_figure(curves: dict) -> str:
@@ -128,33 +124,51 @@ def perplexity_figure(curves: dict) -> str:
     ax.set_ylabel("perplexity increase (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _png(fig, quantize=False)
+    return _png(fig)
 
 
 def _token_label(piece: str) -> str:
     piece = piece.replace("\n", "\u23ce").replace("\t", "\u21e5")
-    piece = piece.replace("\u0120", " ").replace("\u2581", " ")  # byte-level / sentencepiece spaces
-    piece = piece.replace("$", r"\$")  # not mathtext
-    return (piece[:10] + "\u2026") if len(piece) > 11 else piece
+    piece = piece.replace("\u0120", "\u00b7").replace("\u2581", "\u00b7").replace(" ", "\u00b7")
+    return (piece[:9] + "\u2026") if len(piece) > 10 else piece
 
 
-def head_figure(panels: list[tuple[np.ndarray, np.ndarray, list[str]]], title: str) -> str:
-    """Real attention (left) beside the program's output (right), one row per text."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(panels), 2, figsize=(6.6, 3.25 * len(panels)), dpi=62,
-                             layout="constrained", squeeze=False)
-    for row, (attention, program, tokens) in enumerate(panels):
-        labels = [_token_label(t) for t in tokens]
-        for col, (matrix, name) in enumerate(((attention, "attention"), (program, "program"))):
-            ax = axes[row, col]
-            ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(float(matrix.max()), 1e-6),
-                      interpolation="nearest")
-            ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
-            ax.set_yticks(range(len(labels)), labels, fontsize=5)
-            ax.tick_params(length=0, pad=1)
-            ax.set_title(f"{name}, held-out text {row + 1}", fontsize=7)
-    fig.suptitle(title, fontsize=8)
-    return _png(fig)
+def heatmap_png(matrix: np.ndarray, cell: int = CELL_PX) -> str:
+    """One attention matrix as a PNG data URI: ``cell`` pixels per entry, matplotlib's "Blues"
+    scaled to the matrix's maximum. Drawn directly (not as a matplotlib figure): 4 heatmaps
+    x 270 heads would take minutes to lay out on 2 CPU cores, and the axes are HTML text."""
+    import matplotlib
+    from PIL import Image
+
+    top = max(float(matrix.max()), 1e-9)
+    rgba = matplotlib.colormaps["Blues"](np.clip(matrix / top, 0.0, 1.0), bytes=True)
+    image = Image.fromarray(rgba[..., :3], "RGB").quantize(colors=32)
+    image = image.resize((matrix.shape[1] * cell, matrix.shape[0] * cell), Image.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="png", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def head_heatmaps(panels: list[tuple[np.ndarray, np.ndarray, list[str]]], head: str) -> str:
+    """HTML: per text, real attention beside the program's output, tokens on both axes
+    (rows: the attending token, columns: the token attended to)."""
+    e = html.escape
+    parts = []
+    for t, (attention, program, tokens) in enumerate(panels):
+        labels = [e(_token_label(token)) for token in tokens]
+        n = len(labels)
+        rows = "".join(f"<div>{label}</div>" for label in labels)
+        columns = "".join(f"<div>{label}</div>" for label in labels)
+        size = n * CELL_PX
+        cells = []
+        for name, matrix in (("attention", attention), ("program", program)):
+            cells.append(
+                f"<td><div class='cap'>{name}</div><img width='{size}' height='{size}' "
+                f"alt='{name} of {e(head)} on held-out text {t + 1}' src='{heatmap_png(matrix)}'>"
+                f"<div class='xl'>{columns}</div></td>")
+        parts.append(f"<table class='hm'><tr><td class='yl'><div class='cap'>text {t + 1}</div>"
+                     f"{rows}</td>{''.join(cells)}</tr></table>")
+    return "".join(parts)
 
 
 # --- head panels -----------------------------------------------------------------------------------
@@ -213,6 +227,12 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#f6f8fa;padding:8px;overflow-x:auto;font-size:12px;margin:6px 0}
 .head{border-top:1px solid #eee;margin-top:18px}.head img{max-width:100%}
 details summary{cursor:pointer}
+.hm{margin:4px 0}.hm td{vertical-align:top;border:0;padding:0 6px 0 0}
+.hm .cap{font-size:11px;color:#555;height:16px}
+.hm .yl{text-align:right;font:9px/11px monospace;padding-top:16px}.hm .yl>div{height:11px;overflow:hidden}
+.hm .xl{display:flex;height:64px}.hm .xl>div{width:11px;writing-mode:vertical-rl;font:9px/11px monospace;
+ overflow:hidden;white-space:nowrap}
+.hm img{display:block;image-rendering:pixelated;border:1px solid #ccc}
 """
 
 
@@ -326,7 +346,8 @@ def render_html(*, summary: dict, manifest: dict, library: dict | None, sweep_fi
         parts.append(f"<pre>{e(sweep_text)}</pre>")
 
     if library:
-        parts.append(f"<h2 id='library'>The library ({len(library['programs'])} programs)</h2>"
+        count = len(library["programs"])
+        parts.append(f"<h2 id='library'>The library ({count} program{'' if count == 1 else 's'})</h2>"
                      "<table><tr><th>#</th><th>program</th><th>family</th><th>gain</th><th>heads</th></tr>")
         for k, program in enumerate(library["programs"]):
             names = program.get("heads", [])
@@ -349,9 +370,8 @@ def render_html(*, summary: dict, manifest: dict, library: dict | None, sweep_fi
                f"(IoU {info['library_iou']:.3f})" if info.get("library_position") is not None else "")
             + f" &middot; <a href='#grid'>back to the grid</a></p>"
             f"<pre>{e(info['source'].strip())}</pre>")
-        if info.get("figure"):
-            parts.append(f"<img alt='attention and program output, L{layer} H{head}' "
-                         f"src='{info['figure']}'>")
+        if info.get("heatmaps"):
+            parts.append(info["heatmaps"])
         parts.append("</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -399,8 +419,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, store=None,
         panels = head_panels(store, {h["row"]: h["program"] for h in heads}, chosen, tokens)
         for info in tqdm(heads, desc="report", unit="head", disable=None if progress else True):
             layer, head = divmod(info["row"], table.n_heads)
-            info["figure"] = head_figure(panels[info["row"]], f"L{layer} H{head}: {info['name']} "
-                                         f"({info['family']}), held-out IoU {info['heldout_iou']:.3f}")
+            info["heatmaps"] = head_heatmaps(panels[info["row"]], f"L{layer} H{head}")
     best_fit_mean = summary.get("mean_best_fit_iou")
     curves = sweep_curves(sweep)
     page = render_html(

@@ -87,7 +87,7 @@ def test_every_embedded_image_decodes_in_chromium(tiny_run, chromium, tmp_path):
               " + '/' + images.length; });</script></body>")
     probe.write_text((tiny_run[0] / "report.html").read_text().replace("</body>", script))
     decoded, total = re.search(r'data-decoded="(\d+)/(\d+)"', chromium.dump_dom(probe)).groups()
-    assert int(total) == 8 + 2 and decoded == total  # one figure per head, two curves
+    assert int(total) == 8 * 4 + 2 and decoded == total  # 4 heatmaps per head, two curves
 
 
 def test_report_is_self_contained(tiny_run):
@@ -96,7 +96,7 @@ def test_report_is_self_contained(tiny_run):
     page = (tiny_run[0] / "report.html").read_text()
     assert not re.search(r"(src|href)=['\"](https?:)?//", page)  # nothing fetched from a network
     images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
-    assert len(images) == 10
+    assert len(images) == 8 * 4 + 2
     for data in images:
         Image.open(io.BytesIO(base64.b64decode(data))).verify()
 

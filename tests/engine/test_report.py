@@ -5,9 +5,8 @@ import io
 import re
 
 import numpy as np
-import pytest
 
-from attnprog.engine.report import head_figure, render_html, sweep_curves
+from attnprog.engine.report import CELL_PX, head_heatmaps, render_html, sweep_curves
 from attnprog.synth.program import Program
 
 ONE_ORDER = {"0": {"programs": 0.0, "uniform": 0.0}, "0.25": {"programs": 12.5, "uniform": 300.0},
@@ -68,27 +67,35 @@ def test_program_source_is_escaped():
     assert "return 1 &lt; 2" in page()
 
 
-def test_head_figure_is_a_png_data_uri_small_enough_for_270_heads_in_15_mb():
-    from PIL import Image
-
+def random_panels(n=24, texts=2, tokens=None):
     rng = np.random.default_rng(0)
-    n = 24
     panels = []
-    for _ in range(2):
+    for _ in range(texts):
         attention = np.tril(rng.random((n, n)))
         attention /= attention.sum(1, keepdims=True)
-        panels.append((attention, np.eye(n), [f"tok{i}" for i in range(n)]))
-    uri = head_figure(panels, "L0 H0: a title")
-    assert uri.startswith("data:image/png;base64,")
-    data = base64.b64decode(uri.split(",", 1)[1])
-    Image.open(io.BytesIO(data)).verify()
-    assert 270 * len(uri) < 14e6  # dense random attention: the worst case for compression
+        panels.append((attention, np.eye(n), tokens or [f"tok{i}" for i in range(n)]))
+    return panels
 
 
-@pytest.mark.parametrize("piece", ["<b>", "a'b", "$x$"])
-def test_odd_tokens_draw(piece):
-    n = 3
-    assert head_figure([(np.eye(n), np.eye(n), [piece] * n)], "t").startswith("data:image/png")
+def test_heatmaps_are_png_data_uris_with_the_tokens_on_both_axes():
+    from PIL import Image
+
+    snippet = head_heatmaps(random_panels(n=5), "L0 H0")
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", snippet)
+    assert len(images) == 4  # attention and program, two texts
+    image = Image.open(io.BytesIO(base64.b64decode(images[0])))
+    assert image.size == (5 * CELL_PX, 5 * CELL_PX)
+    assert snippet.count("<div>tok3</div>") == 2 * 3  # rows once, columns under both panels
+
+
+def test_heatmaps_of_270_heads_fit_in_15_mb():
+    snippet = head_heatmaps(random_panels(), "L0 H0")  # dense random attention compresses worst
+    assert 270 * len(snippet) < 13e6
+
+
+def test_odd_tokens_are_escaped():
+    snippet = head_heatmaps(random_panels(n=3, texts=1, tokens=["<b>", "a'b", " x"]), "h")
+    assert "&lt;b&gt;" in snippet and "a&#x27;b" in snippet and "<b>" not in snippet
 
 
 def test_no_external_resources():
