@@ -135,12 +135,13 @@ def _token_label(piece: str) -> str:
 
 def heatmap_png(matrix: np.ndarray, cell: int = CELL_PX) -> str:
     """One attention matrix as a PNG data URI: ``cell`` pixels per entry, matplotlib's "Blues"
-    scaled to the matrix's maximum. Drawn directly (not as a matplotlib figure): 4 heatmaps
-    x 270 heads would take minutes to lay out on 2 CPU cores, and the axes are HTML text."""
+    scaled to the largest entry below the first row (row 0 always holds a single 1). Drawn
+    directly, not as a matplotlib figure: 4 heatmaps x 270 heads would take minutes to lay
+    out on 2 CPU cores, and the axes are HTML text."""
     import matplotlib
     from PIL import Image
 
-    top = max(float(matrix.max()), 1e-9)
+    top = max(float(matrix[1:].max() if len(matrix) > 1 else matrix.max()), 1e-9)
     rgba = matplotlib.colormaps["Blues"](np.clip(matrix / top, 0.0, 1.0), bytes=True)
     image = Image.fromarray(rgba[..., :3], "RGB").quantize(colors=32)
     image = image.resize((matrix.shape[1] * cell, matrix.shape[0] * cell), Image.NEAREST)
