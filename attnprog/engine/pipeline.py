@@ -217,7 +217,11 @@ def _run_stages(config: RunConfig, echo, out: Path, ledger: _Ledger, record: Run
             stage["state"] = "reused"
             echo(f"  reused {table_path}")
         else:
-            table = rank_heads(store, outputs, heads)
+            on_gpu = str(config.device).startswith("cuda")
+            try:  # rank where the kernels are: on a GPU, the attention goes there for this stage
+                table = rank_heads(store.to(config.device) if on_gpu else store, outputs, heads)
+            finally:
+                store.to("cpu")
             table.save(table_path)
             ledger.record("rank", table_key)
         fits = [f for f in table.best_fits() if f.layer * store.n_heads + f.head in set(heads)]
@@ -239,8 +243,13 @@ def _run_stages(config: RunConfig, echo, out: Path, ledger: _Ledger, record: Run
             stage["state"] = "reused"
             echo(f"  reused {library_path}")
         else:
-            library = select_library(store, outputs, table, heads, max_size=config.library_size,
-                                     min_gain=config.library_min_gain, seed=config.seed)
+            on_gpu = str(config.device).startswith("cuda")
+            try:  # the held-out scoring ranks too: on a GPU, where the kernels are
+                library = select_library(store.to(config.device) if on_gpu else store, outputs, table,
+                                         heads, max_size=config.library_size,
+                                         min_gain=config.library_min_gain, seed=config.seed)
+            finally:
+                store.to("cpu")
             library.save(library_path)
             ledger.record("library", library_key)
         echo(f"  {library.size} programs explain {len(heads)} heads with mean held-out IoU "
