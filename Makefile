@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench lint clean browser
 
 setup: $(STAMP)
 
@@ -23,10 +23,18 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/attnprog run --out runs/demo
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
-test-fast: setup
+# The report test opens the page in Debian's headless chromium; installed here when missing
+# (needs root and a Debian mirror; without it that test skips and says why).
+browser:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+	  apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
+	  echo "could not install chromium: the browser test will skip"
+
+test-fast: setup browser
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup

@@ -185,15 +185,37 @@ def run(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     ray: str = typer.Option("", "--ray", help="evaluate, rank and sweep on a Ray cluster: its "
                             "address (HOST:PORT, ray://HOST:10001) or 'auto' (this machine's)"),
+    heads: str = typer.Option("", help="heads to explain, e.g. '18.*,20.3' (default: all)"),
+    seed: int = typer.Option(0, help="seed of the random baselines"),
+    library_size: int = typer.Option(1000, help="most programs in the greedy library"),
+    force: str = typer.Option(None, help="redo this stage and every later one: extract, pool, "
+                              "evaluate, rank, library, sweep or report"),
+    report: bool = typer.Option(True, help="write report.html at the end"),
 ) -> None:
-    """Run the whole pipeline: extract, generate, evaluate, rank, replace heads."""
+    """Run the whole pipeline: extract, generate, evaluate, rank, select a library, replace
+    heads, write the report."""
     from attnprog.engine.pipeline import RunConfig, run_pipeline
 
     run_pipeline(RunConfig(
         out=str(out), model=model, corpus=corpus, text_field=text_field, limit=limit,
         max_tokens=max_tokens, n_candidates=candidates, fraction=fraction, qa=qa,
-        batch_size=batch_size, device=device, ray=ray,
-    ), echo=typer.echo)
+        batch_size=batch_size, device=device, ray=ray, heads=heads, seed=seed,
+        library_size=library_size, report=report,
+    ), echo=typer.echo, force=force)
+
+
+@app.command("report")
+def report_command(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `attnprog run`"),
+    out: Path = typer.Option(None, help="where to write the page (default: RUN_DIR/report.html)"),
+    texts: int = typer.Option(2, help="held-out texts drawn per head"),
+    tokens: int = typer.Option(24, help="tokens per heatmap axis"),
+) -> None:
+    """Rebuild a run's self-contained HTML report (summary, IoU grid, curves, every head)."""
+    from attnprog.engine.report import write_report
+
+    path = write_report(run_dir, out=out, texts=texts, tokens=tokens)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 @app.command("rank")
