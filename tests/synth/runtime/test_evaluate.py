@@ -30,9 +30,9 @@ def sandbox_calls(monkeypatch):
     calls = []
     original = sandbox_module.Sandbox.run
 
-    def counting_run(self, programs, sentences, progress=None):
+    def counting_run(self, programs, sentences, progress=None, on_result=None):
         calls.append(len(programs) * len(sentences))
-        return original(self, programs, sentences, progress=progress)
+        return original(self, programs, sentences, progress=progress, on_result=on_result)
 
     monkeypatch.setattr(sandbox_module.Sandbox, "run", counting_run)
     return calls
