@@ -101,6 +101,7 @@ def _namespace_flags() -> list[str]:
     return [
         "--unshare-user-try", "--unshare-net", "--unshare-pid", "--unshare-ipc",
         "--unshare-uts", "--unshare-cgroup-try", "--die-with-parent", "--new-session",
+        "--cap-drop", "ALL",
     ]
 
 

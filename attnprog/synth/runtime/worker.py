@@ -262,10 +262,10 @@ class Template:
         poller.register(fd, select.POLLIN | select.POLLHUP)
         while True:
             now = time.monotonic()
-            deadline = min(last + timeout + _GRACE, started + budget + _GRACE)
+            deadline = min(last + timeout + _GRACE, started + budget)
             if now >= deadline:
                 where = "while defining the program" if not defined else ""
-                if now >= started + budget + _GRACE:
+                if now >= started + budget:
                     return records, ("fatal", f"used its time budget of {seconds(budget)} s")
                 if not defined:
                     return records, ("fatal", f"timeout after {seconds(timeout)} s {where}".strip())

@@ -138,6 +138,11 @@ os.mkfifo('/tmp/fifo')
 open('{out}/written', 'w').write('x')
 open('{os.getcwd()}/hostile-written', 'w').write('x')
 """),
+        "proc_mem": attack("""
+maps = open('/proc/1/maps').read().splitlines()
+mem = open('/proc/1/mem', 'r+b', buffering=0)
+[(mem.seek(int(line.split('-')[0], 16)), mem.write(bytes(4096))) for line in maps if 'rw-p' in line]
+"""),
         "alarm_evasion": """
 import signal, time
 import numpy as np
@@ -239,6 +244,16 @@ def test_reasons_leak_no_secret_and_no_control_character(runs):
     assert ENV_SECRET not in reason and FILE_SECRET not in reason
     assert "\x1b" not in reason and "\r" not in reason and "\\x1b" in reason
     assert len(reason) <= 600
+
+
+def test_a_program_has_no_capabilities_and_cannot_open_the_workers_memory():
+    source = ("def program(s):\n    caps = open('/proc/self/status').read().split('CapEff:')[1]\n"
+              "    try:\n        open('/proc/1/mem', 'rb')\n        opened = 'opened'\n"
+              "    except OSError:\n        opened = 'refused'\n"
+              "    raise RuntimeError(caps.split()[0] + ' ' + opened)\n")
+    with Sandbox(workers=1, progress=False) as box:
+        [result] = box.run([Program(source)], probe_sentences()[:1])
+    assert "RuntimeError: 0000000000000000 refused" in result.reason
 
 
 def test_the_cache_holds_only_correct_entries(runs):
