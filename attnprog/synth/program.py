@@ -330,6 +330,31 @@ def _is_dunder(name: str) -> bool:
     return len(name) > 4 and name.startswith("__") and name.endswith("__")
 
 
+def check_file(path, name: str | None = None, unsafe: bool = False) -> list[tuple[str, str]]:
+    """Validate the programs of a file: one program (entry point ``name`` or inferred), or
+    a library in the paper's layout (many ``f(sentence, tokenizer)`` beside helpers).
+    Returns (entry point, "" or the escaped reason) per program."""
+    import os
+
+    from attnprog.errors import ProgramError
+    from attnprog.synth.runtime.execute import escape
+    from attnprog.synth.runtime.paper_form import library_programs, read_source
+
+    source = read_source(path)
+    library = library_programs(source, str(path)) if name is None else []
+    if len(library) > 1:
+        programs = library
+    else:
+        entry = entry_point(source, name or "program")
+        if entry is None:
+            raise ProgramError(f"{path}: no program function found; define `def program(s)`")
+        programs = [Program(source=source, name=entry, family="custom")]
+    if unsafe:
+        os.environ["ATTNPROG_UNSAFE_SANDBOX"] = "1"
+    results = validate_many(programs)
+    return [(p.name, escape(r.reason)) for p, r in zip(programs, results, strict=True)]
+
+
 def validate(program: Program, probes=None, sandbox=None) -> ValidationResult:
     """Check ``program``'s source, then run it in the sandbox on three probe texts.
 

@@ -167,22 +167,35 @@ def load_paper_library(path, family: str = "paper") -> list:
     """Programs from a file in the published layout: imports and helper functions, then
     many ``f(sentence, tokenizer)`` programs. Each Program's source is the file's shared
     part (imports, constants, helpers) followed by its own function, unchanged."""
-    import ast
     from pathlib import Path
 
-    from attnprog.synth.program import Program
+    path = Path(path)
+    return library_programs(read_source(path), path.name, family)
+
+
+def read_source(path) -> str:
+    """A program file's text; ProgramError (one line) when it is missing or not UTF-8."""
+    from pathlib import Path
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise ProgramError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
     except OSError as err:
         raise ProgramError(f"cannot read {path} ({err.strerror})") from err
+
+
+def library_programs(text: str, origin: str = "", family: str = "paper") -> list:
+    """The paper-form programs in a library file's ``text`` (see :func:`load_paper_library`)."""
+    import ast
+
+    from attnprog.synth.program import Program
+
     try:
         tree = ast.parse(text)
     except SyntaxError as err:
-        raise ProgramError(f"{path}:{err.lineno}: syntax error ({err.msg})") from err
+        raise ProgramError(f"{origin}:{err.lineno}: syntax error ({err.msg})") from err
     lines = text.splitlines(keepends=True)
 
     def segment(node) -> str:
@@ -199,7 +212,7 @@ def load_paper_library(path, family: str = "paper") -> list:
     prelude = "".join(part if part.endswith("\n") else part + "\n" for part in shared)
     return [
         Program(source=prelude + "\n" + segment(node), name=node.name, family=family,
-                provenance={"library": path.name})
+                provenance={"library": origin})
         for node in entries
     ]
 
