@@ -202,9 +202,11 @@ def library_programs(text: str, origin: str = "", family: str = "paper") -> list
         start = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
         return "".join(lines[start - 1 : node.end_lineno])
 
+    called = {node.func.id for node in ast.walk(tree)
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
     shared, entries = [], []
     for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and _is_paper_entry(node):
+        if isinstance(node, ast.FunctionDef) and _is_paper_entry(node, called):
             entries.append(node)
         elif isinstance(node, (ast.FunctionDef, ast.Import, ast.ImportFrom, ast.Assign,
                                ast.AnnAssign, ast.ClassDef)):
@@ -217,7 +219,10 @@ def library_programs(text: str, origin: str = "", family: str = "paper") -> list
     ]
 
 
-def _is_paper_entry(node) -> bool:
+def _is_paper_entry(node, called: set[str]) -> bool:
+    """``f(sentence, tokenizer)`` that no other code calls and whose name is public."""
+    if node.name.startswith("_") or node.name in called:
+        return False
     args = node.args
     names = [a.arg for a in args.posonlyargs + args.args]
     return len(names) - len(args.defaults) == 2 and names[:2] == ["sentence", "tokenizer"]
