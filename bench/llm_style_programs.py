@@ -238,3 +238,109 @@ def llm_style_programs() -> list[Program]:
         Program(source=src.strip() + "\n", name="program", family=family)
         for family, src in _SOURCES.items()
     ]
+
+
+# --- twenty programs that call spaCy on every sentence, as most published programs do -----
+_SPACY_TEMPLATES = {
+    "nearest_pos": """
+import numpy as np
+import spacy
+from transformers import PreTrainedTokenizerBase
+
+
+def _words(sentence, tokenizer):
+    doc = spacy.load("en_core_web_sm")(sentence)
+    spans = tokenizer(sentence, return_offsets_mapping=True)["offset_mapping"]
+    at = {{}}
+    for tok in doc:
+        for c in range(tok.idx, tok.idx + len(tok.text)):
+            at[c] = tok
+    return [at.get(b - 1) for a, b in spans], doc
+
+
+def program(sentence: str, tokenizer: PreTrainedTokenizerBase):
+    words, doc = _words(sentence, tokenizer)
+    n = len(words)
+    out = np.zeros((n, n))
+    last = 0
+    for i, w in enumerate(words):
+        out[i, last] = 1.0
+        if w is not None and w.pos_ in {tags!r}:
+            last = i
+    return "Nearest earlier {tags}", out
+""",
+    "syntactic_head": """
+import numpy as np
+import spacy
+
+
+def program(sentence, tokenizer):
+    doc = spacy.load("en_core_web_sm")(sentence)
+    spans = tokenizer(sentence, return_offsets_mapping=True)["offset_mapping"]
+    first = {{}}
+    for i, (a, b) in enumerate(spans):
+        for tok in doc:
+            if tok.idx < b and tok.idx + len(tok.text) > a:
+                first.setdefault(tok.i, i)
+    n = len(spans)
+    out = np.eye(n) * {self_weight}
+    for tok in doc:
+        if tok.i in first and tok.head.i in first:
+            out[first[tok.i], first[tok.head.i]] += 1.0
+    return "Syntactic head", out
+""",
+    "same_lemma": """
+import numpy as np
+import spacy
+
+
+def program(sentence, tokenizer):
+    doc = spacy.load("en_core_web_sm")(sentence)
+    enc = tokenizer(sentence, return_offsets_mapping=True)
+    lemma_at = {{tok.idx: tok.lemma_.lower() for tok in doc}}
+    spans = enc["offset_mapping"]
+    lemmas = [lemma_at.get(a + len(sentence[a:b]) - len(sentence[a:b].lstrip())) for a, b in spans]
+    n = len(lemmas)
+    out = np.zeros((n, n))
+    out[:, 0] = {sink}
+    for i in range(n):
+        for j in range(i):
+            if lemmas[i] and lemmas[i] == lemmas[j]:
+                out[i, j] = 1.0
+    return "Same lemma", out
+""",
+    "entities": """
+import numpy as np
+import spacy
+
+
+def program(sentence, tokenizer):
+    doc = spacy.load("en_core_web_sm")(sentence)
+    spans = tokenizer(sentence, return_offsets_mapping=True)["offset_mapping"]
+    inside = set()
+    for ent in doc.ents:
+        inside.update(range(ent.start_char, ent.end_char))
+    n = len(spans)
+    out = np.tril(np.ones((n, n))) * {decay}
+    for j, (a, b) in enumerate(spans):
+        if b > a and (b - 1) in inside:
+            out[j:, j] += 1.0
+    return "Entities", out
+""",
+}
+_SPACY_SETTINGS = {
+    "nearest_pos": [{"tags": t} for t in (("NOUN",), ("VERB",), ("ADJ",), ("PROPN", "NOUN"),
+                                           ("DET",))],
+    "syntactic_head": [{"self_weight": w} for w in (0.0, 0.1, 0.3, 0.5, 1.0)],
+    "same_lemma": [{"sink": w} for w in (0.0, 0.05, 0.1, 0.2, 0.5)],
+    "entities": [{"decay": w} for w in (0.0, 0.01, 0.05, 0.1, 0.2)],
+}
+
+
+def spacy_style_programs() -> list[Program]:
+    """Twenty paper-form programs that load spaCy and parse their sentence on every call."""
+    return [
+        Program(_SPACY_TEMPLATES[name].format(**setting), family=f"spacy_{name}")
+        for name, settings in _SPACY_SETTINGS.items()
+        for setting in settings
+    ]

@@ -68,14 +68,17 @@ def ranking_subset(store: AttentionStore, split: str, heldout: str | None) -> At
     return store.subset(texts) if len(texts) < store.n_texts else store
 
 
-def evaluate_pool(store: AttentionStore, programs: list[Program], progress: bool = True):
+def evaluate_pool(store: AttentionStore, programs: list[Program], progress: bool = True,
+                  tokenizer=None):
     """Outputs of ``programs`` on the store's texts, streamed: sandboxed programs run now (and
-    are cached by corpus and tokenizer), generator programs when ranking reads their rows."""
+    are cached by corpus and tokenizer), generator programs when ranking reads their rows.
+    ``tokenizer``: the model's, handed to paper-form programs."""
     from attnprog.synth.runtime.evaluate import evaluate_programs
 
     return evaluate_programs(
         programs, store.sentences(), corpus_hash=store.meta.get("corpus_hash"),
         tokenizer_id=store.meta.get("tokenizer_id", ""), progress=progress, stream=True,
+        tokenizer=tokenizer,
     )
 
 
@@ -149,7 +152,7 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
 
     with _stage(echo, "3/5 evaluate programs"):
         store = ranking_subset(store, "selection", "heldout")  # the sweep uses held-out texts too
-        outputs = evaluate_pool(store, pool)
+        outputs = evaluate_pool(store, pool, tokenizer=tokenizer)
         n_failed = int(outputs.failed.any(axis=1).sum())
         echo(f"  {outputs.n_programs} programs x {store.n_texts} selection and held-out texts; "
              f"{n_failed} programs failed on some text")

@@ -223,8 +223,6 @@ class Sandbox:
             self.tokenizer_spec = tokenizer_spec(tokenizer)
         self.helpers = dict(helpers or {})
         self.modules: set[str] = {"spacy"} if spacy else set()
-        if self.tokenizer_spec:
-            self.modules.add("transformers")
         self.calls = 0  # program-text calls sent to workers
         self.replaced = 0  # workers killed or lost and replaced
         self._workers: list[_Worker] = []
@@ -300,7 +298,7 @@ class Sandbox:
             for _ in programs
         ]
         if programs and sentences:
-            needed = modules_needed(programs)
+            needed = modules_needed(programs, with_tokenizer=self.tokenizer_spec is not None)
             if not needed <= self.modules:  # workers must preload these: restart them
                 self.close()
                 self.modules |= needed
@@ -386,7 +384,8 @@ class _Run:
         self.offsets = offsets
         self.states = states
         self.on_result = on_result
-        payload = {"sentences": sentences, "tokenizer": box.tokenizer_spec, "helpers": box.helpers}
+        tokenizer = box.tokenizer_spec if "transformers" in box.modules else None
+        payload = {"sentences": sentences, "tokenizer": tokenizer, "helpers": box.helpers}
         self.corpus = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)  # once per run
         # workers keep the last corpus they got: the same texts again are not sent again
         self.corpus_id = hashlib.blake2b(self.corpus, digest_size=16).hexdigest()
@@ -571,15 +570,18 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="call", desc="sandbox", disable=not show, delay=1.0, leave=False)
 
 
-def modules_needed(programs: Sequence[Program]) -> set[str]:
+def modules_needed(programs: Sequence[Program], with_tokenizer: bool = False) -> set[str]:
     """Heavy modules the programs import (spaCy, transformers, torch for return_tensors="pt"),
-    read from their code, not their comments: workers load these before forking."""
+    read from their code, not their comments: workers load these before forking. With
+    ``with_tokenizer``, paper-form programs need transformers (for the model's tokenizer)."""
     needed: set[str] = set()
     for program in programs:
         try:
             tree = ast.parse(program.source)
         except (SyntaxError, ValueError, RecursionError, MemoryError):
             continue
+        if with_tokenizer and _is_paper_form(tree, program.name):
+            needed.add("transformers")
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 needed |= {a.name.split(".")[0] for a in node.names}
@@ -588,6 +590,16 @@ def modules_needed(programs: Sequence[Program]) -> set[str]:
             elif isinstance(node, ast.Constant) and node.value == "pt":
                 needed.add("torch")
     return needed & set(_PRELOADABLE)
+
+
+def _is_paper_form(tree: ast.Module, name: str) -> bool:
+    from attnprog.synth.program import _entry_node
+
+    entry = _entry_node(tree, name)
+    if entry is None:
+        return False
+    args = entry.args
+    return len(args.posonlyargs) + len(args.args) - len(args.defaults) == 2
 
 
 def uses_spacy(programs: Sequence[Program]) -> bool:

@@ -90,7 +90,8 @@ socket = __import__('socket'); socket.create_connection(('127.0.0.1', {port}), t
 import ctypes, _ctypes
 libc = ctypes.CDLL(None)
 libc.system(b'touch {out}/ctypes; sleep {MARK} &')
-system = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p)(_ctypes.dlsym(libc._handle, 'system')); system(b'sleep {MARK}')
+address = _ctypes.dlsym(libc._handle, 'system')
+ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p)(address)(b'sleep {MARK}')
 libc.syscall(62, {main}, 9)
 libc.syscall(57)
 """),

@@ -3,7 +3,6 @@ program does stops the run. One run mixes bad programs with good ones; each test
 one behaviour of that run."""
 
 import os
-import sys
 import tempfile
 
 import numpy as np
