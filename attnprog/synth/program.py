@@ -179,8 +179,9 @@ def allowed_imports() -> frozenset[str]:
     return ALLOWED_IMPORTS | {"transformers"} | installed
 
 
-def check_source(program: Program) -> str:
-    """Static checks on the source; returns "" when it passes, else what to fix."""
+def check_source(program: Program, extra_imports: Sequence[str] = ()) -> str:
+    """Static checks on the source; returns "" when it passes, else what to fix.
+    ``extra_imports``: helper modules supplied with the programs, which they may import."""
     try:
         tree = ast.parse(program.source)
     except SyntaxError as err:
@@ -191,7 +192,7 @@ def check_source(program: Program) -> str:
     for problem in (
         _check_top_level(tree, entry, program.name),
         _check_signature(entry) if entry is not None else "",
-        _check_nodes(tree),
+        _check_nodes(tree, frozenset(extra_imports)),
     ):
         if problem:
             return problem
@@ -249,8 +250,8 @@ def _check_signature(function: ast.FunctionDef) -> str:
     )
 
 
-def _check_nodes(tree: ast.Module) -> str:
-    allowed = allowed_imports()
+def _check_nodes(tree: ast.Module, extra_imports: frozenset[str] = frozenset()) -> str:
+    allowed = allowed_imports() | extra_imports
     numpy_names = _numpy_names(tree)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):

@@ -40,6 +40,7 @@ def evaluate_programs(
     helpers: dict[str, str] | None = None,
     check: bool = True,
     unsafe: bool = False,
+    program_seconds: float | None = None,
 ) -> ProgramOutputs | StreamedOutputs:
     """Normalised outputs of every program on every text, packed like the AttentionStore.
 
@@ -48,7 +49,9 @@ def evaluate_programs(
     and token ids; ``tokenizer_id`` names the tokenizer in cache keys. With ``stream=True``
     generator outputs are computed only when their rows are read (:class:`StreamedOutputs`),
     so a pool of any size fits in memory. ``tokenizer``: the model's tokenizer, handed to
-    paper-form programs; ``helpers``: modules programs may import. Programs that fail the
+    paper-form programs; ``helpers``: {module name: source} programs may import;
+    ``timeout``: seconds per call; ``program_seconds``: each program's time budget over all
+    texts (default 30 s + 1 s per text). Programs that fail the
     static check (``check``) fail on every text with its reason and are not run. Each
     program's outputs are cached as soon as it finishes, so an interrupted call resumes.
     """
@@ -71,7 +74,7 @@ def evaluate_programs(
     sandboxed, todo = {}, []
     n_cells = int(offsets[-1])
     for program in others:
-        problem = check_source(program) if check else ""
+        problem = check_source(program, extra_imports=list(helpers or {})) if check else ""
         if problem:  # refused before running: fails everywhere, with the check's reason
             sandboxed[program.hash] = (np.zeros(n_cells, np.float32),
                                        np.ones(len(sentences), bool), f"refused: {problem}")
@@ -90,7 +93,8 @@ def evaluate_programs(
             cache.put(program.hash, corpus, key, values, failed, reason)
 
     options = {"workers": workers, "timeout": timeout, "memory_mb": memory_mb,
-               "tokenizer": tokenizer, "helpers": helpers, "unsafe": unsafe}
+               "tokenizer": tokenizer, "helpers": helpers, "unsafe": unsafe,
+               "program_seconds": program_seconds}
     _evaluate_in_sandbox(todo, sentences, options, progress, keep)
 
     streamed = StreamedOutputs(programs, sentences, offsets, sandboxed, corpus)
@@ -206,16 +210,17 @@ _shared: dict[tuple, object] = {}
 
 
 def shared_sandbox(workers: int | None = None, timeout: float = 5.0, memory_mb: float = 1024,
-                   tokenizer=None, helpers=None, unsafe: bool = False):
+                   tokenizer=None, helpers=None, unsafe: bool = False,
+                   program_seconds: float | None = None):
     """The process-wide sandbox for these settings (one pool at a time, stopped at exit)."""
     from attnprog.synth.runtime.sandbox import Sandbox
 
     key = (workers, float(timeout), float(memory_mb), id(tokenizer),
-           tuple(sorted((helpers or {}).items())), unsafe)
+           tuple(sorted((helpers or {}).items())), unsafe, program_seconds)
     if key not in _shared:
         close_shared_sandbox()
         _shared[key] = Sandbox(workers, timeout, memory_mb, tokenizer=tokenizer,
-                               helpers=helpers, unsafe=unsafe)
+                               helpers=helpers, unsafe=unsafe, program_seconds=program_seconds)
     return _shared[key]
 
 

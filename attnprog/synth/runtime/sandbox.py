@@ -203,7 +203,7 @@ class Sandbox:
         tokenizer=None,
         helpers: dict[str, str] | None = None,
         unsafe: bool = False,
-        start_timeout: float = 180.0,
+        start_timeout: float = 600.0,
     ) -> None:
         if os.name != "posix":
             raise SandboxError("the sandbox needs a POSIX system (Linux or macOS)")

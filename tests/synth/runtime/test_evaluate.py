@@ -159,3 +159,14 @@ def test_a_comment_mentioning_pos_does_not_change_the_cache_key(tmp_path, sandbo
     evaluate_programs([Program(FIRST), commented], texts, cache_dir=tmp_path, workers=1,
                       progress=False)
     assert sandbox_calls == [3, 3]  # only the new program ran; FIRST was a cache hit
+
+
+def test_programs_may_import_a_helper_module_supplied_with_them(tmp_path):
+    helpers = {"helpers": "import numpy as np\n\ndef sink(n):\n    m = np.zeros((n, n))\n"
+                          "    m[:, 0] = 1\n    return m\n"}
+    program = Program("from helpers import *\n\ndef program(s):\n    return sink(s.n)\n")
+    out = evaluate_programs([program], probe_sentences(), helpers=helpers, use_cache=False,
+                            workers=1, progress=False)
+    expected = run_trusted([Program(FIRST)], probe_sentences())[0]
+    assert out.reasons == [""]
+    np.testing.assert_array_equal(out.values[0], expected.values)
