@@ -14,6 +14,8 @@ template's clean memory, and whatever it leaves behind dies with its child.
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import pickle
 import resource
@@ -30,9 +32,14 @@ import numpy as np
 from attnprog.errors import ProgramError
 from attnprog.layout import n_cells
 from attnprog.synth.runtime.execute import call_program, compile_program, escape
+from attnprog.synth.runtime.isolation import seccomp_filter
 
 MAX_REASON_CHARS = 500  # a failure reason is cut to this length
 _RECORD = struct.Struct("<iiI")  # (text index, kind, payload bytes)
+PROGRESS = struct.Struct("dd")  # (text index the child is on, monotonic start of that call)
+DEFINING = -2.0  # progress index while the program's source is executed
+_FLUSH_BYTES = 256 << 10
+_FLUSH_SECONDS = 0.05
 _CELLS, _FAILED, _FATAL, _MEMORY, _DEFINED = range(5)
 _GRACE = 1.0  # seconds past a call's timeout before the template kills the child
 _FILE_BYTES = 16 << 20  # what a program may write into its private /tmp
@@ -161,6 +168,7 @@ class Template:
         self.tokenizer = None
         self.helpers: dict[str, str] = {}
         self.baseline = 0
+        self.cell = mmap.mmap(-1, PROGRESS.size)  # shared with each task's child (fork)
 
     def serve(self) -> None:
         while True:
@@ -203,12 +211,13 @@ class Template:
         cells = [None] * k
         failed = np.zeros(k, dtype=bool)
         reasons: list[tuple[int, str]] = []
-        fatal, used, j = "", 0.0, 0
+        fatal, used = "", 0.0
+        todo = list(range(k))
         if corpus_id != self.corpus_id:
             fatal = "the sandbox lost its corpus (internal error)"
-        while j < k and not fatal:
+        while todo and not fatal:
             t0 = time.monotonic()
-            records, end = self.fork_and_run(source, name, sentences, j, timeout, budget - used)
+            records, end = self.fork_and_run(source, name, sentences, todo, timeout, budget - used)
             used += time.monotonic() - t0
             for index, kind, payload in records:
                 if kind == _CELLS:
@@ -216,110 +225,127 @@ class Template:
                 else:
                     failed[index] = True
                     reasons.append((index, payload))
-            j = records[-1][0] + 1 if records else j
+            todo = todo[len(records):]
             if end is None:
                 continue  # every text answered
-            what, why = end
+            what, why, index = end
             if what == "fatal":
                 fatal = why
-            elif j < k:  # the call in progress failed: that text, then go on after it
-                failed[j] = True
-                reasons.append((j, why))
-                j += 1
-            if used >= budget and j < k and not fatal:
-                fatal = f"used its time budget of {seconds(budget)} s before text {start + j}"
+            elif index in todo:  # that call failed: mark it, run the rest in a fresh child
+                failed[index] = True
+                reasons.append((index, why))
+                todo.remove(index)
+            if used >= budget and todo and not fatal:
+                fatal = f"used its time budget of {seconds(budget)} s before text {start + todo[0]}"
         if fatal:
             return ("done", task_id, token, None, failed.tobytes(), reasons, fatal, used)
         chunks = [c if c is not None else np.zeros(n_cells(s.n), np.float32)
                   for c, s in zip(cells, sentences, strict=True)]
         values = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-        return ("done", task_id, token, values.tobytes(), failed.tobytes(), reasons, "", used)
+        return ("done", task_id, token, values.tobytes(), failed.tobytes(), sorted(reasons),
+                "", used)
 
-    def fork_and_run(self, source, name, sentences, first, timeout, budget):
-        """Run the program on ``sentences[first:]`` in a fresh child. Returns the checked
-        records [(j, kind, cells or reason)] and how it ended: None when every text was
-        answered, else ("fatal" | "text", reason)."""
+    def fork_and_run(self, source, name, sentences, todo, timeout, budget):
+        """Run the program on ``sentences[i] for i in todo`` in a fresh child. Returns the
+        checked records [(i, kind, cells or reason)], in ``todo`` order, and how it ended:
+        None when every text was answered, else ("fatal" | "text", reason, text index)."""
         read_fd, write_fd = os.pipe()
+        _widen(write_fd)
+        PROGRESS.pack_into(self.cell, 0, DEFINING, time.monotonic())
         pid = os.fork()
         if pid == 0:  # the child: never returns
             os.close(read_fd)
-            _child(self, write_fd, source, name, sentences, first, timeout, budget)
+            _child(self, write_fd, source, name, sentences, todo, timeout, budget)
         os.close(write_fd)
         try:
-            return self._watch_child(pid, read_fd, sentences, first, timeout, budget)
+            return self._watch_child(pid, read_fd, sentences, todo, timeout, budget)
         finally:
             os.close(read_fd)
             _end_task(pid)
 
-    def _watch_child(self, pid, fd, sentences, first, timeout, budget):
+    def _in_progress(self, todo, fallback: int) -> tuple[int, float | None]:
+        """(text index, start) the child says it is in; its word only picks which of its own
+        texts gets the blame, and a start in the future gains it nothing past its budget."""
+        index, started = PROGRESS.unpack_from(self.cell, 0)
+        valid = math.isfinite(started) and math.isfinite(index)
+        if index == DEFINING and valid:
+            return int(DEFINING), started
+        if valid and index in todo:
+            return int(index), started
+        return fallback, None
+
+    def _watch_child(self, pid, fd, sentences, todo, timeout, budget):
         records: list = []
-        buffer = b""
-        expected = first  # the text index the next record must carry
+        buffer = bytearray()
         defined = False
         started = time.monotonic()
         last = started
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP)
+        malformed = "sent a malformed record (the program wrote to the sandbox's pipe)"
         while True:
             now = time.monotonic()
-            deadline = min(last + timeout + _GRACE, started + budget)
-            if now >= deadline:
-                where = "while defining the program" if not defined else ""
-                if now >= started + budget:
-                    return records, ("fatal", f"used its time budget of {seconds(budget)} s")
+            expected = todo[len(records)]
+            index, call_start = self._in_progress(todo, expected)
+            call_deadline = (call_start if call_start is not None else last) + timeout + _GRACE
+            if now >= started + budget:
+                return records, ("fatal", f"used its time budget of {seconds(budget)} s", expected)
+            if now >= call_deadline:
                 if not defined:
-                    return records, ("fatal", f"timeout after {seconds(timeout)} s {where}".strip())
-                return records, ("text", f"timeout after {seconds(timeout)} s (killed)")
-            if not poller.poll(max(1, int((deadline - now) * 1000))):
+                    why = f"timeout after {seconds(timeout)} s while defining the program"
+                    return records, ("fatal", why, expected)
+                return records, ("text", f"timeout after {seconds(timeout)} s (killed)", index)
+            wait = min(call_deadline, started + budget) - now
+            if not poller.poll(max(1, min(100, int(wait * 1000)))):
                 continue
             chunk = os.read(fd, 1 << 20)
             if not chunk:  # the child exited
-                return records, _exit_outcome(pid, defined, expected, len(sentences))
+                return records, _exit_outcome(pid, defined, index, len(records) == len(todo))
             buffer += chunk
-            while len(buffer) >= _RECORD.size:
-                index, kind, size = _RECORD.unpack_from(buffer)
-                if len(buffer) < _RECORD.size + size:
+            last = time.monotonic()
+            at = 0
+            while len(buffer) - at >= _RECORD.size:
+                text, kind, size = _RECORD.unpack_from(buffer, at)
+                if len(buffer) - at < _RECORD.size + size:
                     break
-                payload = buffer[_RECORD.size : _RECORD.size + size]
-                buffer = buffer[_RECORD.size + size :]
-                last = time.monotonic()
-                if kind == _DEFINED and not defined and index == first:
+                payload = bytes(buffer[at + _RECORD.size : at + _RECORD.size + size])
+                at += _RECORD.size + size
+                if kind == _DEFINED and not defined:
                     defined = True
                     continue
-                if kind in (_FATAL, _MEMORY) and not records:
+                if kind in (_FATAL, _MEMORY) and not defined:
                     why = _text(payload) if kind == _FATAL else (
-                        f"memory limit exceeded ({self.memory_mb:g} MB)"
-                        + ("" if not defined else f" on text {index}")
-                    )
-                    return records, ("fatal", why)
-                if not defined or index != expected or index >= len(sentences):
-                    return records, ("fatal", "sent a malformed record (the program wrote "
-                                              "to the sandbox's pipe)")
-                if kind == _CELLS and size == 4 * n_cells(sentences[index].n):
-                    records.append((index, kind, np.frombuffer(payload, np.float32)))
+                        f"memory limit exceeded ({self.memory_mb:g} MB) while defining the program")
+                    return records, ("fatal", why, expected)
+                expected = todo[len(records)] if len(records) < len(todo) else -1
+                if not defined or text != expected:
+                    return records, ("fatal", malformed, expected)
+                if kind == _CELLS and size == 4 * n_cells(sentences[text].n):
+                    records.append((text, kind, np.frombuffer(payload, np.float32)))
                 elif kind == _FAILED and size <= 4 * MAX_REASON_CHARS:
-                    records.append((index, kind, _text(payload)))
+                    records.append((text, kind, _text(payload)))
                 elif kind == _MEMORY:
-                    return records, ("fatal", f"memory limit exceeded ({self.memory_mb:g} MB)")
+                    why = f"memory limit exceeded ({self.memory_mb:g} MB) on text {text}"
+                    return records, ("fatal", why, text)
                 else:
-                    return records, ("fatal", "sent a malformed record (the program wrote "
-                                              "to the sandbox's pipe)")
-                expected += 1
-                if expected == len(sentences):
+                    return records, ("fatal", malformed, expected)
+                if len(records) == len(todo):
                     return records, None
+            del buffer[:at]
 
 
 def _text(payload: bytes) -> str:
     return escape(payload.decode("utf-8", errors="replace"))[:MAX_REASON_CHARS]
 
 
-def _exit_outcome(pid: int, defined: bool, expected: int, k: int):
-    """How a child that closed its pipe ended, as (what, reason); None when it was done."""
+def _exit_outcome(pid: int, defined: bool, index: int, done: bool):
+    """How a child that closed its pipe ended: None when it had answered every text, else
+    ("fatal" | "text", reason, text index)."""
     try:
         _, status = os.waitpid(pid, 0)
     except ChildProcessError:
         status = 0
-    if expected == k:
+    if done:
         return None
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
@@ -330,8 +356,8 @@ def _exit_outcome(pid: int, defined: bool, expected: int, k: int):
     else:
         why = f"exited (code {os.WEXITSTATUS(status)}) instead of returning"
     if not defined:
-        return ("fatal", f"{why} while defining the program")
-    return ("text", why)
+        return ("fatal", f"{why} while defining the program", index)
+    return ("text", why, index)
 
 
 def _signal_name(number: int) -> str:
@@ -363,15 +389,15 @@ def _end_task(pid: int) -> None:
 
 
 # --- the child --------------------------------------------------------------------------------
-def _child(template: Template, fd: int, source, name, sentences, first, timeout, budget) -> None:
-    """Lock down, then run the program on ``sentences[first:]``; writes records to ``fd``."""
+def _child(template: Template, fd: int, source, name, sentences, todo, timeout, budget) -> None:
+    """Lock down, then run the program on ``sentences[i] for i in todo``; records go to ``fd``."""
     try:
         _lock_down(template, budget)
     except BaseException as err:  # noqa: BLE001 - nothing may run unlocked
-        _write(fd, first, _FATAL, f"the sandbox could not lock down ({err})")
+        _Records(fd).add(todo[0], _FATAL, f"the sandbox could not lock down ({err})").flush()
         os._exit(0)
     try:
-        _run_in_child(template, fd, source, name, sentences, first, timeout)
+        _run_in_child(template, fd, source, name, sentences, todo, timeout)
     except BaseException:  # noqa: BLE001 - a program's BaseException ends its task
         pass
     os._exit(0)
@@ -396,16 +422,16 @@ def _lock_down(template: Template, budget: float) -> None:
         soft, hard = resource.getrlimit(which)
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(which, (value, value))
-    from attnprog.synth.runtime.isolation import seccomp_filter
-
-    rules = seccomp_filter(os.getpid())
+    rules = seccomp_filter()  # built by the template before it forked
     if rules is not None:
         rules.load()
 
 
-def _run_in_child(template: Template, fd, source, name, sentences, first, timeout) -> None:
+def _run_in_child(template: Template, fd, source, name, sentences, todo, timeout) -> None:
     import types
 
+    out = _Records(fd)
+    first = todo[0]
     signal.signal(signal.SIGALRM, _on_alarm)
     try:
         signal.setitimer(signal.ITIMER_REAL, timeout)
@@ -415,38 +441,67 @@ def _run_in_child(template: Template, fd, source, name, sentences, first, timeou
             exec(compile(module_source, f"<helper {module_name}>", "exec"), module.__dict__)
         function = compile_program(source, name, tokenizer=template.tokenizer)
     except ProgramError as err:
-        return _write(fd, first, _FATAL, str(err))
+        return out.add(first, _FATAL, str(err)).flush()
     except CallTimeout:
-        return _write(fd, first, _FATAL, f"timeout after {seconds(timeout)} s while defining the program")
+        why = f"timeout after {seconds(timeout)} s while defining the program"
+        return out.add(first, _FATAL, why).flush()
     except MemoryError:
-        return _write(fd, first, _MEMORY, "")
+        return out.add(first, _MEMORY, "").flush()
     except Exception as err:  # a helper module that fails
-        return _write(fd, first, _FATAL, f"a helper module raised {type(err).__name__}: {err}")
+        return out.add(first, _FATAL, f"a helper module raised {type(err).__name__}: {err}").flush()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-    _write(fd, first, _DEFINED, "")
-    for j in range(first, len(sentences)):
+    out.add(first, _DEFINED, "").flush()
+    for j in todo:
+        PROGRESS.pack_into(template.cell, 0, float(j), time.monotonic())
         try:
             signal.setitimer(signal.ITIMER_REAL, timeout)
             cells, why = call_program(function, sentences[j], name)
         except CallTimeout:
             cells, why = None, f"timeout after {seconds(timeout)} s"
         except MemoryError:
-            return _write(fd, j, _MEMORY, "")
+            return out.add(j, _MEMORY, "").flush()
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
         if cells is None:
-            _write(fd, j, _FAILED, why[:MAX_REASON_CHARS])
+            out.add(j, _FAILED, why[:MAX_REASON_CHARS])
         else:
-            _write(fd, j, _CELLS, cells.astype(np.float32, copy=False).tobytes())
+            out.add(j, _CELLS, cells.astype(np.float32, copy=False).tobytes())
+    out.flush()
 
 
-def _write(fd: int, index: int, kind: int, payload) -> None:
-    data = payload.encode("utf-8", errors="replace") if isinstance(payload, str) else payload
-    record = _RECORD.pack(index, kind, len(data)) + data
-    view = memoryview(record)
-    while view:
-        view = view[os.write(fd, view):]
+class _Records:
+    """Framed records to the template, written in batches (one write per ~50 ms or 256 KB,
+    not one per text: fewer wake-ups of the template)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pending: list[bytes] = []
+        self.size = 0
+        self.since = time.monotonic()
+
+    def add(self, index: int, kind: int, payload) -> _Records:
+        data = payload.encode("utf-8", errors="replace") if isinstance(payload, str) else payload
+        self.pending += (_RECORD.pack(index, kind, len(data)), data)
+        self.size += _RECORD.size + len(data)
+        if self.size >= _FLUSH_BYTES or time.monotonic() - self.since >= _FLUSH_SECONDS:
+            self.flush()
+        return self
+
+    def flush(self) -> None:
+        view = memoryview(b"".join(self.pending))
+        while view:
+            view = view[os.write(self.fd, view):]
+        self.pending, self.size, self.since = [], 0, time.monotonic()
+
+
+def _widen(fd: int) -> None:
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), _FLUSH_BYTES * 4)
+    except (ImportError, OSError):
+        pass
 
 
 def main(argv: list[str]) -> None:
@@ -461,6 +516,7 @@ def main(argv: list[str]) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # programs that print must not fill a pipe nobody reads
     _preload(modules)
+    seccomp_filter()  # built once here; each task's child only loads it
     _not_dumpable()
     replies.send_bytes(pickle.dumps(("ready", os.getpid())))
     os.dup2(devnull, 2)  # startup errors went to the parent; later ones would be programs'
