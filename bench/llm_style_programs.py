@@ -248,24 +248,24 @@ import spacy
 from transformers import PreTrainedTokenizerBase
 
 
-def _words(sentence, tokenizer):
-    doc = spacy.load("en_core_web_sm")(sentence)
-    spans = tokenizer(sentence, return_offsets_mapping=True)["offset_mapping"]
-    at = {{}}
+def _word_at(doc):
+    starts = {{}}
     for tok in doc:
-        for c in range(tok.idx, tok.idx + len(tok.text)):
-            at[c] = tok
-    return [at.get(b - 1) for a, b in spans], doc
+        starts[tok.idx] = tok
+    return starts
 
 
 def program(sentence: str, tokenizer: PreTrainedTokenizerBase):
-    words, doc = _words(sentence, tokenizer)
-    n = len(words)
+    doc = spacy.load("en_core_web_sm")(sentence)
+    spans = tokenizer(sentence, return_offsets_mapping=True)["offset_mapping"]
+    starts = _word_at(doc)
+    n = len(spans)
     out = np.zeros((n, n))
     last = 0
-    for i, w in enumerate(words):
+    for i, (a, b) in enumerate(spans):
         out[i, last] = 1.0
-        if w is not None and w.pos_ in {tags!r}:
+        word = starts.get(a) or starts.get(a + 1)
+        if word is not None and word.pos_ in {tags!r}:
             last = i
     return "Nearest earlier {tags}", out
 """,
@@ -277,16 +277,16 @@ import spacy
 def program(sentence, tokenizer):
     doc = spacy.load("en_core_web_sm")(sentence)
     spans = tokenizer(sentence, return_offsets_mapping=True)["offset_mapping"]
-    first = {{}}
+    token_of = {{}}
     for i, (a, b) in enumerate(spans):
-        for tok in doc:
-            if tok.idx < b and tok.idx + len(tok.text) > a:
-                first.setdefault(tok.i, i)
+        token_of.setdefault(a, i)
+        token_of.setdefault(a + 1, i)
     n = len(spans)
     out = np.eye(n) * {self_weight}
     for tok in doc:
-        if tok.i in first and tok.head.i in first:
-            out[first[tok.i], first[tok.head.i]] += 1.0
+        i, j = token_of.get(tok.idx), token_of.get(tok.head.idx)
+        if i is not None and j is not None:
+            out[i, j] += 1.0
     return "Syntactic head", out
 """,
     "same_lemma": """
@@ -296,17 +296,18 @@ import spacy
 
 def program(sentence, tokenizer):
     doc = spacy.load("en_core_web_sm")(sentence)
-    enc = tokenizer(sentence, return_offsets_mapping=True)
+    spans = tokenizer(sentence, return_offsets_mapping=True)["offset_mapping"]
     lemma_at = {{tok.idx: tok.lemma_.lower() for tok in doc}}
-    spans = enc["offset_mapping"]
-    lemmas = [lemma_at.get(a + len(sentence[a:b]) - len(sentence[a:b].lstrip())) for a, b in spans]
+    lemmas = [lemma_at.get(a, lemma_at.get(a + 1)) for a, b in spans]
     n = len(lemmas)
     out = np.zeros((n, n))
     out[:, 0] = {sink}
-    for i in range(n):
-        for j in range(i):
-            if lemmas[i] and lemmas[i] == lemmas[j]:
-                out[i, j] = 1.0
+    seen = {{}}
+    for i, lemma in enumerate(lemmas):
+        if lemma is not None and lemma in seen:
+            out[i, seen[lemma]] = 1.0
+        if lemma is not None:
+            seen.setdefault(lemma, i)
     return "Same lemma", out
 """,
     "entities": """
@@ -317,13 +318,11 @@ import spacy
 def program(sentence, tokenizer):
     doc = spacy.load("en_core_web_sm")(sentence)
     spans = tokenizer(sentence, return_offsets_mapping=True)["offset_mapping"]
-    inside = set()
-    for ent in doc.ents:
-        inside.update(range(ent.start_char, ent.end_char))
+    starts = {{ent.start_char for ent in doc.ents}}
     n = len(spans)
     out = np.tril(np.ones((n, n))) * {decay}
     for j, (a, b) in enumerate(spans):
-        if b > a and (b - 1) in inside:
+        if a in starts or a + 1 in starts:
             out[j:, j] += 1.0
     return "Entities", out
 """,

@@ -571,9 +571,10 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def modules_needed(programs: Sequence[Program], with_tokenizer: bool = False) -> set[str]:
-    """Heavy modules the programs import (spaCy, transformers, torch for return_tensors="pt"),
-    read from their code, not their comments: workers load these before forking. With
-    ``with_tokenizer``, paper-form programs need transformers (for the model's tokenizer)."""
+    """Heavy modules the programs import (spaCy, transformers, torch), read from their code,
+    not their comments: workers load these before forking. With ``with_tokenizer``,
+    paper-form programs need transformers (the model's tokenizer) and torch where they ask
+    it for ``return_tensors="pt"`` (the stand-in tokenizer returns numpy arrays)."""
     needed: set[str] = set()
     for program in programs:
         try:
@@ -587,8 +588,8 @@ def modules_needed(programs: Sequence[Program], with_tokenizer: bool = False) ->
                 needed |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module:
                 needed.add(node.module.split(".")[0])
-            elif isinstance(node, ast.Constant) and node.value == "pt":
-                needed.add("torch")
+            elif with_tokenizer and isinstance(node, ast.Constant) and node.value == "pt":
+                needed.add("torch")  # the real tokenizer's return_tensors="pt" makes tensors
     return needed & set(_PRELOADABLE)
 
 
