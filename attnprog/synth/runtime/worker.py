@@ -263,37 +263,37 @@ class Template:
             os.close(read_fd)
             _end_task(pid)
 
-    def _in_progress(self, todo, fallback: int) -> tuple[int, float | None]:
-        """(text index, start) the child says it is in; its word only picks which of its own
-        texts gets the blame, and a start in the future gains it nothing past its budget."""
-        index, started = PROGRESS.unpack_from(self.cell, 0)
-        valid = math.isfinite(started) and math.isfinite(index)
-        if index == DEFINING and valid:
-            return int(DEFINING), started
-        if valid and index in todo:
-            return int(index), started
-        return fallback, None
+    def _position(self, todo, at_least: int) -> int:
+        """Position in ``todo`` of the text the child says it is on (never below
+        ``at_least``). Its word can only move the clock forward text by text: the template
+        times each position from when it first sees it, not from what the child writes."""
+        index, _ = PROGRESS.unpack_from(self.cell, 0)
+        if math.isfinite(index) and index >= 0 and int(index) in todo:
+            return max(at_least, todo.index(int(index)))
+        return at_least
 
     def _watch_child(self, pid, fd, sentences, todo, timeout, budget):
         records: list = []
         buffer = bytearray()
         defined = False
         started = time.monotonic()
-        last = started
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP)
         malformed = "sent a malformed record (the program wrote to the sandbox's pipe)"
+        position, since = 0, started  # the text being run, and since when (template's clock)
         while True:
             now = time.monotonic()
-            expected = todo[len(records)]
-            index, call_start = self._in_progress(todo, expected)
-            call_deadline = (call_start if call_start is not None else last) + timeout + _GRACE
+            seen = self._position(todo, len(records)) if defined else 0
+            if seen > position:
+                position, since = seen, now
+            index = todo[position]
+            call_deadline = since + timeout + _GRACE
             if now >= started + budget:
-                return records, ("fatal", f"used its time budget of {seconds(budget)} s", expected)
+                return records, ("fatal", f"used its time budget of {seconds(budget)} s", index)
             if now >= call_deadline:
                 if not defined:
                     why = f"timeout after {seconds(timeout)} s while defining the program"
-                    return records, ("fatal", why, expected)
+                    return records, ("fatal", why, index)
                 return records, ("text", f"timeout after {seconds(timeout)} s (killed)", index)
             wait = min(call_deadline, started + budget) - now
             if not poller.poll(max(1, min(100, int(wait * 1000)))):
@@ -302,7 +302,6 @@ class Template:
             if not chunk:  # the child exited
                 return records, _exit_outcome(pid, defined, index, len(records) == len(todo))
             buffer += chunk
-            last = time.monotonic()
             at = 0
             while len(buffer) - at >= _RECORD.size:
                 text, kind, size = _RECORD.unpack_from(buffer, at)
@@ -311,15 +310,15 @@ class Template:
                 payload = bytes(buffer[at + _RECORD.size : at + _RECORD.size + size])
                 at += _RECORD.size + size
                 if kind == _DEFINED and not defined:
-                    defined = True
+                    defined, since = True, time.monotonic()
                     continue
                 if kind in (_FATAL, _MEMORY) and not defined:
                     why = _text(payload) if kind == _FATAL else (
                         f"memory limit exceeded ({self.memory_mb:g} MB) while defining the program")
-                    return records, ("fatal", why, expected)
+                    return records, ("fatal", why, todo[0])
                 expected = todo[len(records)] if len(records) < len(todo) else -1
                 if not defined or text != expected:
-                    return records, ("fatal", malformed, expected)
+                    return records, ("fatal", malformed, todo[0])
                 if kind == _CELLS and size == 4 * n_cells(sentences[text].n):
                     records.append((text, kind, np.frombuffer(payload, np.float32)))
                 elif kind == _FAILED and size <= 4 * MAX_REASON_CHARS:
@@ -328,7 +327,7 @@ class Template:
                     why = f"memory limit exceeded ({self.memory_mb:g} MB) on text {text}"
                     return records, ("fatal", why, text)
                 else:
-                    return records, ("fatal", malformed, expected)
+                    return records, ("fatal", malformed, todo[0])
                 if len(records) == len(todo):
                     return records, None
             del buffer[:at]

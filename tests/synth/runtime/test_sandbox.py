@@ -4,6 +4,7 @@ one behaviour of that run."""
 
 import os
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -196,6 +197,26 @@ def test_a_program_that_ignores_the_alarm_is_killed_and_the_next_one_runs(texts)
         evader, after = box.run([make(source, "evader"), good], texts)
     assert evader.reason == "timeout after 0.5 s (killed) on text 0" and evader.failed.all()
     assert after.reason == "" and not after.failed.any()
+
+
+def test_a_program_that_fakes_its_progress_cell_gains_no_time(texts):
+    """It finds the cell its worker times it by, ignores the alarm and keeps writing "just
+    started" into the cell: the worker times each text from when it first saw it."""
+    source = ("import gc, mmap, signal, struct, sys, time\ndef program(s):\n"
+              "    signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+              "    f, cells = sys._getframe(), []\n"
+              "    while f is not None:\n"
+              "        cells += [v.cell for v in f.f_locals.values() if hasattr(v, 'cell')]\n"
+              "        f = f.f_back\n"
+              "    while True:\n"
+              "        for i in (0.0, 1.0, 2.0):\n"
+              "            struct.pack_into('dd', cells[0], 0, i, time.monotonic() + 1000)\n"
+              "        time.sleep(0.01)\n")
+    started = time.monotonic()
+    with Sandbox(workers=1, timeout=0.5, program_seconds=60, progress=False) as box:
+        [result] = box.run([make(source, "faker")], texts)
+    assert result.failed.all() and "timeout after 0.5 s (killed)" in result.reason
+    assert time.monotonic() - started < 20  # three texts x (0.5 s + 1 s grace), plus start-up
 
 
 def test_a_program_that_spends_its_time_budget_is_abandoned(texts):
