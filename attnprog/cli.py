@@ -129,11 +129,16 @@ def check(
     from attnprog.synth.program import check_file
 
     results = check_file(path, name=name or None, unsafe=unsafe)
+    if len(results) == 1:
+        program_name, reason = results[0]
+        if reason:
+            raise ProgramError(f"{path}: {reason}")
+        typer.echo(f"{path}: ok ({program_name})")
+        return
     for program_name, reason in results:
         typer.echo(f"{path}:{program_name}: {reason or 'ok'}")
     failed = sum(bool(reason) for _, reason in results)
-    if len(results) > 1:
-        typer.echo(f"{len(results) - failed} of {len(results)} programs pass")
+    typer.echo(f"{len(results) - failed} of {len(results)} programs pass")
     if failed:
         raise ProgramError(f"{path}: {failed} of {len(results)} programs failed the check")
 

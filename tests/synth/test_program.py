@@ -207,3 +207,30 @@ def test_validate_many_judges_each_program():
     results = validate_many([program(NATIVE), program("def program(s):\n    return 'x'\n")])
     assert [r.ok for r in results] == [True, False]
     assert "returned str" in results[1].reason
+
+
+def test_check_file_checks_every_program_of_a_library_in_the_papers_layout(tmp_path):
+    from attnprog.synth.program import check_file
+
+    library = tmp_path / "lib.py"
+    library.write_text(
+        "import numpy as np\nfrom transformers import PreTrainedTokenizerBase\n\n"
+        "def _n(sentence, tokenizer):\n    return len(tokenizer(sentence)['input_ids'])\n\n"
+        "def first(sentence: str, tokenizer: PreTrainedTokenizerBase):\n"
+        "    m = np.zeros((_n(sentence, tokenizer),) * 2)\n    m[:, 0] = 1\n    return 'first', m\n\n"
+        "def broken(sentence: str, tokenizer: PreTrainedTokenizerBase):\n"
+        "    raise ValueError('\\x1b[2K\\rok')\n"
+    )
+    results = dict(check_file(library))
+    assert results["first"] == ""
+    assert "ValueError: \\x1b[2K\\rok" in results["broken"] and "\x1b" not in results["broken"]
+
+
+def test_check_file_reports_a_file_that_is_not_utf8_in_one_line(tmp_path):
+    from attnprog.errors import ProgramError
+    from attnprog.synth.program import check_file
+
+    path = tmp_path / "latin1.py"
+    path.write_bytes("# caf\xe9\ndef program(s):\n    return None\n".encode("latin-1"))
+    with pytest.raises(ProgramError, match=r"is not UTF-8 text \(byte 5\); save it as UTF-8"):
+        check_file(path)
