@@ -4,7 +4,6 @@ one behaviour of that run."""
 
 import os
 import tempfile
-import time
 
 import numpy as np
 import pytest
@@ -212,11 +211,10 @@ def test_a_program_that_fakes_its_progress_cell_gains_no_time(texts):
               "        for i in (0.0, 1.0, 2.0):\n"
               "            struct.pack_into('dd', cells[0], 0, i, time.monotonic() + 1000)\n"
               "        time.sleep(0.01)\n")
-    started = time.monotonic()
     with Sandbox(workers=1, timeout=0.5, program_seconds=60, progress=False) as box:
         [result] = box.run([make(source, "faker")], texts)
-    assert result.failed.all() and "timeout after 0.5 s (killed)" in result.reason
-    assert time.monotonic() - started < 20  # three texts x (0.5 s + 1 s grace), plus start-up
+    # stopped by each text's clock (0.5 s + 1 s grace), not by its 60 s budget
+    assert result.failed.all() and result.reason.startswith("timeout after 0.5 s (killed)")
 
 
 def test_a_program_that_spends_its_time_budget_is_abandoned(texts):
