@@ -51,7 +51,7 @@ def evaluate_programs(
     so a pool of any size fits in memory. ``tokenizer``: the model's tokenizer, handed to
     paper-form programs; ``helpers``: {module name: source} programs may import;
     ``timeout``: seconds per call; ``program_seconds``: each program's time budget over all
-    texts (default 30 s + 1 s per text). Programs that fail the
+    texts (default 60 s + 4 s per text). Programs that fail the
     static check (``check``) fail on every text with its reason and are not run. Each
     program's outputs are cached as soon as it finishes, so an interrupted call resumes.
     """

@@ -180,7 +180,7 @@ class Sandbox:
     workers         processes (default: one per core)
     timeout         wall-clock seconds per program-text call
     memory_mb       memory a program may allocate on top of the worker's own
-    program_seconds time budget of one program over all texts (default 30 s + 1 s per text);
+    program_seconds time budget of one program over all texts (default 60 s + 4 s per text);
                     a program that spends it is abandoned
     max_timeouts    timed-out texts after which a program is abandoned (default: no limit)
     spacy           load spaCy in each worker first (programs that import it do that anyway)
@@ -317,7 +317,7 @@ class Sandbox:
     def _budget(self, n_texts: int) -> float:
         if self.program_seconds is not None:
             return float(self.program_seconds)
-        return 30.0 + 1.0 * n_texts
+        return 60.0 + 4.0 * n_texts  # programs averaging up to 4 s a text finish
 
 
 def _result(state: _ProgramState) -> ProgramResult:
