@@ -12,7 +12,13 @@ setup: $(STAMP)
 
 # --system-site-packages keeps a torch that is already installed (e.g. a CUDA build);
 # otherwise the pinned CPU build is taken, never the multi-GB CUDA wheels.
+# bubblewrap gives sandbox workers their own namespaces (Debian package; skipped when present
+# or when apt-get is unavailable, in which case the sandbox refuses untrusted programs).
 $(STAMP): pyproject.toml
+	@command -v bwrap >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+		apt-get install -y -q bubblewrap >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1) || \
+		echo "warning: could not install bubblewrap; the sandbox will refuse untrusted programs"
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0

@@ -120,28 +120,27 @@ def generate(
 
 @app.command()
 def check(
-    path: Path = typer.Argument(..., help="a .py file defining one program function"),
-    name: str = typer.Option("", help="function name (default: the file's only function)"),
+    path: Path = typer.Argument(..., help="a .py file: one program, or a library in the paper's layout"),
+    name: str = typer.Option("", help="entry point (default: inferred)"),
+    unsafe: bool = typer.Option(False, help="run without OS isolation where it is unavailable"),
 ) -> None:
-    """Validate a program file in the sandbox and say what is wrong with it, if anything."""
-    import ast
-
+    """Validate programs in the sandbox and say what is wrong with each, if anything."""
     from attnprog.errors import ProgramError
-    from attnprog.synth.program import Program, validate
+    from attnprog.synth.program import check_file
 
-    if not path.is_file():
-        raise ProgramError(f"no program file at {path}")
-    source = path.read_text(encoding="utf-8")
-    if not name:
-        try:
-            functions = [n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)]
-        except SyntaxError as err:
-            raise ProgramError(f"{path}:{err.lineno}: syntax error: {err.msg}") from err
-        name = functions[0] if len(functions) == 1 else "program"
-    result = validate(Program(source=source, name=name, family="custom"))
-    if not result.ok:
-        raise ProgramError(f"{path}: {result.reason}")
-    typer.echo(f"{path}: ok ({name})")
+    results = check_file(path, name=name or None, unsafe=unsafe)
+    if len(results) == 1:
+        program_name, reason = results[0]
+        if reason:
+            raise ProgramError(f"{path}: {reason}")
+        typer.echo(f"{path}: ok ({program_name})")
+        return
+    for program_name, reason in results:
+        typer.echo(f"{path}:{program_name}: {reason or 'ok'}")
+    failed = sum(bool(reason) for _, reason in results)
+    typer.echo(f"{len(results) - failed} of {len(results)} programs pass")
+    if failed:
+        raise ProgramError(f"{path}: {failed} of {len(results)} programs failed the check")
 
 
 @app.command()

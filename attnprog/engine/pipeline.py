@@ -92,10 +92,11 @@ def ranking_subset(store: AttentionStore, split: str, heldout: str | None) -> At
 
 
 def evaluate_pool(store: AttentionStore, programs: list[Program], progress: bool = True,
-                  ray: str = ""):
+                  ray: str = "", tokenizer=None):
     """Outputs of ``programs`` on the store's texts, streamed: sandboxed programs run now (and
     are cached by corpus and tokenizer), generator programs when ranking reads their rows.
-    ``ray``: a cluster address (or "auto") to run the sandboxed programs as Ray tasks."""
+    ``ray``: a cluster address (or "auto") to run the sandboxed programs as Ray tasks;
+    ``tokenizer``: the model's, handed to paper-form programs."""
     from attnprog.synth.runtime.evaluate import evaluate_programs
 
     evaluate = evaluate_programs
@@ -108,6 +109,7 @@ def evaluate_pool(store: AttentionStore, programs: list[Program], progress: bool
     return evaluate(
         programs, store.sentences(), corpus_hash=store.meta.get("corpus_hash"),
         tokenizer_id=store.meta.get("tokenizer_id", ""), progress=progress, stream=True,
+        tokenizer=tokenizer,
     )
 
 
@@ -225,7 +227,7 @@ def _run_stages(config: RunConfig, echo, out: Path, ledger: _Ledger, record: Run
 
     with _stage(echo, "3/7 evaluate programs", "evaluate"):
         store = ranking_subset(store, "selection", "heldout")  # the sweep uses held-out texts too
-        outputs = evaluate_pool(store, pool, ray=config.ray)
+        outputs = evaluate_pool(store, pool, ray=config.ray, tokenizer=tokenizer)
         n_failed = int(outputs.failed.any(axis=1).sum())
         echo(f"  {outputs.n_programs} programs x {store.n_texts} selection and held-out texts; "
              f"{n_failed} programs failed on some text")

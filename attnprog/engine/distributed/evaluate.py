@@ -46,6 +46,7 @@ def evaluate_on_ray(
     cache_dir=None,
     stream: bool = False,
     progress: bool = True,
+    tokenizer=None,
     _task=None,
 ):
     """:func:`evaluate_programs` with the sandboxed programs spread over a Ray cluster.
@@ -68,7 +69,7 @@ def evaluate_on_ray(
                               stream=True)
     options = {"corpus_hash": local.corpus_hash, "tokenizer_id": tokenizer_id,
                "workers": cpus_per_task, "timeout": timeout, "memory_mb": memory_mb,
-               "use_cache": use_cache, "cache_dir": cache_dir}
+               "use_cache": use_cache, "cache_dir": cache_dir, "tokenizer": tokenizer}
     results = {}
     if sandboxed:
         if batch_programs is None:
