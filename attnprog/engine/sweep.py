@@ -310,13 +310,15 @@ def perplexity_sweep(
     batch_size: int = 8,
     impl: str = "auto",
     progress: bool = True,
+    heads: Sequence[int] | None = None,
 ) -> SweepResult:
     """Replace 0..100 % of heads (best IoU first) by best programs and both baselines.
 
     ``outputs``: ProgramOutputs of ``table.programs`` on the split's texts or on all of the
     store's texts (when None, only the programs needed run, through ``synth.runtime.evaluate``).
     ``qa_items`` adds QA accuracy (needs ``tokenizer``; ``qa_outputs`` likewise covers the
-    tokenised QA texts).
+    tokenised QA texts). ``heads`` (rows) limits replacement to those heads; fractions are
+    then shares of them.
     """
     n_layers, n_heads = store.n_layers, store.n_heads
     best_iou, best_index = _best_fit(table)
@@ -324,6 +326,8 @@ def perplexity_sweep(
         raise StoreError(f"the IoU table has {len(best_iou)} heads, the store "
                          f"{n_layers} x {n_heads}: rank programs against this store")
     order = np.argsort(-best_iou, kind="stable")  # heads, best fit first
+    if heads is not None:
+        order = order[np.isin(order, np.asarray(list(heads), dtype=np.int64))]
     # the table reports each best fit's IoU on held-out texts when it measured it
     heldout = getattr(table, "heldout_iou", None)
     reported_iou = best_iou if heldout is None else torch.as_tensor(heldout).float().cpu().numpy()

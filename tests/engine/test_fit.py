@@ -152,7 +152,7 @@ def test_the_pipeline_fits_every_head_ranks_the_fits_and_resumes(tmp_path):
 
     again: list[str] = []
     run_pipeline(config, echo=again.append)
-    stage = "\n".join(again).split("[2b/5")[1].split("done in")[0]
+    stage = "\n".join(again).split("[2b/7")[1].split("done in")[0]
     assert "reused" in stage and "fitted.jsonl" in stage
 
 
