@@ -253,9 +253,10 @@ def fitted_programs(store: AttentionStore, split: str = "synthesis",
 FIT_VERSION = "1"  # bump when the fitter changes what it produces
 
 
-def fit_stage(store: AttentionStore, config, ledger, out, echo) -> tuple[list[Program], str]:
+def fit_stage(store: AttentionStore, config, ledger, out, echo) -> tuple[list[Program], str, bool]:
     """The pipeline's fit stage: fitted programs for every head (read back when the run
-    directory has them for the same store and settings), and the key ranking depends on."""
+    directory has them for the same store and settings), the key ranking depends on, and
+    whether they were read back."""
     import time
     from pathlib import Path
 
@@ -267,10 +268,10 @@ def fit_stage(store: AttentionStore, config, ledger, out, echo) -> tuple[list[Pr
     if ledger.done("fit", stage_key, path):
         programs = load_pool(path)
         echo(f"  reused {path}: {len(programs)} fitted programs")
-        return programs, key
+        return programs, key, True
     if "synthesis" not in store.splits:
         echo("  no texts in the synthesis split: nothing to fit on (use more texts)")
-        return [], ""
+        return [], "", False
     settings = FitSettings(max_terms=config.fit_terms, device=config.device)
     start = time.perf_counter()
     programs = fitted_programs(store, "synthesis", settings)
@@ -280,4 +281,4 @@ def fit_stage(store: AttentionStore, config, ledger, out, echo) -> tuple[list[Pr
     echo(f"  fitted {len(programs)} heads on {store.splits.count('synthesis')} synthesis texts in "
          f"{time.perf_counter() - start:.0f} s (mean IoU there {np.mean(scores):.3f}); "
          f"wrote {path}")
-    return programs, key
+    return programs, key, False

@@ -229,10 +229,12 @@ def _run_stages(config: RunConfig, echo, out: Path, ledger: _Ledger, record: Run
 
     fit_key = ""
     if config.fit:
-        with _stage(echo, "2b/7 fit a program to every head", "fit"):
+        with _stage(echo, "2b/7 fit a program to every head", "fit") as stage:
             from attnprog.engine.fit import fit_stage
 
-            fitted, fit_key = fit_stage(store, config, ledger, out, echo)
+            fitted, fit_key, reused = fit_stage(store, config, ledger, out, echo)
+            if reused:
+                stage["state"] = "reused"
             pool = pool + fitted
             summary["fitted_programs"] = len(fitted)
 

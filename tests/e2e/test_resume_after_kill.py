@@ -63,10 +63,10 @@ def test_rerun_after_a_kill_during_ranking_reuses_extraction_and_the_pool(tmp_pa
     forced = run_cli("run", "--out", str(out), *ARGS, "--force", "sweep", "--no-report")
     assert forced.returncode == 0, forced.stderr[-3000:]
     states = {k: v["state"] for k, v in json.loads((out / "manifest.json").read_text())["stages"].items()}
-    assert states == {"extract": "reused", "pool": "reused", "evaluate": "done", "rank": "reused",
-                      "library": "reused", "sweep": "done"}
+    assert states == {"extract": "reused", "pool": "reused", "fit": "reused", "evaluate": "done",
+                      "rank": "reused", "library": "reused", "sweep": "done"}
 
 
 def test_force_of_an_unknown_stage_names_the_stages(tmp_path):
     result = run_cli("run", "--out", str(tmp_path / "run"), *ARGS, "--force", "ranking")
-    assert result.returncode == 2 and "extract, pool, evaluate, rank" in result.stderr
+    assert result.returncode == 2 and "extract, pool, fit, evaluate, rank" in result.stderr
