@@ -17,7 +17,7 @@ ARTEFACTS = ("manifest.json", "summary.json", "report.html", "config.json", "att
 SUMMARY_KEYS = ("mean_best_fit_iou", "median_best_fit_iou", "share_heads_iou_above_0_5",
                 "share_heads_iou_above_0_75", "library_size", "library_mean_iou", "ppl_increase",
                 "qa_accuracy")
-STAGES = ("extract", "pool", "evaluate", "rank", "library", "sweep", "report")
+STAGES = ("extract", "pool", "fit", "evaluate", "rank", "library", "sweep", "report")
 
 
 def run_cli(*args, timeout=600):
