@@ -145,6 +145,64 @@ def check(
 
 
 @app.command()
+def synthesize(
+    store: Path = typer.Option(..., help="attention store from `attnprog extract`"),
+    heads: str = typer.Option(..., help="LAYER.HEAD list, e.g. 18.7,20.3, or all"),
+    model: str = typer.Option(..., help="model name the endpoint serves"),
+    base_url: str = typer.Option("", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, "
+                                 "else OpenAI)"),
+    api_key: str = typer.Option("", help="API key (default: $OPENAI_API_KEY; local servers need none)"),
+    out: Path = typer.Option(Path("runs/pool.jsonl"), help="pool to add the programs to (created "
+                             "when missing); the report goes beside it as .llm.json"),
+    n: int = typer.Option(4, help="hypotheses asked for per head"),
+    rounds: int = typer.Option(1, help="refinement rounds per head"),
+    attempts: int = typer.Option(3, help="tries per hypothesis (re-prompted with the failure)"),
+    texts: int = typer.Option(4, help="synthesis texts summarised in the prompt"),
+    summary: str = typer.Option("stratified", help="summary format: stratified or top"),
+    summary_tokens: int = typer.Option(1500, help="size budget of the summary, in tokens"),
+    temperature: float = typer.Option(0.0),
+    max_tokens: int = typer.Option(1024, help="token limit of one reply"),
+    max_tokens_total: int = typer.Option(0, help="stop sending requests once this many tokens "
+                                         "(prompt + reply) are spent (0: no cap)"),
+    concurrency: int = typer.Option(4, help="requests in flight at once"),
+    timeout: float = typer.Option(300.0, help="seconds to wait for one reply"),
+    cache_dir: str = typer.Option("", help="reply cache (default: $ATTNPROG_CACHE_DIR/llm or "
+                                  "~/.cache/attnprog/llm)"),
+    print_prompt: bool = typer.Option(False, "--print-prompt",
+                                      help="print the first head's prompt and send nothing"),
+) -> None:
+    """Ask an LLM for programs explaining heads; add the valid ones to a pool."""
+    from attnprog.engine.store import AttentionStore
+    from attnprog.engine.synthesis import head_tasks, parse_heads, report_path, synthesize_into_pool
+    from attnprog.synth.llm.client import LLMSettings
+    from attnprog.synth.llm.synthesiser import SynthesisOptions, head_prompt
+
+    attention = AttentionStore.load(store)
+    chosen = parse_heads(heads, attention)
+    settings = LLMSettings(model=model, base_url=base_url, api_key=api_key, temperature=temperature,
+                           max_tokens=max_tokens, max_tokens_total=max_tokens_total,
+                           concurrency=concurrency, timeout=timeout, cache_dir=cache_dir)
+    options = SynthesisOptions(n=n, rounds=rounds, attempts=attempts, summary_format=summary,
+                               summary_tokens=summary_tokens)
+    if print_prompt:
+        task = head_tasks(attention, chosen[:1], texts)[0]
+        for message in head_prompt(task, options):
+            typer.echo(f"--- {message['role']} ---\n{message['content']}\n")
+        return
+    added, report = synthesize_into_pool(attention, chosen, settings, options, out, n_texts=texts)
+    usage = report.usage
+    failed = sum(1 for h in report.heads for c in h["candidates"] if not c["ok"])
+    typer.echo(f"{len(chosen)} heads: {len(added)} new programs added to {out}; {failed} failed "
+               f"attempts recorded in {report_path(out)}")
+    typer.echo(f"requests sent {usage['requests']}, served from cache {usage['cache_hits']}, "
+               f"retries {usage['retries']}; tokens {usage['prompt_tokens']} prompt + "
+               f"{usage['completion_tokens']} completion = {usage['total_tokens']}")
+    for head in report.heads:
+        if head["error"]:
+            typer.echo(f"  {head['label']}: stopped early: {head['error']}")
+
+
+@app.command()
 def show(
     table: Path = typer.Option(..., help="IoU table from `attnprog rank` or `attnprog run`"),
     head: str = typer.Argument(..., help="LAYER.HEAD, e.g. 18.8"),
@@ -167,6 +225,10 @@ def show(
         program = ious.programs[index]
         typer.echo(f"# {rank_no}. L{layer_no} H{head_no}: IoU {iou:.3f} on {ious.split}, "
                    f"family {program.family}, hash {program.hash}")
+        if program.provenance.get("generator") == "llm":
+            typer.echo("# provenance: " + ", ".join(
+                f"{key} {program.provenance.get(key)}" for key in
+                ("model", "request_id", "round", "parent", "head") if key in program.provenance))
         typer.echo(program.source.rstrip() + "\n")
 
 
