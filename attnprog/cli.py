@@ -245,6 +245,13 @@ def run(
     qa: bool = typer.Option(True, help="score the built-in QA sample in the sweep"),
     batch_size: int = typer.Option(8),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    llm_base_url: str = typer.Option("", help="LLM stage: OpenAI-compatible endpoint "
+                                     "(default $OPENAI_BASE_URL); the key comes from $OPENAI_API_KEY"),
+    llm_model: str = typer.Option("", help="LLM stage: model name; setting it turns the stage on"),
+    llm_heads: str = typer.Option("all", help="LLM stage: heads to synthesise for (18.7,20.3 or all)"),
+    llm_n: int = typer.Option(4, help="LLM stage: hypotheses per head"),
+    llm_rounds: int = typer.Option(1, help="LLM stage: refinement rounds per head"),
+    llm_max_tokens_total: int = typer.Option(0, help="LLM stage: token cap (0: none)"),
 ) -> None:
     """Run the whole pipeline: extract, generate, evaluate, rank, replace heads."""
     from attnprog.engine.pipeline import RunConfig, run_pipeline
@@ -252,7 +259,8 @@ def run(
     run_pipeline(RunConfig(
         out=str(out), model=model, corpus=corpus, text_field=text_field, limit=limit,
         max_tokens=max_tokens, n_candidates=candidates, fraction=fraction, qa=qa,
-        batch_size=batch_size, device=device,
+        batch_size=batch_size, device=device, llm_base_url=llm_base_url, llm_model=llm_model,
+        llm_heads=llm_heads, llm_n=llm_n, llm_rounds=llm_rounds, llm_max_tokens_total=llm_max_tokens_total,
     ), echo=typer.echo)
 
 

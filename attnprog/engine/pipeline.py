@@ -39,6 +39,13 @@ class RunConfig:
     batch_size: int = 8
     device: str = "cpu"
     top: int = 12  # best fits printed
+    # optional LLM stage (off unless llm_model is set); the API key comes from $OPENAI_API_KEY
+    llm_base_url: str = ""
+    llm_model: str = ""
+    llm_heads: str = "all"
+    llm_n: int = 4
+    llm_rounds: int = 1
+    llm_max_tokens_total: int = 0
 
 
 @contextmanager
@@ -87,6 +94,12 @@ def rank_table(store: AttentionStore, outputs, split: str = "selection",
     if heldout and heldout in store.splits:
         return rank_with_heldout(store, outputs, split=split, heldout_split=heldout, **rank_kwargs)
     return rank(store, outputs, split=split, **rank_kwargs)
+
+
+def llm_stage_key(config: RunConfig) -> str:
+    """What the LLM stage's programs depend on (the key is never part of it)."""
+    return (f"llm={config.llm_model}@{config.llm_base_url}|heads={config.llm_heads}|n={config.llm_n}"
+            f"|rounds={config.llm_rounds}|cap={config.llm_max_tokens_total}")
 
 
 class _Ledger:
@@ -145,6 +158,16 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
             save_pool(pool, pool_path)
             ledger.record("pool", pool_key)
             echo(f"  wrote {pool_path}: {len(pool)} programs (golden library + generator)")
+        if config.llm_model:
+            from attnprog.engine.synthesis import llm_stage
+
+            llm_path, llm_key = out / "llm_pool.jsonl", llm_stage_key(config)
+            llm_programs = llm_stage(store, config, llm_path, echo,
+                                     reuse=ledger.done("llm", llm_key, llm_path))
+            ledger.record("llm", llm_key)
+            known = {p.hash for p in pool}
+            pool = pool + [p for p in llm_programs if p.hash not in known]
+            pool_key += f"|{llm_key}"
         summary["programs"] = len(pool)
 
     with _stage(echo, "3/5 evaluate programs"):

@@ -117,3 +117,24 @@ def synthesize_into_pool(store: AttentionStore, heads, settings: LLMSettings, op
         report.usage = client.usage.to_dict()
         report.save(report_path(pool_path))
     return added, report
+
+
+def llm_stage(store: AttentionStore, config, pool_path: Path, echo, reuse: bool = False) -> list[Program]:
+    """The pipeline's LLM stage: programs for ``config.llm_heads`` written to ``pool_path``
+    (reused when ``reuse``; replies come from the cache on a re-run either way)."""
+    if reuse:
+        programs = load_pool(pool_path) if pool_path.stat().st_size else []
+        echo(f"  reused {pool_path}: {len(programs)} LLM programs")
+        return programs
+    settings = LLMSettings(model=config.llm_model, base_url=config.llm_base_url,
+                           max_tokens_total=config.llm_max_tokens_total)
+    options = SynthesisOptions(n=config.llm_n, rounds=config.llm_rounds)
+    pool_path.unlink(missing_ok=True)
+    pool_path.touch()
+    added, report = synthesize_into_pool(store, parse_heads(config.llm_heads, store), settings, options,
+                                         pool_path)
+    usage = report.usage
+    echo(f"  LLM {report.model}: {len(added)} valid programs for {len(report.heads)} heads; "
+         f"{usage['requests']} requests, {usage['cache_hits']} from cache, "
+         f"{usage['total_tokens']} tokens (report: {report_path(pool_path)})")
+    return added

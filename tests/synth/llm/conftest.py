@@ -40,7 +40,8 @@ class ScriptedServer:
                 body = json.loads(self.rfile.read(length) or b"{}")
                 with server.lock:
                     server.requests.append(body)
-                    status, reply, delay = server.script.pop(0) if len(server.script) > 1 else server.script[0]
+                    script = server.script
+                    status, reply, delay = script.pop(0) if len(script) > 1 else script[0]
                 time.sleep(delay)
                 data = json.dumps(reply(body) if callable(reply) else reply).encode()
                 try:

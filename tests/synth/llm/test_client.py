@@ -23,7 +23,8 @@ def client_for(url, tmp_path, sleeps=None, **overrides):
 def test_a_reply_carries_text_finish_reason_usage_and_request_id(scripted, chat, tmp_path):
     scripted.reply((200, chat("hello", prompt_tokens=7, completion_tokens=3, request_id="abc")))
     reply = client_for(scripted.base_url, tmp_path).complete(MESSAGES)
-    assert (reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens) == ("hello", "stop", 7, 3)
+    assert (reply.text, reply.finish_reason) == ("hello", "stop")
+    assert (reply.prompt_tokens, reply.completion_tokens) == (7, 3)
     assert reply.request_id and not reply.cached
 
 
@@ -31,7 +32,8 @@ def test_the_request_sends_model_messages_and_parameters(scripted, chat, tmp_pat
     scripted.reply((200, chat("x")))
     client_for(scripted.base_url, tmp_path, temperature=0.0, max_tokens=77).complete(MESSAGES)
     sent = scripted.requests[0]
-    assert (sent["model"], sent["messages"], sent["temperature"], sent["max_tokens"]) == ("m", MESSAGES, 0.0, 77)
+    assert (sent["model"], sent["messages"]) == ("m", MESSAGES)
+    assert (sent["temperature"], sent["max_tokens"]) == (0.0, 77)
 
 
 @pytest.mark.parametrize("status", [429, 500, 503])
@@ -123,7 +125,8 @@ def test_usage_is_counted_per_tag_and_in_total(scripted, chat, tmp_path):
     client.complete(MESSAGES, tag="L1H2")
     client.complete([{"role": "user", "content": "other"}], tag="L3H4")
     assert client.usage.total_tokens == 30
-    assert client.usage.per_tag["L1H2"]["completion_tokens"] == 5 and client.usage.per_tag["L3H4"]["requests"] == 1
+    assert client.usage.per_tag["L1H2"]["completion_tokens"] == 5
+    assert client.usage.per_tag["L3H4"]["requests"] == 1
 
 
 def test_the_token_cap_stops_new_requests_but_serves_cached_ones(scripted, chat, tmp_path):

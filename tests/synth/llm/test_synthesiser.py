@@ -7,9 +7,10 @@ import pytest
 from attnprog.errors import LLMError
 from attnprog.synth.features import Sentence
 from attnprog.synth.llm.client import ChatClient, LLMSettings
-from attnprog.synth.llm.synthesiser import HeadTask, SynthesisOptions, Synthesiser
+from attnprog.synth.llm.synthesiser import HeadTask, Synthesiser, SynthesisOptions
 
-FIRST = "```python\nimport numpy as np\n\ndef program(s):\n    m = np.zeros((s.n, s.n))\n    m[:, 0] = 1.0\n    return m\n```"
+FIRST = ("```python\nimport numpy as np\n\ndef program(s):\n    m = np.zeros((s.n, s.n))\n"
+         "    m[:, 0] = 1.0\n    return m\n```")
 PREVIOUS = ("```python\nimport numpy as np\n\ndef program(s):\n    m = np.zeros((s.n, s.n))\n"
             "    m[0, 0] = 1.0\n    m[np.arange(1, s.n), np.arange(s.n - 1)] = 1.0\n    return m\n```")
 FORBIDDEN = "```python\nimport os\n\ndef program(s):\n    return np.eye(s.n)\n```"
