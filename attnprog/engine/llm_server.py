@@ -7,6 +7,7 @@ offline, waits until the model answers a chat request, and stops the server afte
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -32,10 +33,19 @@ def free_port() -> int:
 
 
 def serve_command(checkpoint: str | Path, port: int) -> list[str]:
-    """The command line that serves ``checkpoint`` on 127.0.0.1:``port`` (CPU unless CUDA is there)."""
-    executable = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
-    return [executable, "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
-            "--log-level", "warning"]
+    """The command line that serves ``checkpoint`` on 127.0.0.1:``port`` (CPU unless CUDA is there).
+
+    It runs transformers' CLI with this interpreter, so the serving extra installed beside
+    attnprog (in its virtual environment) is the one used.
+    """
+    args = ["serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    if importlib.util.find_spec("transformers.cli.transformers") is not None:
+        launcher = "import sys; from transformers.cli.transformers import main; sys.exit(main())"
+        return [sys.executable, "-c", launcher, *args]
+    executable = shutil.which("transformers")
+    if executable is None:
+        raise LLMError("no `transformers` command found: pip install 'transformers[serving]'")
+    return [executable, *args]
 
 
 @contextmanager
