@@ -203,6 +203,28 @@ def synthesize(
 
 
 @app.command()
+def serve(
+    model: str = typer.Option("smollm2-135m", help="built-in name or checkpoint directory"),
+    port: int = typer.Option(8000, help="port on 127.0.0.1 (0: any free one)"),
+) -> None:
+    """Serve a model offline on loopback with `transformers serve`, for `synthesize --base-url`."""
+    import time
+
+    from attnprog.engine.llm_server import local_server
+    from attnprog.engine.models import BUILTIN_MODELS, builtin_checkpoint
+
+    checkpoint = builtin_checkpoint(model) if model in BUILTIN_MODELS else Path(model).expanduser()
+    typer.echo(f"starting transformers serve for {checkpoint} ...")
+    with local_server(checkpoint, port=port) as (base_url, name):
+        typer.echo(f"serving at {base_url}\n  --base-url {base_url} --model {name}\n(Ctrl-C stops it)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
 def show(
     table: Path = typer.Option(..., help="IoU table from `attnprog rank` or `attnprog run`"),
     head: str = typer.Argument(..., help="LAYER.HEAD, e.g. 18.8"),

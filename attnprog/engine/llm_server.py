@@ -49,8 +49,10 @@ def serve_command(checkpoint: str | Path, port: int) -> list[str]:
 
 
 @contextmanager
-def local_server(checkpoint: str | Path, startup_timeout: float = 600.0, log_path: str | Path | None = None):
-    """Run ``transformers serve`` for ``checkpoint``; yields (base_url, model name). Stops it on exit."""
+def local_server(checkpoint: str | Path, startup_timeout: float = 600.0, log_path: str | Path | None = None,
+                 port: int = 0):
+    """Run ``transformers serve`` for ``checkpoint`` on ``port`` (0: a free one); yields
+    (base_url, model name). Stops it on exit."""
     if not (Path(checkpoint) / "config.json").is_file():
         raise LLMError(f"{checkpoint} is not a checkpoint directory (no config.json)")
     try:
@@ -59,7 +61,7 @@ def local_server(checkpoint: str | Path, startup_timeout: float = 600.0, log_pat
     except ImportError as err:
         raise LLMError("`transformers serve` needs its serving extra: pip install "
                        "'transformers[serving]' (or `pip install -e .[serve]`)") from err
-    port = free_port()
+    port = port or free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.setdefault("HF_HUB_CACHE", tempfile.mkdtemp(prefix="attnprog-hf-"))  # /v1/models scans it
     log = open(log_path or os.devnull, "wb")
