@@ -16,6 +16,7 @@ PREVIOUS = ("```python\nimport numpy as np\n\ndef program(s):\n    m = np.zeros(
 FORBIDDEN = "```python\nimport os\n\ndef program(s):\n    return np.eye(s.n)\n```"
 TWO_FUNCTIONS = "```python\ndef helper(s):\n    return 1\n\ndef program(s):\n    return np.eye(s.n)\n```"
 HANGS = "```python\ndef program(s):\n    while True:\n        pass\n```"
+MEMORY_BOMB = "```python\ndef program(s):\n    return np.ones((10**5, 10**5))[: s.n, : s.n]\n```"
 CRASHES = "```python\ndef program(s):\n    return np.eye(s.n)[:, :1] / 0 + undefined_name\n```"
 
 
@@ -59,6 +60,7 @@ def test_the_prompt_carries_the_heads_summary_and_n(scripted, chat, tmp_path):
     (FORBIDDEN, "import of `os` is not allowed"),
     (TWO_FUNCTIONS, "define exactly one top-level function"),
     (CRASHES, "on probe text 0"),
+    (MEMORY_BOMB, "memory limit exceeded"),
     ("I think it attends to the previous token.", "no Python code block"),
     ("", "the reply was empty"),
 ])
