@@ -15,6 +15,15 @@ from attnprog.synth.program import allowed_imports
 
 EXAMPLE_FAMILIES = ("previous", "first", "punctuation")  # golden programs shown as examples
 _SKIP = {"copy", "warm_features", "from_text"}
+# fields and properties without a docstring of their own; anything else new shows its type
+_NOTES = {
+    "text": "the text", "ids": "token ids", "tokens": "decoded piece of each token (leading space kept)",
+    "offsets": "(start, end) character span of each token in s.text",
+    "word_ids": "index of the whitespace-separated word each token belongs to",
+    "pos": "POS tag per token (None without spaCy)",
+    "dep_head": "token index of each token's syntactic head (None without spaCy)",
+    "n": "number of tokens",
+}
 
 
 def describe_sentence() -> str:
@@ -22,12 +31,13 @@ def describe_sentence() -> str:
     lines = []
     for f in dataclasses.fields(Sentence):
         if not f.name.startswith("_"):
-            lines.append(f"- s.{f.name}: {_annotation(f.type)}")
+            note = _NOTES.get(f.name)
+            lines.append(f"- s.{f.name}: {_annotation(f.type)}" + (f", {note}" if note else ""))
     for name, member in vars(Sentence).items():
         if name.startswith("_") or name in _SKIP or any(f.name == name for f in dataclasses.fields(Sentence)):
             continue
         if isinstance(member, property):
-            lines.append(f"- s.{name}: {_first_line(member.fget)}")
+            lines.append(f"- s.{name}: {_first_line(member.fget) or _NOTES.get(name, '')}")
         elif inspect.isfunction(member):
             signature = str(inspect.signature(member)).replace("self, ", "").replace("(self)", "()")
             lines.append(f"- s.{name}{signature}: {_first_line(member)}")
@@ -40,7 +50,7 @@ def _annotation(annotation) -> str:
 
 def _first_line(function) -> str:
     doc = inspect.getdoc(function) or ""
-    return " ".join(doc.split("\n\n")[0].split()) or "(undocumented)"
+    return " ".join(doc.split("\n\n")[0].split())
 
 
 def system_message() -> str:
