@@ -1,7 +1,7 @@
 """LLM synthesis throughput against a local `transformers serve` (SmolLM2-135M-Instruct).
 
-- requests, 1 in flight:  6 distinct short chat requests (64 reply tokens), one at a time
-- requests, 3 in flight:  the same 6 with three threads (the server runs without
+- requests, 1 in flight:  4 distinct short chat requests (48 reply tokens), one at a time
+- requests, 3 in flight:  the same 4 with three threads (the server runs without
                           continuous batching, so this shows how much overlap buys)
 - synthesis:              the whole loop for 2 heads (n=2 hypotheses, 2 attempts, no
                           refinement): requests, parsing and sandbox validation;
@@ -25,7 +25,7 @@ pytest.importorskip("fastapi", reason="needs transformers[serving] (make setup i
 from attnprog.engine.llm_server import local_server  # noqa: E402
 from attnprog.synth.llm.client import ChatClient, LLMSettings  # noqa: E402
 
-PROMPTS = [f"Write a Python function that returns the {k}th square number." for k in range(2, 8)]
+PROMPTS = [f"Write a Python function that returns the {k}th square number." for k in range(2, 6)]
 figures: dict[str, dict] = {}
 
 
@@ -37,7 +37,7 @@ def server():
         yield base_url, model
 
 
-def client(server, concurrency=1, max_tokens=64) -> ChatClient:
+def client(server, concurrency=1, max_tokens=48) -> ChatClient:
     base_url, model = server
     return ChatClient(LLMSettings(model=model, base_url=base_url, max_tokens=max_tokens,
                                   concurrency=concurrency, use_cache=False))

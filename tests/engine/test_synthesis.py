@@ -137,3 +137,21 @@ def test_the_pipeline_adds_llm_programs_as_a_stage(tmp_path, monkeypatch):
     again = []
     run_pipeline(config, echo=again.append)
     assert any("reused" in line and "llm_pool.jsonl" in line for line in again)
+
+
+def test_show_prints_an_llm_programs_provenance(tmp_path):
+    import torch
+
+    from attnprog.cli import app
+    from attnprog.engine.rank import IoUTable
+    from attnprog.synth.program import Program
+
+    program = Program(PREVIOUS.split("```python\n")[1].split("```")[0], family="llm", provenance={
+        "generator": "llm", "model": "smol", "request_id": "req-9", "round": 1, "parent": "abc123",
+        "head": "L0H1"})
+    table = IoUTable(iou=torch.tensor([[0.5, 0.7]]), programs=[program], split="selection",
+                     n_layers=1, n_heads=2)
+    table.save(tmp_path / "table.safetensors")
+    result = CliRunner().invoke(app, ["show", "--table", str(tmp_path / "table.safetensors"), "0.1"])
+    assert result.exit_code == 0, result.output
+    assert "# provenance: model smol, request_id req-9, round 1, parent abc123, head L0H1" in result.output
