@@ -165,7 +165,8 @@ def synthesize(
     max_tokens_total: int = typer.Option(0, help="stop sending requests once this many tokens "
                                          "(prompt + reply) are spent (0: no cap)"),
     concurrency: int = typer.Option(4, help="requests in flight at once"),
-    timeout: float = typer.Option(300.0, help="seconds to wait for one reply"),
+    timeout: float = typer.Option(600.0, help="seconds to wait for one reply (a timed-out request "
+                                  "is retried from the start)"),
     cache_dir: str = typer.Option("", help="reply cache (default: $ATTNPROG_CACHE_DIR/llm or "
                                   "~/.cache/attnprog/llm)"),
     print_prompt: bool = typer.Option(False, "--print-prompt",

@@ -40,7 +40,7 @@ def server():
 def client(server, concurrency=1, max_tokens=48) -> ChatClient:
     base_url, model = server
     return ChatClient(LLMSettings(model=model, base_url=base_url, max_tokens=max_tokens,
-                                  concurrency=concurrency, use_cache=False))
+                                  concurrency=concurrency, use_cache=False, timeout=3600.0))
 
 
 def send_all(chat: ChatClient, workers: int) -> None:

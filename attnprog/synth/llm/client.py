@@ -45,7 +45,7 @@ class LLMSettings:
     max_tokens: int = 1024  # per reply
     max_tokens_total: int = 0  # cost cap for the whole run, prompt + completion (0: none)
     concurrency: int = 4
-    timeout: float = 300.0  # seconds per request (a loaded CPU server is slow)
+    timeout: float = 600.0  # seconds per request (a small model on a busy CPU takes minutes)
     retries: int = 4  # further tries after the first, on 429, 5xx, timeouts, refused connections
     backoff: float = 1.0  # seconds before the first retry, doubled each time (with jitter)
     cache_dir: str = ""  # "" : the default reply cache directory
