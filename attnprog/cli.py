@@ -209,12 +209,14 @@ def serve(
     port: int = typer.Option(8000, help="port on 127.0.0.1 (0: any free one)"),
 ) -> None:
     """Serve a model offline on loopback with `transformers serve`, for `synthesize --base-url`."""
+    import signal
     import time
 
     from attnprog.engine.llm_server import local_server
     from attnprog.engine.models import BUILTIN_MODELS, builtin_checkpoint
 
     checkpoint = builtin_checkpoint(model) if model in BUILTIN_MODELS else Path(model).expanduser()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the server too
     typer.echo(f"starting transformers serve for {checkpoint} ...")
     with local_server(checkpoint, port=port) as (base_url, name):
         typer.echo(f"serving at {base_url}\n  --base-url {base_url} --model {name}\n(Ctrl-C stops it)")

@@ -194,7 +194,8 @@ class ChatClient:
                     "set OPENAI_API_KEY or pass --api-key with a valid key") from err
             except openai.APIStatusError as err:
                 detail = _detail(err)
-                if err.status_code == 404 or (err.status_code == 400 and "model" in detail.lower()):
+                names_model = "model" in detail.lower() or f"'{settings.model}'" in detail
+                if err.status_code == 404 or (err.status_code == 400 and names_model):
                     raise LLMError(
                         f"the endpoint {settings.base_url} does not serve model {settings.model!r} "
                         f"({err.status_code}: {detail}): pass --model with a name it serves") from err

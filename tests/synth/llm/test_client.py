@@ -15,8 +15,8 @@ MESSAGES = [{"role": "user", "content": "write a program"}]
 
 
 def client_for(url, tmp_path, sleeps=None, **overrides):
-    options = {"retries": 3, "backoff": 0.5, "timeout": 5.0, **overrides}
-    settings = LLMSettings(model="m", base_url=url, cache_dir=str(tmp_path / "cache"), **options)
+    options = {"model": "m", "retries": 3, "backoff": 0.5, "timeout": 5.0, **overrides}
+    settings = LLMSettings(base_url=url, cache_dir=str(tmp_path / "cache"), **options)
     return ChatClient(settings, sleep=(sleeps.append if sleeps is not None else lambda s: None))
 
 
@@ -82,13 +82,13 @@ def test_a_wrong_key_is_not_retried(scripted, tmp_path):
 
 
 @pytest.mark.parametrize("status, detail", [
-    (404, "The model `m` does not exist"),
-    (400, "Server is pinned to '/models/smol'; requested 'm'."),  # transformers serve's answer
+    (404, "The model `smol-x` does not exist"),
+    (400, "Server is pinned to '/ckpt/smol'; requested 'smol-x'."),  # transformers serve's answer
 ])
 def test_an_unknown_model_names_the_model(scripted, tmp_path, status, detail):
     scripted.reply((status, {"error": {"message": detail}}))
-    with pytest.raises(LLMError, match="does not serve model 'm'"):
-        client_for(scripted.base_url, tmp_path).complete(MESSAGES)
+    with pytest.raises(LLMError, match="does not serve model 'smol-x'"):
+        client_for(scripted.base_url, tmp_path, model="smol-x").complete(MESSAGES)
 
 
 def test_another_4xx_rejects_only_that_request(scripted, tmp_path):
