@@ -29,6 +29,13 @@ PROMPTS = [f"Write a Python function that returns the {k}th square number." for 
 figures: dict[str, dict] = {}
 
 
+def keep(name: str, values: dict, benchmark) -> None:
+    """Record a figure, and print it at once (a long run killed later still leaves it)."""
+    figures[name] = values
+    benchmark.extra_info.update(values)
+    print(f"\n  {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in values.items()), flush=True)
+
+
 @pytest.fixture(scope="module")
 def server():
     from attnprog.engine.models import builtin_checkpoint
@@ -53,12 +60,11 @@ def test_requests_per_second(benchmark, server, in_flight):
     chat = client(server, concurrency=in_flight)
     benchmark.pedantic(send_all, args=(chat, in_flight), rounds=1, iterations=1)
     seconds = benchmark.stats.stats.mean
-    figures[f"requests, {in_flight} in flight"] = {
+    keep(f"requests, {in_flight} in flight", {
         "requests/s": len(PROMPTS) / seconds,
         "completion tokens/s": chat.usage.completion_tokens / seconds,
-        "seconds": seconds,
-    }
-    benchmark.extra_info.update(figures[f"requests, {in_flight} in flight"])
+        "seconds": seconds, "retries": chat.usage.retries,
+    }, benchmark)
     assert chat.usage.requests == len(PROMPTS)
 
 
@@ -86,13 +92,13 @@ def test_synthesis_programs_validated_per_minute(benchmark, synthesis):
     seconds = benchmark.stats.stats.mean
     candidates = [c for r in results for c in r.candidates]
     valid = sum(len(r.programs) for r in results)
-    figures["synthesis"] = {
+    keep("synthesis", {
         "requests/s": worker.client.usage.requests / seconds,
         "candidates validated/min": 60 * len(candidates) / seconds,
         "valid programs/min": 60 * valid / seconds,
-        "seconds": seconds,
-    }
-    benchmark.extra_info.update(figures["synthesis"])
+        "seconds": seconds, "requests": worker.client.usage.requests,
+        "candidates": len(candidates), "retries": worker.client.usage.retries,
+    }, benchmark)
     synthesis_candidates.extend(candidates)
     assert worker.client.usage.requests >= len(tasks)
 
@@ -112,9 +118,8 @@ def test_validation_only(benchmark):
 
     benchmark.pedantic(validate_all, rounds=1, iterations=1)
     seconds = benchmark.stats.stats.mean
-    figures["validation only"] = {"candidates validated/min": 60 * len(programs) / seconds,
-                                  "seconds": seconds}
-    benchmark.extra_info.update(figures["validation only"])
+    keep("validation only", {"candidates validated/min": 60 * len(programs) / seconds,
+                             "seconds": seconds}, benchmark)
 
 
 def test_report():
