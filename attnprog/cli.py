@@ -366,14 +366,20 @@ def bench_command(
     full: bool = typer.Option(False, help="all 9 shapes P x H instead of 3"),
     texts: int = typer.Option(0, help="texts of 64 tokens per shape (0: 32 on GPU, 4 on CPU)"),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16 inputs"),
+    override: bool = typer.Option(True, help="also time the override kernel per layer (GPU)"),
 ) -> None:
-    """Time the ranking kernel against torch broadcasting and the authors' numpy loop."""
-    from attnprog.engine.bench import run_rank_bench
+    """Time the ranking kernel against torch broadcasting and the authors' numpy loop, and on
+    a GPU the head-replacement kernel per layer against SDPA and eager attention."""
+    from attnprog.engine.bench import run_override_bench, run_rank_bench
 
-    run_rank_bench(
-        None if device == "auto" else device, quick=not full, n_texts=texts or None,
-        dtype=_dtype(dtype),
-    )
+    device = None if device == "auto" else device
+    run_rank_bench(device, quick=not full, n_texts=texts or None, dtype=_dtype(dtype))
+    import torch
+
+    on_gpu = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
+    if override and on_gpu:  # on a CPU both paths are SDPA plus a matmul: nothing to compare
+        half = _dtype(dtype) if _dtype(dtype) != torch.float32 else torch.float16
+        run_override_bench(device, dtype=half)
 
 
 def _dtype(name: str):

@@ -184,7 +184,11 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
             table = IoUTable.load(table_path)
             echo(f"  reused {table_path}")
         else:
-            table = rank_table(store, outputs)
+            on_gpu = str(config.device).startswith("cuda")
+            try:  # rank where the kernels are: on a GPU, the attention goes there for this stage
+                table = rank_table(store.to(config.device) if on_gpu else store, outputs)
+            finally:
+                store.to("cpu")
             table.save(table_path)
             ledger.record("rank", table_key)
         fits = sorted(table.best_fits(), key=lambda f: -f.reported_iou)
