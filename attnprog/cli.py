@@ -270,6 +270,8 @@ def run(
     qa: bool = typer.Option(True, help="score the built-in QA sample in the sweep"),
     batch_size: int = typer.Option(8),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    ray: str = typer.Option("", "--ray", help="evaluate, rank and sweep on a Ray cluster: its "
+                            "address (HOST:PORT, ray://HOST:10001) or 'auto' (this machine's)"),
     llm_base_url: str = typer.Option("", help="LLM stage: OpenAI-compatible endpoint "
                                      "(default $OPENAI_BASE_URL); the key comes from $OPENAI_API_KEY"),
     llm_model: str = typer.Option("", help="LLM stage: model name; setting it turns the stage on"),
@@ -284,8 +286,9 @@ def run(
     run_pipeline(RunConfig(
         out=str(out), model=model, corpus=corpus, text_field=text_field, limit=limit,
         max_tokens=max_tokens, n_candidates=candidates, fraction=fraction, qa=qa,
-        batch_size=batch_size, device=device, llm_base_url=llm_base_url, llm_model=llm_model,
-        llm_heads=llm_heads, llm_n=llm_n, llm_rounds=llm_rounds, llm_max_tokens_total=llm_max_tokens_total,
+        batch_size=batch_size, device=device, ray=ray, llm_base_url=llm_base_url,
+        llm_model=llm_model, llm_heads=llm_heads, llm_n=llm_n, llm_rounds=llm_rounds,
+        llm_max_tokens_total=llm_max_tokens_total,
     ), echo=typer.echo)
 
 
@@ -302,6 +305,8 @@ def rank_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     impl: str = typer.Option("auto", help="sum-min path: auto, triton, numba or torch"),
     memory_mb: int = typer.Option(512, help="working memory per program chunk, MiB"),
+    ray: str = typer.Option("", "--ray", help="evaluate and rank on a Ray cluster, heads sharded "
+                            "over its GPUs: its address (HOST:PORT) or 'auto' (this machine's)"),
 ) -> None:
     """Score every program against every head; write the IoU table and print best fits."""
     import time
@@ -315,6 +320,11 @@ def rank_command(
 
     if (pool is None) == (outputs is None):
         raise AttnProgError("pass exactly one of --pool (programs to evaluate) or --outputs")
+    if ray:  # reach the cluster before reading a large store
+        from attnprog.engine.distributed.cluster import connect, describe
+
+        connect(ray)
+        typer.echo(describe())
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     attention = AttentionStore.load(store, device=device)
@@ -327,11 +337,11 @@ def rank_command(
         attention = ranking_subset(attention, split, heldout)
         programs = load_pool(pool)
         typer.echo(f"evaluating {len(programs)} programs on {attention.n_texts} texts")
-        program_outputs = evaluate_pool(attention, programs)
+        program_outputs = evaluate_pool(attention, programs, ray=ray)
 
     start = time.perf_counter()
     table = rank_table(attention, program_outputs, split=split, heldout=heldout, per_text=per_text,
-                       impl=impl, memory_budget=memory_mb << 20, progress=True)
+                       impl=impl, memory_budget=memory_mb << 20, progress=True, ray=ray)
     seconds = time.perf_counter() - start
     table.save(out)
     n_failed = int(program_outputs.failed.all(axis=1).sum())

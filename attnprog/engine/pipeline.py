@@ -39,6 +39,7 @@ class RunConfig:
     batch_size: int = 8
     device: str = "cpu"
     top: int = 12  # best fits printed
+    ray: str = ""  # Ray cluster address or "auto" ("": this machine only, Ray not imported)
     # optional LLM stage (off unless llm_model is set); the API key comes from $OPENAI_API_KEY
     llm_base_url: str = ""
     llm_model: str = ""
@@ -75,22 +76,38 @@ def ranking_subset(store: AttentionStore, split: str, heldout: str | None) -> At
     return store.subset(texts) if len(texts) < store.n_texts else store
 
 
-def evaluate_pool(store: AttentionStore, programs: list[Program], progress: bool = True):
+def evaluate_pool(store: AttentionStore, programs: list[Program], progress: bool = True,
+                  ray: str = ""):
     """Outputs of ``programs`` on the store's texts, streamed: sandboxed programs run now (and
-    are cached by corpus and tokenizer), generator programs when ranking reads their rows."""
+    are cached by corpus and tokenizer), generator programs when ranking reads their rows.
+    ``ray``: a cluster address (or "auto") to run the sandboxed programs as Ray tasks."""
     from attnprog.synth.runtime.evaluate import evaluate_programs
 
-    return evaluate_programs(
+    evaluate = evaluate_programs
+    if ray:
+        from functools import partial
+
+        from attnprog.engine.distributed.evaluate import evaluate_on_ray
+
+        evaluate = partial(evaluate_on_ray, address=ray)
+    return evaluate(
         programs, store.sentences(), corpus_hash=store.meta.get("corpus_hash"),
         tokenizer_id=store.meta.get("tokenizer_id", ""), progress=progress, stream=True,
     )
 
 
 def rank_table(store: AttentionStore, outputs, split: str = "selection",
-               heldout: str | None = "heldout", **rank_kwargs):
-    """Rank on ``split``; measure each best fit on ``heldout`` when the store has that split."""
+               heldout: str | None = "heldout", ray: str = "", **rank_kwargs):
+    """Rank on ``split``; measure each best fit on ``heldout`` when the store has that split.
+    ``ray``: a cluster address (or "auto") to shard the heads over Ray actors."""
     from attnprog.engine.rank import rank, rank_with_heldout
 
+    if ray:
+        from attnprog.engine.distributed.rank import rank_on_ray
+
+        held = heldout if heldout and heldout in store.splits else None
+        return rank_on_ray(store, outputs, split=split, heldout_split=held, address=ray,
+                           **rank_kwargs)
     if heldout and heldout in store.splits:
         return rank_with_heldout(store, outputs, split=split, heldout_split=heldout, **rank_kwargs)
     return rank(store, outputs, split=split, **rank_kwargs)
@@ -127,6 +144,12 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
     summary: dict = {"config": asdict(config)}
     ledger = _Ledger(out)
+
+    if config.ray:
+        from attnprog.engine.distributed.cluster import connect, describe
+
+        connect(config.ray)
+        echo(describe())
 
     with _stage(echo, "1/5 extract attention"):
         corpus = load_corpus(config.corpus, text_field=config.text_field)
@@ -172,7 +195,7 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
 
     with _stage(echo, "3/5 evaluate programs"):
         store = ranking_subset(store, "selection", "heldout")  # the sweep uses held-out texts too
-        outputs = evaluate_pool(store, pool)
+        outputs = evaluate_pool(store, pool, ray=config.ray)
         n_failed = int(outputs.failed.any(axis=1).sum())
         echo(f"  {outputs.n_programs} programs x {store.n_texts} selection and held-out texts; "
              f"{n_failed} programs failed on some text")
@@ -184,9 +207,10 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
             table = IoUTable.load(table_path)
             echo(f"  reused {table_path}")
         else:
-            on_gpu = str(config.device).startswith("cuda")
+            on_gpu = str(config.device).startswith("cuda") and not config.ray
             try:  # rank where the kernels are: on a GPU, the attention goes there for this stage
-                table = rank_table(store.to(config.device) if on_gpu else store, outputs)
+                table = rank_table(store.to(config.device) if on_gpu else store, outputs,
+                                   ray=config.ray)
             finally:
                 store.to("cpu")
             table.save(table_path)
@@ -207,11 +231,18 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
             summary["sweep"] = json.loads((out / "sweep.json").read_text())
             echo(f"  reused {out / 'sweep.txt'}")
         else:
-            result = perplexity_sweep(
-                model, store, table, fractions=fractions_up_to(config.fraction), split="heldout",
-                outputs=outputs, qa_items=load_qa(None) if config.qa else None, tokenizer=tokenizer,
-                qa_source="built-in sample", batch_size=config.batch_size,
+            sweep_kwargs = dict(
+                fractions=fractions_up_to(config.fraction), split="heldout", outputs=outputs,
+                qa_items=load_qa(None) if config.qa else None, qa_source="built-in sample",
+                batch_size=config.batch_size,
             )
+            if config.ray:  # one task per fraction, each with its own model replica
+                from attnprog.engine.distributed.sweep import sweep_on_ray
+
+                result = sweep_on_ray(config.model, store, table, address=config.ray,
+                                      device=config.device, **sweep_kwargs)
+            else:
+                result = perplexity_sweep(model, store, table, tokenizer=tokenizer, **sweep_kwargs)
             text = result.to_text()
             summary["sweep"] = {f"{row.fraction:g}": {c: result.increase(row, c) for c in row.perplexity}
                                 for row in result.rows}
