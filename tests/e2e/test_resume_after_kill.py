@@ -69,4 +69,4 @@ def test_rerun_after_a_kill_during_ranking_reuses_extraction_and_the_pool(tmp_pa
 
 def test_force_of_an_unknown_stage_names_the_stages(tmp_path):
     result = run_cli("run", "--out", str(tmp_path / "run"), *ARGS, "--force", "ranking")
-    assert result.returncode == 2 and "extract, pool, fit, evaluate, rank" in result.stderr
+    assert result.returncode == 2 and "extract, pool, llm, fit, evaluate, rank" in result.stderr
