@@ -13,6 +13,8 @@ import ast
 import re
 from dataclasses import dataclass
 
+from attnprog.synth.program import entry_point
+
 _FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([\w+-]*)[^\n]*$", re.MULTILINE)
 _CODE_LANGS = {"", "python", "py", "python3", "numpy"}
 _CODE_START = re.compile(r"^(def |import |from \w+ import )", re.MULTILINE)
@@ -91,8 +93,9 @@ def _parse_block(block: CodeBlock, truncated: bool, max_tokens: int) -> ParsedPr
     if not functions:
         return ParsedProgram(source, problem="the code block defines no function; write "
                                              "`def program(s):` returning an s.n x s.n matrix")
-    # with two functions, validation names them both and asks for one; keep the first's name
-    return ParsedProgram(source, name=functions[0])
+    # the contract's rule: `program` if defined, else the last function with a program's
+    # signature (helpers come before it)
+    return ParsedProgram(source, name=entry_point(source, "program") or functions[-1])
 
 
 def _dedent(code: str) -> str:

@@ -59,13 +59,13 @@ def system_message() -> str:
     return f"""You write Python programs that predict the attention pattern of one attention head \
 of a transformer language model from the text alone.
 
-A program is one top-level function `def program(s):` that takes a Sentence `s` (one \
+A program is a function `def program(s):` that takes a Sentence `s` (one \
 tokenised text, exactly as the model saw it) and returns a numpy array of shape (s.n, s.n): \
 row i is how much token i attends to each token j <= i. The output is normalised for you: \
 negatives become 0, entries above the diagonal are dropped, each row is divided by its sum, \
 and an all-zero row attends to token 0. Any non-negative scores work.
 
-Rules: define exactly one top-level function (put helpers inside it); import only {modules}; \
+Rules: the entry point is `def program(s):` (small helpers may sit beside it); import only {modules}; \
 `np` is numpy; no files, network, subprocesses, eval or exec; it must run in well under a \
 second on 256 tokens.
 

@@ -69,7 +69,7 @@ def test_a_block_without_a_function_is_reported():
     assert "defines no function" in parsed.problem
 
 
-def test_two_functions_parse_and_are_left_to_validation():
+def test_with_a_helper_beside_it_the_entry_point_is_program():
     source = "def helper(i):\n    return i\n\ndef program(s):\n    return np.eye(s.n)\n"
     (parsed,) = parse_reply(fenced(source))
-    assert not parsed.problem and parsed.name == "helper"
+    assert not parsed.problem and parsed.name == "program"

@@ -56,9 +56,14 @@ def test_the_prompt_carries_the_heads_summary_and_n(scripted, chat, tmp_path):
     assert "head L1H2" in user and "' cat'[2] -> 'The'[1] (1.000)" in user and "Write 3 distinct" in user
 
 
+def test_a_helper_function_beside_the_program_is_accepted(scripted, chat, tmp_path):
+    scripted.reply((200, chat(TWO_FUNCTIONS)))
+    result = synthesiser(scripted, tmp_path, attempts=1).synthesise_head(previous_token_task())
+    assert [(c.ok, c.reason) for c in result.candidates] == [(True, "")] and len(result.programs) == 1
+
+
 @pytest.mark.parametrize("bad, reason", [
     (FORBIDDEN, "import of `os` is not allowed"),
-    (TWO_FUNCTIONS, "define exactly one top-level function"),
     (CRASHES, "on probe text 0"),
     (MEMORY_BOMB, "memory limit exceeded"),
     ("I think it attends to the previous token.", "no Python code block"),
