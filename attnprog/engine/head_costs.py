@@ -1,0 +1,206 @@
+"""What replacing one head costs: the rise in NLL with only that head swapped for its best fit.
+
+The cost of head h is ΔNLL_h = mean NLL(h replaced by its best-fit program) − mean NLL(model),
+in nats per predicted token, on one split of the store — the *selection* split, so the texts
+the perplexity sweep reports on (held-out) never choose which heads are replaced. Two ways:
+
+- ``exact``: one forward pass over the texts per head, that head replaced through
+  ``replace_heads``. L·H passes: seconds on a GPU; on a 2-core CPU about an hour for
+  SmolLM2-135M's 270 heads, far past the demo's budget.
+- ``linear``: the first-order estimate (attribution patching). Head h's output before the
+  output projection changes by Δz_h = (Π_h − A_h)·V when it uses its program matrix Π_h instead
+  of its attention A_h, so ΔNLL_h ≈ Σ_t ∂NLL/∂z_h(t) · Δz_h(t). One forward and one backward
+  pass give the gradient for every head at once: about three forward passes for all heads.
+
+``auto`` is exact on CUDA and linear elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from attnprog.engine.replace import (
+    _STATE_ATTR,
+    OutputsRow,
+    make_batch,
+    pad_token_id,
+    replace_heads,
+)
+from attnprog.errors import AttnProgError, StoreError
+
+METHODS = ("exact", "linear")
+
+
+@dataclass
+class HeadCosts:
+    """Per-head replacement cost [L*H] (ΔNLL, nats per token) and how it was measured.
+
+    ``costs`` is indexed like the store's rows (layer * n_heads + head); ``texts`` are the
+    store indices of the texts it was measured on.
+    """
+
+    costs: np.ndarray
+    method: str
+    split: str
+    texts: list[int]
+    n_tokens: int
+    base_nll: float
+
+    def order(self) -> np.ndarray:
+        """Head rows, cheapest first (ties keep row order)."""
+        return np.argsort(self.costs, kind="stable")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["costs"] = [float(c) for c in self.costs]
+        return data
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> HeadCosts:
+        data = json.loads(Path(path).read_text())
+        data["costs"] = np.asarray(data["costs"], dtype=np.float64)
+        return cls(**data)
+
+
+def resolve_method(method: str, model) -> str:
+    """``auto`` -> exact on CUDA, linear elsewhere; other names are checked."""
+    if method == "auto":
+        return "exact" if next(model.parameters()).device.type == "cuda" else "linear"
+    if method not in METHODS:
+        raise AttnProgError(f"unknown cost method {method!r}: use auto, exact or linear")
+    return method
+
+
+def head_costs(
+    model,
+    store,
+    table,
+    *,
+    split: str = "selection",
+    outputs=None,
+    method: str = "auto",
+    tokenizer=None,
+    batch_size: int = 8,
+    impl: str = "auto",
+    resume: str | Path | None = None,
+    progress: bool = True,
+) -> HeadCosts:
+    """Each head's ΔNLL on ``split`` with only that head replaced by its best-fit program.
+
+    ``outputs``: ProgramOutputs of ``table.programs`` on all of the store's texts, or on the
+    split's texts, or None (the best fits run here). ``resume``: a file where the exact
+    method keeps finished heads, so an interrupted measurement continues.
+    """
+    from attnprog.engine.sweep import _best_fit, _n_texts, _outputs_for, token_logprobs
+
+    method = resolve_method(method, model)
+    texts = store.split_indices(split) if split in store.splits else []
+    if not texts:
+        raise StoreError(f"the store has no {split!r} texts to measure head costs on: "
+                         "use more texts, or replace heads in IoU order")
+    _, best_index = _best_fit(table)
+    if len(best_index) != store.n_layers * store.n_heads:
+        raise StoreError(f"the IoU table has {len(best_index)} heads, the store "
+                         f"{store.n_layers} x {store.n_heads}: rank programs against this store")
+    needed = sorted({int(p) for p in best_index})
+    whole_store = outputs is not None and _n_texts(outputs) == store.n_texts
+    outputs, row_of = _outputs_for(
+        table, needed, outputs, lambda: store.sentences(texts),
+        store.n_texts if whole_store else len(texts), progress,
+    )
+    corpus_indices = texts if whole_store else list(range(len(texts)))
+    sources = {divmod(h, store.n_heads): OutputsRow(outputs, row_of[int(p)])
+               for h, p in enumerate(best_index)}
+    token_ids = [store.token_ids(s) for s in texts]
+    pad_id = pad_token_id(tokenizer)
+    n_tokens = sum(len(ids) - 1 for ids in token_ids)
+    if n_tokens == 0:
+        raise StoreError(f"the {split!r} texts have no tokens to predict")
+
+    def nll_sum(heads: dict) -> float:
+        logprobs = token_logprobs(model, token_ids, heads, batch_size=batch_size, impl=impl,
+                                  pad_id=pad_id, corpus_indices=corpus_indices)
+        return -sum(float(lp.sum()) for lp in logprobs)
+
+    base = nll_sum({})
+    if method == "linear":
+        costs = _linear_costs(model, token_ids, sources, corpus_indices, store.n_heads,
+                              batch_size, pad_id, progress) / n_tokens
+    else:
+        costs = _exact_costs(sources, nll_sum, base, n_tokens, store.n_heads, resume, progress)
+    return HeadCosts(costs, method, split, list(texts), n_tokens, base / n_tokens)
+
+
+def _exact_costs(sources, nll_sum, base, n_tokens, n_heads, resume, progress) -> np.ndarray:
+    """One pass per head; finished heads are kept in ``resume`` (JSON) as they complete."""
+    done: dict[str, float] = {}
+    resume = Path(resume) if resume else None
+    if resume is not None and resume.is_file():
+        saved = json.loads(resume.read_text())
+        if saved.get("base") == base and saved.get("n_tokens") == n_tokens:
+            done = saved["costs"]
+    costs = np.zeros(len(sources))
+    for key in tqdm(sorted(sources), desc="head costs (exact)", unit="head",
+                    disable=None if progress else True):
+        row = key[0] * n_heads + key[1]
+        if str(row) not in done:
+            done[str(row)] = (nll_sum({key: sources[key]}) - base) / n_tokens
+            if resume is not None:
+                resume.write_text(json.dumps({"base": base, "n_tokens": n_tokens, "costs": done}))
+        costs[row] = done[str(row)]
+    return costs
+
+
+def _linear_costs(model, token_ids, sources, corpus_indices, n_heads, batch_size, pad_id,
+                  progress) -> np.ndarray:
+    """Σ over texts and tokens of ∂NLL/∂z_h · (Π_h − A_h)V for every head: [L*H] nats."""
+    from attnprog.engine.sweep import _batches_by_length
+
+    device = next(model.parameters()).device
+    lengths = [len(ids) for ids in token_ids]
+    costs = torch.zeros(len(sources), dtype=torch.float64)
+    embeddings = model.get_input_embeddings()
+    # the graph must reach back to the embeddings, so gradients flow through every layer
+    hook = embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    try:
+        with replace_heads(model, sources, impl="torch") as replacement:
+            for texts in tqdm(_batches_by_length(lengths, batch_size), desc="head costs (linear)",
+                              unit="batch", disable=None if progress else True):
+                batch = make_batch([token_ids[s] for s in texts], pad_id=pad_id,
+                                   indices=[corpus_indices[s] for s in texts], device=device)
+                replacement.prepare(batch)
+                records = {}
+                for layer, module in replacement.modules.items():
+                    getattr(module, _STATE_ATTR).probe = records.setdefault(layer, [])
+                try:
+                    with torch.enable_grad():
+                        logits = model(input_ids=batch.input_ids,
+                                       attention_mask=batch.attention_mask, use_cache=False).logits
+                        targets = batch.input_ids[:, 1:]
+                        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                              targets.flatten(), reduction="none")
+                        real = batch.attention_mask[:, 1:].flatten().to(nll.dtype)
+                        layers = sorted(records)
+                        grads = torch.autograd.grad((nll * real).sum(),
+                                                    [records[layer][0][0] for layer in layers])
+                finally:
+                    replacement.clear()
+                for layer, grad in zip(layers, grads, strict=True):
+                    _, heads, delta = records[layer][0]
+                    change = (grad[:, heads].float() * delta).sum(dim=(0, 2, 3))  # [F]
+                    costs[layer * n_heads + heads.cpu()] += change.double().cpu()
+    finally:
+        hook.remove()
+    return costs.numpy()
