@@ -18,7 +18,7 @@ the perplexity sweep reports on (held-out) never choose which heads are replaced
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from attnprog.engine.replace import (
 )
 from attnprog.errors import AttnProgError, StoreError
 
-METHODS = ("exact", "linear")
+METHODS = ("exact", "linear", "fisher", "taylor")
 
 
 @dataclass
@@ -52,6 +52,7 @@ class HeadCosts:
     texts: list[int]
     n_tokens: int
     base_nll: float
+    terms: dict = field(default_factory=dict)  # the estimate's parts: "linear", "fisher" [L*H]
 
     def order(self) -> np.ndarray:
         """Head rows, cheapest first (ties keep row order)."""
@@ -60,6 +61,7 @@ class HeadCosts:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["costs"] = [float(c) for c in self.costs]
+        data["terms"] = {k: [float(c) for c in v] for k, v in self.terms.items()}
         return data
 
     def save(self, path: str | Path) -> Path:
@@ -71,6 +73,7 @@ class HeadCosts:
     def load(cls, path: str | Path) -> HeadCosts:
         data = json.loads(Path(path).read_text())
         data["costs"] = np.asarray(data["costs"], dtype=np.float64)
+        data["terms"] = {k: np.asarray(v) for k, v in data.get("terms", {}).items()}
         return cls(**data)
 
 
@@ -95,6 +98,7 @@ def head_costs(
     batch_size: int = 8,
     impl: str = "auto",
     resume: str | Path | None = None,
+    samples: int = 2,
     progress: bool = True,
 ) -> HeadCosts:
     """Each head's ΔNLL on ``split`` with only that head replaced by its best-fit program.
@@ -109,7 +113,7 @@ def head_costs(
     texts = store.split_indices(split) if split in store.splits else []
     if not texts:
         raise StoreError(f"the store has no {split!r} texts to measure head costs on: "
-                         "use more texts, or replace heads in IoU order")
+                         "use more texts, or replace heads in IoU order (--order iou)")
     _, best_index = _best_fit(table)
     if len(best_index) != store.n_layers * store.n_heads:
         raise StoreError(f"the IoU table has {len(best_index)} heads, the store "
@@ -134,13 +138,20 @@ def head_costs(
                                   pad_id=pad_id, corpus_indices=corpus_indices)
         return -sum(float(lp.sum()) for lp in logprobs)
 
-    base = nll_sum({})
-    if method == "linear":
-        costs = _linear_costs(model, token_ids, sources, corpus_indices, store.n_heads,
-                              batch_size, pad_id, progress) / n_tokens
+    terms = {}
+    if method != "exact":
+        first, second, base = _gradient_costs(
+            model, token_ids, sources, corpus_indices, store.n_heads, batch_size, pad_id,
+            samples=0 if method == "linear" else samples, progress=progress,
+        )
+        terms = {"linear": first / n_tokens}
+        if method != "linear":
+            terms["fisher"] = second / n_tokens
+        costs = terms["linear"] + terms["fisher"] if method == "taylor" else terms[method]
     else:
+        base = nll_sum({})
         costs = _exact_costs(sources, nll_sum, base, n_tokens, store.n_heads, resume, progress)
-    return HeadCosts(costs, method, split, list(texts), n_tokens, base / n_tokens)
+    return HeadCosts(costs, method, split, list(texts), n_tokens, base / n_tokens, terms)
 
 
 def _exact_costs(sources, nll_sum, base, n_tokens, n_heads, resume, progress) -> np.ndarray:
@@ -163,20 +174,39 @@ def _exact_costs(sources, nll_sum, base, n_tokens, n_heads, resume, progress) ->
     return costs
 
 
-def _linear_costs(model, token_ids, sources, corpus_indices, n_heads, batch_size, pad_id,
-                  progress) -> np.ndarray:
-    """Σ over texts and tokens of ∂NLL/∂z_h · (Π_h − A_h)V for every head: [L*H] nats."""
+def _gradient_costs(model, token_ids, sources, corpus_indices, n_heads, batch_size, pad_id,
+                    samples, progress) -> tuple[np.ndarray, np.ndarray, float]:
+    """Both Taylor terms of every head's summed ΔNLL, in nats, from one forward pass per batch:
+    (first order g·Δz [L*H], second order ½ Δzᵀ F Δz [L*H], the model's summed NLL).
+
+    F, the Fisher of the model's predictions, is estimated with labels sampled from the model
+    (``samples`` backward passes): E[(g_sampled·Δz)²] = Δzᵀ F Δz per text, since sampled
+    labels' gradients have mean zero and are independent across texts.
+    """
     from attnprog.engine.sweep import _batches_by_length
 
     device = next(model.parameters()).device
     lengths = [len(ids) for ids in token_ids]
-    costs = torch.zeros(len(sources), dtype=torch.float64)
+    first = torch.zeros(len(sources), dtype=torch.float64)
+    second = torch.zeros(len(sources), dtype=torch.float64)
+    total_nll = 0.0
+    generator = torch.Generator(device=device).manual_seed(0)  # the same estimate every run
+
+    def head_change(grads, records, layers):
+        """[B, L*H] per-text g·Δz of every replaced head."""
+        per_text = torch.zeros(len(grads[0]), len(sources), dtype=torch.float64)
+        for layer, grad in zip(layers, grads, strict=True):
+            _, heads, delta = records[layer][0]
+            change = (grad[:, heads].float() * delta).sum(dim=(2, 3))  # [B, F]
+            per_text[:, layer * n_heads + heads.cpu()] = change.double().cpu()
+        return per_text
+
     embeddings = model.get_input_embeddings()
     # the graph must reach back to the embeddings, so gradients flow through every layer
     hook = embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
     try:
         with replace_heads(model, sources, impl="torch") as replacement:
-            for texts in tqdm(_batches_by_length(lengths, batch_size), desc="head costs (linear)",
+            for texts in tqdm(_batches_by_length(lengths, batch_size), desc="head costs",
                               unit="batch", disable=None if progress else True):
                 batch = make_batch([token_ids[s] for s in texts], pad_id=pad_id,
                                    indices=[corpus_indices[s] for s in texts], device=device)
@@ -188,19 +218,25 @@ def _linear_costs(model, token_ids, sources, corpus_indices, n_heads, batch_size
                     with torch.enable_grad():
                         logits = model(input_ids=batch.input_ids,
                                        attention_mask=batch.attention_mask, use_cache=False).logits
-                        targets = batch.input_ids[:, 1:]
-                        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                              targets.flatten(), reduction="none")
-                        real = batch.attention_mask[:, 1:].flatten().to(nll.dtype)
+                        logits = logits[:, :-1].flatten(0, 1).float()
+                        real = batch.attention_mask[:, 1:].flatten().to(logits.dtype)
                         layers = sorted(records)
-                        grads = torch.autograd.grad((nll * real).sum(),
-                                                    [records[layer][0][0] for layer in layers])
+                        outs = [records[layer][0][0] for layer in layers]
+                        loss = (F.cross_entropy(logits, batch.input_ids[:, 1:].flatten(),
+                                                reduction="none") * real).sum()
+                        total_nll += float(loss.detach())
+                        grads = torch.autograd.grad(loss, outs, retain_graph=samples > 0)
+                        first += head_change(grads, records, layers).sum(0)
+                        for k in range(samples):
+                            sampled = torch.multinomial(torch.softmax(logits.detach(), -1), 1,
+                                                        generator=generator)[:, 0]
+                            loss = (F.cross_entropy(logits, sampled, reduction="none")
+                                    * real).sum()
+                            grads = torch.autograd.grad(loss, outs,
+                                                        retain_graph=k < samples - 1)
+                            second += 0.5 * head_change(grads, records, layers).pow(2).sum(0)
                 finally:
                     replacement.clear()
-                for layer, grad in zip(layers, grads, strict=True):
-                    _, heads, delta = records[layer][0]
-                    change = (grad[:, heads].float() * delta).sum(dim=(0, 2, 3))  # [F]
-                    costs[layer * n_heads + heads.cpu()] += change.double().cpu()
     finally:
         hook.remove()
-    return costs.numpy()
+    return first.numpy(), second.numpy() / max(samples, 1), total_nll

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from attnprog.engine.corpus import load_corpus
@@ -36,6 +37,8 @@ class RunConfig:
     n_candidates: int = 5000  # generator programs, on top of the golden library
     fraction: float = 0.25  # largest share of heads replaced in the sweep
     qa: bool = True
+    order: str = "both"  # heads replaced by "iou" (best fit first), "cost" (cheapest first), "both"
+    cost_method: str = "auto"  # head costs: "exact" (a pass per head), "linear", "auto"
     batch_size: int = 8
     device: str = "cpu"
     top: int = 12  # best fits printed
@@ -106,8 +109,14 @@ class _Ledger:
 
 def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
     """Run every stage for ``config`` and return a summary (also saved as ``summary.json``)."""
+    from attnprog.engine.head_costs import HeadCosts, head_costs, resolve_method
     from attnprog.engine.rank import IoUTable
-    from attnprog.engine.sweep import fractions_up_to, load_qa, perplexity_sweep
+    from attnprog.engine.sweep import (
+        fractions_up_to,
+        load_qa,
+        orders_from_option,
+        perplexity_sweep,
+    )
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +183,27 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
         summary["best_fit_iou"] = {"mean": float(heldout.mean()), "median": float(heldout.median())}
 
     with _stage(echo, "5/5 replace heads: perplexity and QA"):
-        sweep_key = f"{table_key}|fraction={config.fraction}|qa={config.qa}"
+        orders = orders_from_option(config.order)
+        costs, costs_key = None, ""
+        if "cost" in orders:  # each head's cost replaced alone, on selection texts only
+            costs_path = out / "head_costs.json"
+            method = resolve_method(config.cost_method, model)
+            costs_key = f"{table_key}|split=selection|method={method}"
+            if ledger.done("costs", costs_key, costs_path):
+                costs = HeadCosts.load(costs_path)
+                echo(f"  reused {costs_path}")
+            else:
+                costs = head_costs(model, store, table, split="selection", outputs=outputs,
+                                   method=method, tokenizer=tokenizer,
+                                   batch_size=config.batch_size,
+                                   resume=out / "head_costs.partial.json")
+                costs.save(costs_path)
+                ledger.record("costs", costs_key)
+            echo(f"  head costs ({costs.method}, {len(costs.texts)} selection texts): "
+                 f"median {1000 * float(np.median(costs.costs)):.2f} mnats/token, cheapest "
+                 f"{1000 * costs.costs.min():.2f}, dearest {1000 * costs.costs.max():.2f}")
+        sweep_key = (f"{table_key}|fraction={config.fraction}|qa={config.qa}|"
+                     f"order={config.order}|costs={costs_key}")
         if ledger.done("sweep", sweep_key, out / "sweep.txt", out / "sweep.json"):
             text = (out / "sweep.txt").read_text().rstrip()
             summary["sweep"] = json.loads((out / "sweep.json").read_text())
@@ -182,12 +211,12 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
         else:
             result = perplexity_sweep(
                 model, store, table, fractions=fractions_up_to(config.fraction), split="heldout",
-                outputs=outputs, qa_items=load_qa(None) if config.qa else None, tokenizer=tokenizer,
+                outputs=outputs, orders=orders, costs=costs,
+                qa_items=load_qa(None) if config.qa else None, tokenizer=tokenizer,
                 qa_source="built-in sample", batch_size=config.batch_size,
             )
             text = result.to_text()
-            summary["sweep"] = {f"{row.fraction:g}": {c: result.increase(row, c) for c in row.perplexity}
-                                for row in result.rows}
+            summary["sweep"] = result.to_json()
             (out / "sweep.txt").write_text(text + "\n")
             (out / "sweep.json").write_text(json.dumps(summary["sweep"], indent=2))
             ledger.record("sweep", sweep_key)
@@ -195,5 +224,6 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print) -> dict
 
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     echo(f"run directory: {out} (config.json, attention.safetensors, pool.jsonl, "
-         "iou_table.safetensors, sweep.txt, sweep.json, stages.json, summary.json)")
+         "iou_table.safetensors, head_costs.json, sweep.txt, sweep.json, stages.json, "
+         "summary.json)")
     return summary
