@@ -1,18 +1,20 @@
 """What replacing one head costs: the rise in NLL with only that head swapped for its best fit.
 
 The cost of head h is ΔNLL_h = mean NLL(h replaced by its best-fit program) − mean NLL(model),
-in nats per predicted token, on one split of the store — the *selection* split, so the texts
-the perplexity sweep reports on (held-out) never choose which heads are replaced. Two ways:
+in nats per predicted token, on one split of the store: the *selection* split, so the texts
+the perplexity sweep reports on (held-out) never choose which heads are replaced. Ways to get it:
 
 - ``exact``: one forward pass over the texts per head, that head replaced through
-  ``replace_heads``. L·H passes: seconds on a GPU; on a 2-core CPU about an hour for
-  SmolLM2-135M's 270 heads, far past the demo's budget.
-- ``linear``: the first-order estimate (attribution patching). Head h's output before the
-  output projection changes by Δz_h = (Π_h − A_h)·V when it uses its program matrix Π_h instead
-  of its attention A_h, so ΔNLL_h ≈ Σ_t ∂NLL/∂z_h(t) · Δz_h(t). One forward and one backward
-  pass give the gradient for every head at once: about three forward passes for all heads.
+  ``replace_heads``. L·H passes: seconds on a GPU; on a 2-core CPU about half an hour for
+  SmolLM2-135M's 270 heads on 42 texts, far past the demo's budget.
+- estimates from one forward pass per batch, for every head at once. Head h's output before
+  the output projection changes by Δz = (Π_h − A_h)·V when it uses its program matrix Π_h
+  instead of its attention A_h, so ΔNLL_h ≈ g·Δz + ½ Δzᵀ F Δz, with g the gradient of the NLL
+  with respect to z_h and F the Fisher of the model's predictions:
+  ``linear`` is the first term alone (attribution patching), ``fisher`` the second alone (the
+  second-order KL between the model's predictions before and after), ``taylor`` both.
 
-``auto`` is exact on CUDA and linear elsewhere.
+``auto`` is exact on CUDA and fisher elsewhere.
 """
 
 from __future__ import annotations
@@ -78,11 +80,12 @@ class HeadCosts:
 
 
 def resolve_method(method: str, model) -> str:
-    """``auto`` -> exact on CUDA, linear elsewhere; other names are checked."""
+    """``auto`` -> exact on CUDA, fisher elsewhere; other names are checked."""
     if method == "auto":
-        return "exact" if next(model.parameters()).device.type == "cuda" else "linear"
+        return "exact" if next(model.parameters()).device.type == "cuda" else "fisher"
     if method not in METHODS:
-        raise AttnProgError(f"unknown cost method {method!r}: use auto, exact or linear")
+        raise AttnProgError(f"unknown cost method {method!r}: use auto, "
+                            + ", ".join(METHODS))
     return method
 
 

@@ -62,7 +62,7 @@ def programs_that_copy_attention(store, noise: float = 0.0, seed: int = 0):
     return SmallTable(torch.eye(n_rows), programs), outputs
 
 
-@pytest.mark.parametrize("method", ["exact", "linear"])
+@pytest.mark.parametrize("method", ["exact", "linear", "fisher", "taylor"])
 def test_a_head_whose_program_is_its_own_attention_costs_nothing(tiny_llama, method):
     model, tokenizer = tiny_llama
     store = tiny_store(model, tokenizer)
@@ -72,14 +72,17 @@ def test_a_head_whose_program_is_its_own_attention_costs_nothing(tiny_llama, met
     np.testing.assert_allclose(costs.costs, 0.0, atol=1e-5)
 
 
-def test_linear_costs_estimate_exact_costs_for_small_changes(tiny_llama):
+def test_taylor_costs_estimate_exact_costs_for_small_changes(tiny_llama):
     model, tokenizer = tiny_llama
     store = tiny_store(model, tokenizer)
     table, outputs = programs_that_copy_attention(store, noise=0.5)
     exact = head_costs(model, store, table, outputs=outputs, method="exact", progress=False)
-    linear = head_costs(model, store, table, outputs=outputs, method="linear", progress=False)
+    taylor = head_costs(model, store, table, outputs=outputs, method="taylor", samples=8,
+                        progress=False)
     assert np.abs(exact.costs).max() > 1e-4  # the noise does change the model
-    np.testing.assert_allclose(linear.costs, exact.costs, atol=0.2 * np.abs(exact.costs).max())
+    np.testing.assert_allclose(taylor.costs, exact.costs, atol=0.2 * np.abs(exact.costs).max())
+    assert np.all(taylor.terms["fisher"] >= 0)  # a squared norm under the Fisher metric
+    np.testing.assert_allclose(taylor.costs, taylor.terms["linear"] + taylor.terms["fisher"])
 
 
 def test_costs_never_run_a_heldout_text(tiny_llama):
@@ -93,7 +96,7 @@ def test_costs_never_run_a_heldout_text(tiny_llama):
         with_kwargs=True,
     )
     try:
-        for method in ("exact", "linear"):
+        for method in ("exact", "taylor"):
             costs = head_costs(model, store, table, outputs=outputs, method=method,
                                progress=False)
             assert costs.texts == store.split_indices("selection")
