@@ -137,3 +137,21 @@ def test_a_store_without_selection_texts_is_refused(tiny_gpt2):
     table, outputs = programs_that_copy_attention(store)
     with pytest.raises(StoreError, match="no 'selection' texts"):
         head_costs(model, store, table, outputs=outputs, progress=False)
+
+
+@pytest.mark.slow
+def test_fisher_costs_on_smollm2_are_finite_and_non_negative_for_every_head(smollm2,
+                                                                              builtin_corpus):
+    from attnprog.engine.rank import rank
+    from attnprog.synth.generator.golden import golden_programs
+    from attnprog.synth.runtime.evaluate import evaluate_programs
+
+    model, tokenizer = smollm2
+    corpus = builtin_corpus.split("selection").take(4)
+    store = extract_attention(model, tokenizer, corpus, max_tokens=32, progress=False)
+    outputs = evaluate_programs(golden_programs(), store.sentences(), progress=False)
+    table = rank(store, outputs, split="selection")
+    costs = head_costs(model, store, table, outputs=outputs, method="fisher", progress=False)
+    assert costs.costs.shape == (270,)
+    assert np.isfinite(costs.costs).all() and (costs.costs >= 0).all()
+    assert costs.costs.max() > 0
