@@ -145,9 +145,10 @@ def head_costs(
     if method != "exact":
         first, second, base = _gradient_costs(
             model, token_ids, sources, corpus_indices, store.n_heads, batch_size, pad_id,
-            samples=0 if method == "linear" else samples, progress=progress,
+            samples=0 if method == "linear" else samples, first_order=method != "fisher",
+            progress=progress,
         )
-        terms = {"linear": first / n_tokens}
+        terms = {} if method == "fisher" else {"linear": first / n_tokens}
         if method != "linear":
             terms["fisher"] = second / n_tokens
         costs = terms["linear"] + terms["fisher"] if method == "taylor" else terms[method]
@@ -178,7 +179,7 @@ def _exact_costs(sources, nll_sum, base, n_tokens, n_heads, resume, progress) ->
 
 
 def _gradient_costs(model, token_ids, sources, corpus_indices, n_heads, batch_size, pad_id,
-                    samples, progress) -> tuple[np.ndarray, np.ndarray, float]:
+                    samples, first_order, progress) -> tuple[np.ndarray, np.ndarray, float]:
     """Both Taylor terms of every head's summed ΔNLL, in nats, from one forward pass per batch:
     (first order g·Δz [L*H], second order ½ Δzᵀ F Δz [L*H], the model's summed NLL).
 
@@ -228,8 +229,9 @@ def _gradient_costs(model, token_ids, sources, corpus_indices, n_heads, batch_si
                         loss = (F.cross_entropy(logits, batch.input_ids[:, 1:].flatten(),
                                                 reduction="none") * real).sum()
                         total_nll += float(loss.detach())
-                        grads = torch.autograd.grad(loss, outs, retain_graph=samples > 0)
-                        first += head_change(grads, records, layers).sum(0)
+                        if first_order:
+                            grads = torch.autograd.grad(loss, outs, retain_graph=samples > 0)
+                            first += head_change(grads, records, layers).sum(0)
                         for k in range(samples):
                             sampled = torch.multinomial(torch.softmax(logits.detach(), -1), 1,
                                                         generator=generator)[:, 0]
