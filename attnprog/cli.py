@@ -20,9 +20,9 @@ app = typer.Typer(
 
 ORDER_HELP = ("which heads are replaced first: 'iou' (best fit first), 'cost' (cheapest first by "
               "each head's ΔNLL replaced alone, measured on selection texts) or 'both', side by side")
-COST_METHOD_HELP = ("how head costs are measured: 'exact' (a forward pass per head), 'linear' "
-                    "(first-order estimate, one forward and backward pass) or 'auto' (exact on "
-                    "CUDA, linear on CPU)")
+COST_METHOD_HELP = ("how head costs are measured: 'exact' (a forward pass per head), 'fisher' "
+                    "(second-order estimate, all heads at once), 'taylor', 'linear' or 'auto' "
+                    "(exact on CUDA, fisher on CPU)")
 
 
 @app.command()
@@ -135,28 +135,27 @@ def generate(
 
 @app.command()
 def check(
-    path: Path = typer.Argument(..., help="a .py file defining one program function"),
-    name: str = typer.Option("", help="function name (default: the file's only function)"),
+    path: Path = typer.Argument(..., help="a .py file: one program, or a library in the paper's layout"),
+    name: str = typer.Option("", help="entry point (default: inferred)"),
+    unsafe: bool = typer.Option(False, help="run without OS isolation where it is unavailable"),
 ) -> None:
-    """Validate a program file in the sandbox and say what is wrong with it, if anything."""
-    import ast
-
+    """Validate programs in the sandbox and say what is wrong with each, if anything."""
     from attnprog.errors import ProgramError
-    from attnprog.synth.program import Program, validate
+    from attnprog.synth.program import check_file
 
-    if not path.is_file():
-        raise ProgramError(f"no program file at {path}")
-    source = path.read_text(encoding="utf-8")
-    if not name:
-        try:
-            functions = [n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)]
-        except SyntaxError as err:
-            raise ProgramError(f"{path}:{err.lineno}: syntax error: {err.msg}") from err
-        name = functions[0] if len(functions) == 1 else "program"
-    result = validate(Program(source=source, name=name, family="custom"))
-    if not result.ok:
-        raise ProgramError(f"{path}: {result.reason}")
-    typer.echo(f"{path}: ok ({name})")
+    results = check_file(path, name=name or None, unsafe=unsafe)
+    if len(results) == 1:
+        program_name, reason = results[0]
+        if reason:
+            raise ProgramError(f"{path}: {reason}")
+        typer.echo(f"{path}: ok ({program_name})")
+        return
+    for program_name, reason in results:
+        typer.echo(f"{path}:{program_name}: {reason or 'ok'}")
+    failed = sum(bool(reason) for _, reason in results)
+    typer.echo(f"{len(results) - failed} of {len(results)} programs pass")
+    if failed:
+        raise ProgramError(f"{path}: {failed} of {len(results)} programs failed the check")
 
 
 @app.command()
@@ -200,15 +199,40 @@ def run(
     cost_method: str = typer.Option("auto", help=COST_METHOD_HELP),
     batch_size: int = typer.Option(8),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    ray: str = typer.Option("", "--ray", help="evaluate, rank and sweep on a Ray cluster: its "
+                            "address (HOST:PORT, ray://HOST:10001) or 'auto' (this machine's)"),
+    heads: str = typer.Option("", help="heads to explain, e.g. '18.*,20.3' (default: all)"),
+    seed: int = typer.Option(0, help="seed of the random baselines"),
+    library_size: int = typer.Option(1000, help="most programs in the greedy library"),
+    force: str = typer.Option(None, help="redo this stage and every later one: extract, pool, "
+                              "evaluate, rank, library, sweep or report"),
+    report: bool = typer.Option(True, help="write report.html at the end"),
 ) -> None:
-    """Run the whole pipeline: extract, generate, evaluate, rank, replace heads."""
+    """Run the whole pipeline: extract, generate, evaluate, rank, select a library, replace
+    heads, write the report."""
     from attnprog.engine.pipeline import RunConfig, run_pipeline
 
     run_pipeline(RunConfig(
         out=str(out), model=model, corpus=corpus, text_field=text_field, limit=limit,
         max_tokens=max_tokens, n_candidates=candidates, fraction=fraction, qa=qa,
-        order=order, cost_method=cost_method, batch_size=batch_size, device=device,
-    ), echo=typer.echo)
+        order=order, cost_method=cost_method, batch_size=batch_size, device=device, ray=ray,
+        heads=heads, seed=seed,
+        library_size=library_size, report=report,
+    ), echo=typer.echo, force=force)
+
+
+@app.command("report")
+def report_command(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `attnprog run`"),
+    out: Path = typer.Option(None, help="where to write the page (default: RUN_DIR/report.html)"),
+    texts: int = typer.Option(2, help="held-out texts drawn per head"),
+    tokens: int = typer.Option(24, help="tokens per heatmap axis"),
+) -> None:
+    """Rebuild a run's self-contained HTML report (summary, IoU grid, curves, every head)."""
+    from attnprog.engine.report import write_report
+
+    path = write_report(run_dir, out=out, texts=texts, tokens=tokens)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 @app.command("rank")
@@ -224,6 +248,8 @@ def rank_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     impl: str = typer.Option("auto", help="sum-min path: auto, triton, numba or torch"),
     memory_mb: int = typer.Option(512, help="working memory per program chunk, MiB"),
+    ray: str = typer.Option("", "--ray", help="evaluate and rank on a Ray cluster, heads sharded "
+                            "over its GPUs: its address (HOST:PORT) or 'auto' (this machine's)"),
 ) -> None:
     """Score every program against every head; write the IoU table and print best fits."""
     import time
@@ -237,6 +263,11 @@ def rank_command(
 
     if (pool is None) == (outputs is None):
         raise AttnProgError("pass exactly one of --pool (programs to evaluate) or --outputs")
+    if ray:  # reach the cluster before reading a large store
+        from attnprog.engine.distributed.cluster import connect, describe
+
+        connect(ray)
+        typer.echo(describe())
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     attention = AttentionStore.load(store, device=device)
@@ -249,11 +280,11 @@ def rank_command(
         attention = ranking_subset(attention, split, heldout)
         programs = load_pool(pool)
         typer.echo(f"evaluating {len(programs)} programs on {attention.n_texts} texts")
-        program_outputs = evaluate_pool(attention, programs)
+        program_outputs = evaluate_pool(attention, programs, ray=ray)
 
     start = time.perf_counter()
     table = rank_table(attention, program_outputs, split=split, heldout=heldout, per_text=per_text,
-                       impl=impl, memory_budget=memory_mb << 20, progress=True)
+                       impl=impl, memory_budget=memory_mb << 20, progress=True, ray=ray)
     seconds = time.perf_counter() - start
     table.save(out)
     n_failed = int(program_outputs.failed.all(axis=1).sum())
@@ -288,14 +319,20 @@ def bench_command(
     full: bool = typer.Option(False, help="all 9 shapes P x H instead of 3"),
     texts: int = typer.Option(0, help="texts of 64 tokens per shape (0: 32 on GPU, 4 on CPU)"),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16 inputs"),
+    override: bool = typer.Option(True, help="also time the override kernel per layer (GPU)"),
 ) -> None:
-    """Time the ranking kernel against torch broadcasting and the authors' numpy loop."""
-    from attnprog.engine.bench import run_rank_bench
+    """Time the ranking kernel against torch broadcasting and the authors' numpy loop, and on
+    a GPU the head-replacement kernel per layer against SDPA and eager attention."""
+    from attnprog.engine.bench import run_override_bench, run_rank_bench
 
-    run_rank_bench(
-        None if device == "auto" else device, quick=not full, n_texts=texts or None,
-        dtype=_dtype(dtype),
-    )
+    device = None if device == "auto" else device
+    run_rank_bench(device, quick=not full, n_texts=texts or None, dtype=_dtype(dtype))
+    import torch
+
+    on_gpu = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
+    if override and on_gpu:  # on a CPU both paths are SDPA plus a matmul: nothing to compare
+        half = _dtype(dtype) if _dtype(dtype) != torch.float32 else torch.float16
+        run_override_bench(device, dtype=half)
 
 
 def _dtype(name: str):

@@ -27,3 +27,7 @@ class SandboxError(AttnProgError):
 
 class LLMError(AttnProgError):
     """The LLM endpoint is unreachable or answered with something unusable."""
+
+
+class ClusterError(AttnProgError):
+    """Ray is missing, the cluster is unreachable, or it lost more workers than a run can retry."""

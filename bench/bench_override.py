@@ -124,3 +124,15 @@ def test_side_by_side_ratios(benchmark, setup):
         speedup_vs_eager_overwrite_min=best["eager_overwrite"] / best["attnprog"],
         speedup_vs_eager_overwrite_median=median["eager_overwrite"] / median["attnprog"],
     )
+
+
+@pytest.mark.skipif(not ON_GPU, reason="per-layer kernel comparison needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_override_per_layer(benchmark, dtype):
+    """One layer four ways (SDPA, fused 0 % and 25 % flagged, eager overwrite), GPU time;
+    the same table `attnprog bench` prints."""
+    from attnprog.engine.bench import run_override_bench
+
+    rows = benchmark.pedantic(run_override_bench, args=("cuda", getattr(torch, dtype)),
+                              rounds=1, iterations=1)
+    benchmark.extra_info["layers"] = rows

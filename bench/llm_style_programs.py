@@ -238,3 +238,108 @@ def llm_style_programs() -> list[Program]:
         Program(source=src.strip() + "\n", name="program", family=family)
         for family, src in _SOURCES.items()
     ]
+
+
+# --- twenty programs that call spaCy on every sentence, as most published programs do -----
+_SPACY_TEMPLATES = {
+    "nearest_pos": """
+import numpy as np
+import spacy
+from transformers import PreTrainedTokenizerBase
+
+
+def _word_at(doc):
+    starts = {{}}
+    for tok in doc:
+        starts[tok.idx] = tok
+    return starts
+
+
+def program(sentence: str, tokenizer: PreTrainedTokenizerBase):
+    doc = spacy.load("en_core_web_sm")(sentence)
+    spans = tokenizer(sentence, return_offsets_mapping=True)["offset_mapping"]
+    starts = _word_at(doc)
+    n = len(spans)
+    out = np.zeros((n, n))
+    last = 0
+    for i, (a, b) in enumerate(spans):
+        out[i, last] = 1.0
+        word = starts.get(a) or starts.get(a + 1)
+        if word is not None and word.pos_ in {tags!r}:
+            last = i
+    return "Nearest earlier {tags}", out
+""",
+    "syntactic_head": """
+import numpy as np
+import spacy
+
+
+def program(sentence, tokenizer):
+    doc = spacy.load("en_core_web_sm")(sentence)
+    spans = tokenizer(sentence, return_offsets_mapping=True)["offset_mapping"]
+    token_of = {{}}
+    for i, (a, b) in enumerate(spans):
+        token_of.setdefault(a, i)
+        token_of.setdefault(a + 1, i)
+    n = len(spans)
+    out = np.eye(n) * {self_weight}
+    for tok in doc:
+        i, j = token_of.get(tok.idx), token_of.get(tok.head.idx)
+        if i is not None and j is not None:
+            out[i, j] += 1.0
+    return "Syntactic head", out
+""",
+    "same_lemma": """
+import numpy as np
+import spacy
+
+
+def program(sentence, tokenizer):
+    doc = spacy.load("en_core_web_sm")(sentence)
+    spans = tokenizer(sentence, return_offsets_mapping=True)["offset_mapping"]
+    lemma_at = {{tok.idx: tok.lemma_.lower() for tok in doc}}
+    lemmas = [lemma_at.get(a, lemma_at.get(a + 1)) for a, b in spans]
+    n = len(lemmas)
+    out = np.zeros((n, n))
+    out[:, 0] = {sink}
+    seen = {{}}
+    for i, lemma in enumerate(lemmas):
+        if lemma is not None and lemma in seen:
+            out[i, seen[lemma]] = 1.0
+        if lemma is not None:
+            seen.setdefault(lemma, i)
+    return "Same lemma", out
+""",
+    "entities": """
+import numpy as np
+import spacy
+
+
+def program(sentence, tokenizer):
+    doc = spacy.load("en_core_web_sm")(sentence)
+    spans = tokenizer(sentence, return_offsets_mapping=True)["offset_mapping"]
+    starts = {{ent.start_char for ent in doc.ents}}
+    n = len(spans)
+    out = np.tril(np.ones((n, n))) * {decay}
+    for j, (a, b) in enumerate(spans):
+        if a in starts or a + 1 in starts:
+            out[j:, j] += 1.0
+    return "Entities", out
+""",
+}
+_SPACY_SETTINGS = {
+    "nearest_pos": [{"tags": t} for t in (("NOUN",), ("VERB",), ("ADJ",), ("PROPN", "NOUN"),
+                                           ("DET",))],
+    "syntactic_head": [{"self_weight": w} for w in (0.0, 0.1, 0.3, 0.5, 1.0)],
+    "same_lemma": [{"sink": w} for w in (0.0, 0.05, 0.1, 0.2, 0.5)],
+    "entities": [{"decay": w} for w in (0.0, 0.01, 0.05, 0.1, 0.2)],
+}
+
+
+def spacy_style_programs() -> list[Program]:
+    """Twenty paper-form programs that load spaCy and parse their sentence on every call."""
+    return [
+        Program(_SPACY_TEMPLATES[name].format(**setting), family=f"spacy_{name}")
+        for name, settings in _SPACY_SETTINGS.items()
+        for setting in settings
+    ]

@@ -5,6 +5,13 @@ import os
 import pytest
 import torch
 
+from attnprog.synth.runtime.isolation import UNSAFE_ENV, isolation
+
+if not isolation().available:
+    # no namespaces on this machine: the sandbox tests run without OS isolation (with a
+    # warning) and the hostile-program tests skip, saying why
+    os.environ.setdefault(UNSAFE_ENV, "1")
+
 if not torch.cuda.is_available():
     # must be set before triton or any kernel module is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")

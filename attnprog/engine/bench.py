@@ -21,26 +21,24 @@ Used by ``attnprog bench`` and by ``bench/bench_iou.py``.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
-from attnprog.kernels.iou import resolve_impl, sum_min, sum_min_torch
+from attnprog.kernels.iou import device_layout, resolve_impl, sum_min, sum_min_torch
 from attnprog.layout import causal_offsets, tril_index, unpack
 
 P_SIZES = (256, 1024, 4096)
 H_SIZES = (144, 270, 704)  # GPT-2 (12 x 12), SmolLM2-135M (30 x 9), TinyLlama (22 x 32)
 QUICK_SHAPES = ((256, 144), (1024, 270), (4096, 704))
 
-# fp32 pair-cells/s a GPU can do at most: min and add are 2 instructions per pair-cell on
-# 128 fp32 lanes per SM per clock, so SMs x 128 x boost clock / 2 (see kernels/iou.py).
-KNOWN_BOUNDS = {
-    "H100": 132 * 128 * 1.98e9 / 2,  # SXM; H200 is the same GH100 die and clocks
-    "H200": 132 * 128 * 1.98e9 / 2,
-    "A100": 108 * 64 * 1.41e9 / 2,  # 64 fp32 lanes per SM on Ampere GA100
-}
+# fp32 lanes per SM by compute capability (CUDA programming guide, arithmetic throughput):
+# 64 on Volta/Turing and on GA100 (8.0), 128 on the other Ampere parts, Ada, Hopper and later.
+FP32_LANES = {(7, 0): 64, (7, 2): 64, (7, 5): 64, (8, 0): 64}
 
 
 @dataclass
@@ -49,6 +47,7 @@ class BenchData:
     attention: torch.Tensor  # [H, C] packed attention
     offsets: torch.Tensor  # [S + 1]
     n: int  # tokens per text
+    layout: object = None  # the Triton path's device layout of the attention, built once
 
     @property
     def pair_cells(self) -> int:
@@ -129,10 +128,16 @@ def time_call(fn, device="cpu", repeats: int = 3, warmup: int = 1) -> float:
 
 
 def kernel_seconds(data: BenchData, impl: str = "auto") -> float:
-    """Seconds of one ``sum_min`` call on the whole shape (synchronised on CUDA)."""
+    """Seconds of one ``sum_min`` call on the whole shape (synchronised on CUDA).
+
+    On the Triton path the attention's cell-major layout is built once per data set, as
+    ranking builds it once per store; the programs' layout is built in every call.
+    """
     device = data.programs.device
-    return time_call(lambda: sum_min(data.programs, data.attention, data.offsets, impl=impl),
-                     device, repeats=1, warmup=0)
+    if resolve_impl(impl, device) == "triton" and data.layout is None:
+        data.layout = device_layout(data.attention, data.offsets)
+    return time_call(lambda: sum_min(data.programs, data.attention, data.offsets, impl=impl,
+                                     layout=data.layout), device, repeats=1, warmup=0)
 
 
 def torch_rate(data: BenchData, sample_programs: int = 64) -> float:
@@ -194,17 +199,46 @@ def _numba_threads() -> int:
     return numba.get_num_threads()
 
 
+def sm_clock_hz(device) -> tuple[float | None, str]:
+    """(maximum SM clock in Hz, where it was read) of a CUDA device, or (None, "")."""
+    index = torch.device(device).index or 0
+    try:  # NVML, as nvidia-smi reads it
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM) * 1e6, "NVML"
+    except Exception:  # noqa: BLE001 - NVML missing or refused: try the next source
+        pass
+    try:
+        text = subprocess.run(
+            ["nvidia-smi", f"--id={index}", "--query-gpu=clocks.max.sm",
+             "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10,
+        ).stdout
+        return float(text.split()[0]) * 1e6, "nvidia-smi"
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        pass
+    rate = getattr(torch.cuda.get_device_properties(device), "clock_rate", None)  # kHz, some builds
+    return (rate * 1e3, "torch") if rate else (None, "")
+
+
 def hardware_bound(device) -> tuple[float | None, str]:
-    """(fp32 pair-cells/s bound, how it was obtained) for a CUDA device; (None, "") on CPU."""
+    """(fp32 pair-cells/s bound, how it was obtained) for a CUDA device; (None, "") on CPU.
+
+    min and add are two fp32 instructions per pair-cell, so the bound is
+    SMs x fp32 lanes per SM x maximum SM clock / 2, all read from the device.
+    """
     device = torch.device(device)
     if device.type != "cuda":
         return None, ""
-    name = torch.cuda.get_device_name(device)
-    for key, bound in KNOWN_BOUNDS.items():
-        if key in name:
-            return bound, f"{key}: SMs x fp32 lanes x boost clock / 2"
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return sms * 128 * 1.7e9 / 2, f"estimate: {sms} SMs x 128 lanes x 1.7 GHz / 2"
+    props = torch.cuda.get_device_properties(device)
+    lanes = FP32_LANES.get((props.major, props.minor), 128)
+    clock, source = sm_clock_hz(device)
+    if clock is None:
+        clock, source = 1.5e9, "assumed, not readable"
+    note = (f"{props.multi_processor_count} SMs x {lanes} fp32 lanes x {clock / 1e9:.2f} GHz "
+            f"({source}) / 2")
+    return props.multi_processor_count * lanes * clock / 2, note
 
 
 def run_rank_bench(
@@ -282,3 +316,70 @@ def format_results(rows: list[dict]) -> str:
     first = rows[0]
     head = _title(first["device"], first["impl"], first["dtype"], first["S"], first["n"])
     return "\n".join([head, HEADER] + [format_row(r) for r in rows])
+
+
+# --- head replacement: the override kernel per layer ------------------------------------------
+
+OVERRIDE_SHAPES = (  # (batch, query heads, KV heads, tokens, head size)
+    (16, 9, 3, 256, 64),  # SmolLM2-135M, the GPU target batch
+    (4, 32, 8, 1024, 64),  # Llama-3.2-1B
+    (1, 32, 8, 4096, 64),
+    (4, 16, 4, 1024, 128),
+    (16, 16, 4, 256, 128),
+)
+
+
+def _layer_seconds(fn, device) -> float:
+    """Median GPU seconds of ``fn`` (CUDA events via triton.testing.do_bench, launches queued
+    ahead as in a forward pass, so Python launch overhead is not counted); on the CPU, wall
+    seconds."""
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+    return time_call(fn, device, repeats=5, warmup=1)
+
+
+def run_override_bench(device=None, dtype: torch.dtype = torch.float16, shapes=OVERRIDE_SHAPES,
+                       fraction: float = 0.25, verbose: bool = True) -> list[dict]:
+    """One attention layer four ways, in microseconds: SDPA (FlashAttention on GPU), the fused
+    override kernel with no head and with ``fraction`` of heads flagged, and eager attention
+    with the flagged heads' probabilities overwritten (the authors' method). GPU time per
+    layer, see :func:`_layer_seconds`."""
+    from attnprog.kernels.override import override_attention
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = []
+    if verbose:
+        print(f"override attention per layer on {_device_name(device)} ({str(dtype)[6:]}), "
+              f"{fraction:.0%} of heads flagged; microseconds")
+        print(f"{'B':>3} {'H':>3} {'KV':>3} {'n':>5} {'D':>4} {'sdpa':>8} {'fused 0%':>9} "
+              f"{'fused':>8} {'eager':>9} {'0%/sdpa':>8} {'flag/sdpa':>9} {'eager/flag':>10}")
+    gen = torch.Generator().manual_seed(0)
+    for batch, heads, kv_heads, n, dim in shapes:
+        def rand(*shape):
+            return torch.randn(*shape, generator=gen).to(device, dtype)
+
+        # [B, n, H, D] storage seen as [B, H, n, D], as Hugging Face hands it over
+        q = rand(batch, n, heads, dim).transpose(1, 2)
+        k, v = rand(batch, n, kv_heads, dim).transpose(1, 2), rand(batch, n, kv_heads, dim).transpose(1, 2)
+        flags = torch.zeros(heads, dtype=torch.bool)
+        flags[torch.randperm(heads, generator=gen)[: max(1, round(fraction * heads))]] = True
+        probs = torch.rand(batch, int(flags.sum()), n, n, generator=gen).tril()
+        probs = (probs / probs.sum(-1, keepdim=True)).to(device, dtype)
+        sdpa_call = partial(torch.nn.functional.scaled_dot_product_attention, q, k, v,
+                            is_causal=True, enable_gqa=True)
+        sdpa = _layer_seconds(sdpa_call, device)
+        plain = _layer_seconds(partial(override_attention, q, k, v), device)
+        fused = _layer_seconds(partial(override_attention, q, k, v, flags, probs), device)
+        eager = _layer_seconds(partial(override_attention, q, k, v, flags, probs,
+                                       impl="reference"), device)
+        row = {"device": _device_name(device), "dtype": str(dtype)[6:], "B": batch, "H": heads,
+               "KV": kv_heads, "n": n, "D": dim, "sdpa_us": sdpa * 1e6, "fused_0_us": plain * 1e6,
+               "fused_us": fused * 1e6, "eager_us": eager * 1e6, "fraction": fraction}
+        rows.append(row)
+        if verbose:
+            print(f"{batch:>3} {heads:>3} {kv_heads:>3} {n:>5} {dim:>4} {sdpa * 1e6:>8.1f} "
+                  f"{plain * 1e6:>9.1f} {fused * 1e6:>8.1f} {eager * 1e6:>9.1f} "
+                  f"{plain / sdpa:>8.2f} {fused / sdpa:>9.2f} {eager / fused:>10.1f}", flush=True)
+    return rows

@@ -9,6 +9,8 @@ scores 0 on that text; nothing yields NaN.
 from __future__ import annotations
 
 import json
+import os
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from attnprog.engine.store import AttentionStore
 from attnprog.errors import StoreError
 from attnprog.kernels.iou import (
     cell_major,
+    device_layout,
     iou_from_sums,
     resolve_impl,
     sum_min,
@@ -196,6 +199,142 @@ def chunk_size(n_programs: int, n_cells: int, n_heads: int, n_texts: int, memory
     return int(max(1, min(n_programs, memory_budget // max(per_program, 1))))
 
 
+@dataclass
+class SplitAttention:
+    """The attention of one split, ready to score program chunks against (see :func:`score_chunk`).
+
+    cells: index of the split's cells in the packed layout (None: every text); offsets [S+1]
+    of the split; attention [H, C_split] on its device; attn_sums [H, S]; attention_t and
+    layout: the numba and Triton paths' own copies, built once rather than per chunk.
+    """
+
+    texts: list[int]
+    cells: np.ndarray | None
+    offsets: torch.Tensor
+    attention: torch.Tensor
+    attn_sums: torch.Tensor
+    attention_t: torch.Tensor | None
+    layout: object | None
+    impl: str  # the resolved sum-min path
+    requested: str  # what the caller asked for ("auto" may fall back from Triton to torch)
+
+
+def prepare_split(store: AttentionStore, split: str | None, impl: str = "auto") -> SplitAttention:
+    """The store's attention on ``split``'s texts, with what every chunk needs precomputed."""
+    texts = store.split_indices(split)
+    if not texts:
+        raise StoreError(f"split {split!r} holds no texts")
+    device = store.attn_packed.device
+    requested, resolved = impl, resolve_impl(impl, device)
+    cells, offsets_np = _split_cells(store, texts)
+    offsets = torch.from_numpy(np.asarray(offsets_np, dtype=np.int64))
+    attention = store.attn_packed  # [L*H, C_split] on its device
+    if cells is not None:
+        attention = attention[:, torch.from_numpy(cells).to(device)]
+    attention_t = cell_major(attention) if resolved == "numba" else None
+    layout = device_layout(attention, offsets) if resolved == "triton" else None
+    return SplitAttention(list(texts), cells, offsets, attention, text_sums(attention, offsets),
+                          attention_t, layout, resolved, requested)
+
+
+def score_chunk(target: SplitAttention, values, failed: np.ndarray) -> torch.Tensor:
+    """IoU [Pc, H, S] of program rows ``values [Pc, C_split]`` (numpy, or a tensor already on
+    the device) against ``target``'s heads.
+
+    ``failed [Pc, S]`` marks texts a program failed on; they, and texts where it wrote a
+    non-finite value, score 0.
+    """
+    device, offsets = target.attention.device, target.offsets
+    if isinstance(values, torch.Tensor):
+        chunk = values.to(device=device, dtype=torch.float32)  # [Pc, C_split]
+    else:
+        chunk = torch.as_tensor(np.asarray(values, dtype=np.float32)).to(device)
+    failed = torch.from_numpy(np.asarray(failed, dtype=bool)).to(device)  # [Pc, S]
+    # A non-finite value fails the program on that text; the kernel needs finite, >= 0.
+    finite = torch.isfinite(chunk)
+    if not bool(finite.all()):
+        failed |= text_sums((~finite).float(), offsets) > 0
+        chunk = torch.where(finite, chunk, torch.zeros_like(chunk))
+    if bool((chunk < 0).any()):  # out of contract; never write into the caller's array
+        chunk = chunk.clamp(min=0.0)
+
+    if target.impl == "numba":
+        m = sum_min_numba(chunk, target.attention, offsets, attention_cell_major=target.attention_t)
+    else:
+        # "auto" lets sum_min fall back to torch if the Triton kernel fails on this GPU
+        requested = target.requested
+        m = sum_min(chunk, target.attention, offsets,
+                    impl=requested if requested == "auto" else target.impl, layout=target.layout)
+    iou = iou_from_sums(m.to(device), text_sums(chunk, offsets), target.attn_sums)
+    return iou.masked_fill_(failed[:, None, :], 0.0)
+
+
+class _DeviceRows:
+    """Rows of streamed outputs made on the GPU: generator programs mixed there with torch
+    (atoms built once per corpus, in parallel processes), the others copied from their values.
+    """
+
+    def __init__(self, outputs, device: torch.device):
+        from attnprog.synth.generator.mixing import TorchMixer
+        from attnprog.synth.generator.specs import is_generated
+
+        self.outputs, self.device = outputs, device
+        generated = [i for i, p in enumerate(outputs.programs) if is_generated(p)]
+        self.spec_of = np.full(outputs.n_programs, -1, dtype=np.int64)  # program -> spec row
+        self.spec_of[generated] = np.arange(len(generated))
+        specs = [outputs.programs[i].provenance["spec"] for i in generated]
+        workers = min(16, os.cpu_count() or 1)
+        self.mixer = TorchMixer(specs, outputs.sentences, device, workers=workers)
+
+    def rows(self, indices) -> torch.Tensor:
+        """[len(indices), C] float32 on the device."""
+        indices = np.asarray(indices, dtype=np.int64)
+        spec = self.spec_of[indices]
+        out = torch.empty(len(indices), int(self.outputs.offsets[-1]), device=self.device)
+        mixed = np.flatnonzero(spec >= 0)
+        if len(mixed):
+            out[torch.from_numpy(mixed).to(self.device)] = self.mixer.rows(spec[mixed].tolist())
+        stored = np.flatnonzero(spec < 0)
+        if len(stored):
+            values = self.outputs.select(indices[stored].tolist()).values
+            out[torch.from_numpy(stored).to(self.device)] = torch.from_numpy(values).to(self.device)
+        return out
+
+
+_DEVICE_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # outputs -> _DeviceRows
+
+
+def _device_rows(outputs, device: torch.device) -> _DeviceRows | None:
+    """The GPU row maker of streamed generator outputs (one per outputs object), or None
+    where rows come from the CPU: not on CUDA, not streamed outputs, or no generator program."""
+    if device.type != "cuda" or not hasattr(outputs, "sentences"):
+        return None
+    if outputs not in _DEVICE_ROWS:
+        from attnprog.synth.generator.specs import is_generated
+
+        mixable = any(is_generated(p) for p in outputs.programs)  # else: copy rows as before
+        _DEVICE_ROWS[outputs] = _DeviceRows(outputs, device) if mixable else None
+    return _DEVICE_ROWS[outputs]
+
+
+class _Subset:
+    """Programs ``indices`` of streamed outputs, their rows made on the GPU when read."""
+
+    def __init__(self, parent, indices):
+        self.parent, self.indices = parent, [int(i) for i in indices]
+        self.programs = [parent.programs[i] for i in self.indices]
+        self.failed = np.asarray(parent.failed)[self.indices]
+        self.offsets, self.corpus_hash = parent.offsets, parent.corpus_hash
+        self.reasons = [parent.reasons[i] for i in self.indices]
+
+    @property
+    def n_programs(self) -> int:
+        return len(self.indices)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self.parent.select(self.indices[start:stop]).values
+
+
 def rank(
     store: AttentionStore,
     outputs: ProgramOutputs,
@@ -215,22 +354,12 @@ def rank(
     on CPU). ``split=None`` or "all" ranks on every text.
     """
     _check_outputs(store, outputs)
-    texts = store.split_indices(split)
-    if not texts:
-        raise StoreError(f"split {split!r} holds no texts")
-    device = store.attn_packed.device
-    requested, impl = impl, resolve_impl(impl, device)
-    cells, offsets_np = _split_cells(store, texts)
-    offsets = torch.from_numpy(np.asarray(offsets_np, dtype=np.int64))
-    n_texts, n_rows = len(texts), store.n_rows
-    n_cells = int(offsets[-1])
-
-    # attention of the split, on its device: [L*H, C_split]
-    attention = store.attn_packed
-    if cells is not None:
-        attention = attention[:, torch.from_numpy(cells).to(device)]
-    attn_sums = text_sums(attention, offsets)  # [L*H, S]
-    attention_t = cell_major(attention) if impl == "numba" else None  # built once, not per chunk
+    target = prepare_split(store, split, impl)
+    texts, cells, n_texts, n_rows = target.texts, target.cells, len(target.texts), store.n_rows
+    n_cells = int(target.offsets[-1])
+    device = target.attention.device
+    device_rows = _device_rows(outputs.parent if isinstance(outputs, _Subset) else outputs, device)
+    cells_device = None if cells is None else torch.from_numpy(cells).to(device)
 
     n_programs = outputs.n_programs
     if chunk_programs is None:
@@ -247,25 +376,14 @@ def rank(
         starts = tqdm(starts, desc="ranking", unit="chunk", disable=None)  # None: only on a terminal
     for p0 in starts:
         p1 = min(n_programs, p0 + chunk_programs)
-        values = outputs.rows(p0, p1)  # streamed outputs compute these rows only now
-        values = values if cells is None else values[:, cells]
-        chunk = torch.as_tensor(np.asarray(values, dtype=np.float32)).to(device)  # [Pc, C_split]
-        failed = torch.from_numpy(failed_all[p0:p1]).to(device)  # [Pc, S]
-        # A non-finite value fails the program on that text; the kernel needs finite, >= 0.
-        finite = torch.isfinite(chunk)
-        if not bool(finite.all()):
-            failed |= text_sums((~finite).float(), offsets) > 0
-            chunk = torch.where(finite, chunk, torch.zeros_like(chunk))
-        if bool((chunk < 0).any()):  # out of contract; never write into the caller's array
-            chunk = chunk.clamp(min=0.0)
-
-        if impl == "numba":
-            m = sum_min_numba(chunk, attention, offsets, attention_cell_major=attention_t)
+        if device_rows is not None:  # generator rows made on the GPU, next to the kernel
+            parent_rows = outputs.indices[p0:p1] if isinstance(outputs, _Subset) else range(p0, p1)
+            values = device_rows.rows(parent_rows)
+            values = values if cells_device is None else values[:, cells_device]
         else:
-            # "auto" lets sum_min fall back to torch if the Triton kernel fails on this GPU
-            m = sum_min(chunk, attention, offsets, impl=requested if requested == "auto" else impl)
-        iou = iou_from_sums(m.to(device), text_sums(chunk, offsets), attn_sums)
-        iou.masked_fill_(failed[:, None, :], 0.0)
+            values = outputs.rows(p0, p1)  # streamed outputs compute these rows only now
+            values = values if cells is None else values[:, cells]
+        iou = score_chunk(target, values, failed_all[p0:p1])
         iou_mean[p0:p1] = iou.mean(dim=2).cpu()
         if iou_texts is not None:
             iou_texts[p0:p1] = iou.cpu()
@@ -279,7 +397,7 @@ def rank(
         per_text=iou_texts,
         text_indices=list(texts),
         meta={"model": store.meta.get("model_id", ""),
-              "corpus_hash": store.meta.get("corpus_hash", ""), "impl": impl},
+              "corpus_hash": store.meta.get("corpus_hash", ""), "impl": target.impl},
     )
 
 
@@ -293,17 +411,24 @@ def rank_with_heldout(
     outputs: ProgramOutputs,
     split: str = "selection",
     heldout_split: str = "heldout",
+    ranker=None,
     **kwargs,
 ) -> IoUTable:
     """Rank on ``split`` to pick each head's best fit, then measure it on ``heldout_split``.
 
     The table's ``heldout_iou [L*H]`` holds the figure DESIGN.md reports for a best fit.
-    Keyword arguments go to :func:`rank` for both passes.
+    Keyword arguments go to :func:`rank` (or ``ranker``, a function with its signature, e.g.
+    the Ray-sharded one) for both passes.
     """
-    table = rank(store, outputs, split=split, **kwargs)
+    ranker = ranker or rank
+    table = ranker(store, outputs, split=split, **kwargs)
     _, best_index = table.best()
     unique = torch.unique(best_index)  # only the winners are re-scored
-    held = rank(store, subset_outputs(outputs, unique.tolist()), split=heldout_split,
+    if _device_rows(outputs, store.attn_packed.device) is not None:
+        winners = _Subset(outputs, unique.tolist())  # their rows are made on the GPU as well
+    else:
+        winners = subset_outputs(outputs, unique.tolist())
+    held = ranker(store, winners, split=heldout_split,
                 **{k: v for k, v in kwargs.items() if k != "per_text"})
     position = torch.searchsorted(unique, best_index)  # winner's row in the held-out table
     table.heldout_split = heldout_split

@@ -404,6 +404,7 @@ def perplexity_sweep(
     batch_size: int = 8,
     impl: str = "auto",
     progress: bool = True,
+    heads: Sequence[int] | None = None,
 ) -> SweepResult:
     """Replace 0..100 % of heads by best programs and both baselines, for each head order.
 
@@ -412,7 +413,8 @@ def perplexity_sweep(
     ``outputs``: ProgramOutputs of ``table.programs`` on the split's texts or on all of the
     store's texts (when None, only the programs needed run, through ``synth.runtime.evaluate``).
     ``qa_items`` adds QA accuracy (needs ``tokenizer``; ``qa_outputs`` likewise covers the
-    tokenised QA texts).
+    tokenised QA texts). ``heads`` (rows) limits replacement to those heads; fractions are
+    then shares of them.
     """
     n_layers, n_heads = store.n_layers, store.n_heads
     best_iou, best_index = _best_fit(table)
@@ -436,12 +438,16 @@ def perplexity_sweep(
             head_orders[name] = costs.order()  # cheapest first
         else:
             orders_from_option(name)  # raises with the valid names
+    if heads is not None:  # only these heads are replaced, each order keeps its sequence
+        chosen = np.asarray(list(heads), dtype=np.int64)
+        head_orders = {name: order[np.isin(order, chosen)] for name, order in head_orders.items()}
     if not head_orders:
         raise AttnProgError("no head order to sweep: pass orders=('iou',), ('cost',) or both")
     # the table reports each best fit's IoU on held-out texts when it measured it
     heldout = getattr(table, "heldout_iou", None)
     reported_iou = best_iou if heldout is None else torch.as_tensor(heldout).float().cpu().numpy()
-    counts = {f: int(round(f * len(best_iou))) for f in fractions}
+    n_candidates = len(next(iter(head_orders.values())))  # every order holds the same heads
+    counts = {f: int(round(f * n_candidates)) for f in fractions}
     most = max(counts.values(), default=0)
     replaced = {int(h) for order in head_orders.values() for h in order[:most]}
     n_programs = len(table.programs)

@@ -23,11 +23,13 @@ flops, so it runs at memory speed (~7e8 pair-cells/s on 2 CPU cores).
 
 The shape of the fix. M is a GEMM with (min, +) in place of (×, +): for each text, the
 [P, n_s] program block "times" the transposed [H, n_s] attention block. Tensor cores only
-multiply, so we tile it like a CUDA-core GEMM: one program instance owns a
-BLOCK_P × BLOCK_H tile of M for one text, keeps the tile in registers in fp32, and walks
-the text's cells BLOCK_C at a time. Each step loads (BLOCK_P + BLOCK_H) · BLOCK_C values
-and does BLOCK_P · BLOCK_H · BLOCK_C min+add pairs, so with 64 × 64 tiles every loaded
-value feeds 32 pairs and the kernel is bound by arithmetic, not memory.
+multiply, so we tile it like a CUDA-core GEMM in its outer-product form: one program
+instance owns a BLOCK_P × BLOCK_H tile of M for one text, keeps the tile in registers in
+fp32, and walks the text's cells one at a time. Both sides are stored cell-major, so a step
+loads BLOCK_P contiguous program values and BLOCK_H contiguous attention values and does
+BLOCK_P · BLOCK_H min+add pairs: with 64 × 64 tiles every loaded value feeds 32 pairs and
+the kernel is bound by arithmetic, not memory. A sparse twin walks only each program's
+non-zero cells (see "GPU path" below).
 
 The hardware bound (H100 SXM). min and add are two separate fp32 instructions (there is
 no fused min-add). An SM issues 128 fp32 lane-operations per clock, so at the 1.98 GHz
@@ -49,6 +51,9 @@ Entry points: :func:`sum_min`, :func:`text_sums`, :func:`iou_from_sums`, :func:`
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -68,7 +73,9 @@ except ImportError:  # pragma: no cover - exercised only where Triton is absent
 
 __all__ = [
     "IMPLS",
+    "DeviceLayout",
     "cell_major",
+    "device_layout",
     "iou_from_sums",
     "resolve_impl",
     "soft_iou",
@@ -251,91 +258,314 @@ def sum_min_numba(
     return torch.from_numpy(out[:, :, :n_heads]).permute(1, 2, 0).contiguous()
 
 
-# --- GPU path: the Triton kernel --------------------------------------------------------------
+# --- GPU path: Triton kernels over a cell-major layout ----------------------------------------
+#
+# The layout. Both sides are transposed to cell-major, [cells, rows], and each text's cells are
+# padded with zeros to a multiple of CELL_MULTIPLE (min(p, 0) = 0, so padding adds nothing).
+# One step of the dense kernel then reads one cell: BLOCK_P contiguous program values and
+# BLOCK_H contiguous attention values, and updates the [BLOCK_P, BLOCK_H] accumulator with an
+# outer "product" (min, then add): two instructions per pair and no mask in the inner loop.
+# The attention side is built once per store (:func:`device_layout`) and stays on the device;
+# each program chunk is transposed once per call.
+#
+# The sparse path. Program matrices put their mass on a few cells per row (one-hot rows,
+# mixtures of 2-4 tokens). For a block of BLOCK_P programs on one text whose rows have at most
+# W non-zero cells, the sparse kernel walks W steps instead of the text's C_s cells: step k
+# gathers, for each program, the attention row of its k-th non-zero cell (an ELLPACK layout:
+# [W, BLOCK_P] cell indices and values). "auto" picks per (program block, text):
+# sparse when SPARSE_COST * W < C_s, once there are SPARSE_MIN_HEADS heads to share the
+# planning; programs are sorted by their non-zero count first, so one-hot rows share blocks.
+
+CELL_MULTIPLE = 8  # cells per text are padded to this: UNROLL must divide it
+HEAD_MULTIPLE = 128  # heads are padded to this: every BLOCK_H <= 128 tiles them without a mask
+SPARSE_COST = 3.0  # one gathered step costs about this many dense steps (tuned on an H100)
+# Planning the sparse path (counting, sorting, gathering the non-zeros) makes a few passes over
+# the P x C programs, which costs about as much as the dense kernel's P x H x C work at ~250
+# heads (H100, bench/RESULTS.md): "auto" plans only from this many heads on.
+SPARSE_MIN_HEADS = 256
+MODES = ("auto", "dense", "sparse")
+
+
+@dataclass
+class DeviceLayout:
+    """The attention side of the sum-min, cell-major and padded, where the kernels read it.
+
+    attention_t [C_pad, H_pad] fp32: row = padded cell, heads contiguous (padding is 0)
+    cell_index  [C] int64: packed cell -> its row in the padded layout
+    text_of_cell [C] int64: packed cell -> its text
+    offsets, offsets_pad [S + 1] int64 on the CPU; offsets_pad_device the same on the device
+    """
+
+    attention_t: torch.Tensor
+    cell_index: torch.Tensor
+    text_of_cell: torch.Tensor
+    offsets: torch.Tensor
+    offsets_pad: torch.Tensor
+    offsets_pad_device: torch.Tensor
+    n_heads: int
+
+    @property
+    def n_texts(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.attention_t.device
+
+
+def device_layout(attention: torch.Tensor, offsets) -> DeviceLayout:
+    """Build the cell-major padded layout of ``attention [H, C]`` on its device (once per store)."""
+    offsets = torch.as_tensor(offsets, dtype=torch.int64).cpu()
+    _check(attention[:0], attention, offsets)
+    device = attention.device
+    lengths = offsets[1:] - offsets[:-1]
+    padded = (lengths + CELL_MULTIPLE - 1) // CELL_MULTIPLE * CELL_MULTIPLE
+    offsets_pad = torch.zeros_like(offsets)
+    offsets_pad[1:] = torch.cumsum(padded, 0)
+    n_cells, n_texts = int(offsets[-1]), offsets.numel() - 1
+    text_of_cell = torch.repeat_interleave(torch.arange(n_texts), lengths)
+    cell_index = torch.arange(n_cells) + (offsets_pad[:-1] - offsets[:-1])[text_of_cell]
+    n_heads = attention.shape[0]
+    h_pad = max(HEAD_MULTIPLE, -(-n_heads // HEAD_MULTIPLE) * HEAD_MULTIPLE)
+    attention_t = torch.zeros(int(offsets_pad[-1]), h_pad, dtype=torch.float32, device=device)
+    cell_index, text_of_cell = cell_index.to(device), text_of_cell.to(device)
+    attention_t[cell_index, :n_heads] = attention.detach().T.float()
+    return DeviceLayout(attention_t, cell_index, text_of_cell, offsets, offsets_pad,
+                        offsets_pad.to(device), n_heads)
+
+
+def programs_cell_major(programs: torch.Tensor, layout: DeviceLayout, p_pad: int) -> torch.Tensor:
+    """programs [P, C] -> fp32 [C_pad, p_pad] in ``layout``'s padded cells (padding is 0)."""
+    out = torch.zeros(layout.attention_t.shape[0], p_pad, dtype=torch.float32,
+                      device=layout.device)
+    # a contiguous transpose first: a scatter that reads the strided view is several times slower
+    transposed = programs.detach().float().T.contiguous()  # [C, P]
+    out[:, : programs.shape[0]].index_copy_(0, layout.cell_index, transposed)
+    return out
+
 
 if triton is not None:
 
     @triton.jit
-    def _sum_min_kernel(
-        prog_ptr,  # [P, C] any float dtype
-        attn_ptr,  # [H, C]
-        offsets_ptr,  # [S + 1] int64
-        out_ptr,  # [P, H, S] fp32
+    def _sum_min_dense_kernel(
+        prog_t_ptr,  # [C_pad, P_pad] fp32, cell-major
+        attn_t_ptr,  # [C_pad, H_pad] fp32, cell-major
+        offsets_ptr,  # [S + 1] int64, padded offsets
+        item_text_ptr,  # [items] int32: the text of each work item
+        item_tile_ptr,  # [items] int32: its program tile
+        out_ptr,  # [P, H, S] fp32, zeros when SPLIT
         n_programs,
         n_heads,
-        n_tiles_p,
         n_tiles_h,
+        n_splits,
+        split_cells,  # cells per split, a multiple of UNROLL
         stride_prog,
         stride_attn,
         stride_out_p,
         stride_out_h,
         BLOCK_P: tl.constexpr,
         BLOCK_H: tl.constexpr,
-        BLOCK_C: tl.constexpr,
+        UNROLL: tl.constexpr,
+        SPLIT: tl.constexpr,
     ):
-        # One instance = one BLOCK_P x BLOCK_H tile of M for one text. The 1-D grid is
-        # ordered head tile fastest, then program tile, then text: neighbouring instances
-        # share a text, so its attention and the current program tile stay in L2.
+        # One instance = one BLOCK_P x BLOCK_H tile of M for one (text, program tile) item and
+        # one split of the text's cells (splits add into M atomically: more instances in
+        # flight for small P x H, shorter fp32 sums for long texts). Head tiles are fastest
+        # in the grid, then splits, so neighbours share the item's program columns in L2.
         pid = tl.program_id(0)
         tile_h = pid % n_tiles_h
-        tile_p = (pid // n_tiles_h) % n_tiles_p
-        text = pid // (n_tiles_h * n_tiles_p)
-
+        split = (pid // n_tiles_h) % n_splits
+        item = pid // (n_tiles_h * n_splits)
+        text = tl.load(item_text_ptr + item)
+        tile_p = tl.load(item_tile_ptr + item)
         start = tl.load(offsets_ptr + text)  # int64: packed corpora pass 2^31 cells
         end = tl.load(offsets_ptr + text + 1)
+        start = start + split * split_cells
+        end = tl.minimum(end, start + split_cells)
 
         offs_p = tile_p * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_h = tile_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        mask_p = offs_p < n_programs
-        mask_h = offs_h < n_heads
-        prog_rows = prog_ptr + offs_p.to(tl.int64)[:, None] * stride_prog  # [BP, 1]
-        attn_rows = attn_ptr + offs_h.to(tl.int64)[:, None] * stride_attn  # [BH, 1]
-
+        prog = prog_t_ptr + start * stride_prog + offs_p  # [BP] pointers into one cell's row
+        attn = attn_t_ptr + start * stride_attn + offs_h  # [BH]
         acc = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
-        for c0 in range(start, end, BLOCK_C):
-            cells = c0 + tl.arange(0, BLOCK_C)
-            mask_c = cells < end
-            # Out-of-range rows and cells load as 0: min(0, a) = 0 adds nothing.
-            prog = tl.load(
-                prog_rows + cells[None, :], mask=mask_p[:, None] & mask_c[None, :], other=0.0
-            ).to(tl.float32)  # [BP, BC]
-            attn = tl.load(
-                attn_rows + cells[None, :], mask=mask_h[:, None] & mask_c[None, :], other=0.0
-            ).to(tl.float32)  # [BH, BC]
-            # The "GEMM" step with min in place of multiply: [BP, 1, BC] vs [1, BH, BC].
-            acc += tl.sum(tl.minimum(prog[:, None, :], attn[None, :, :]), axis=2)
+        for _ in range(start, end, UNROLL):  # texts are padded to whole UNROLLs: no mask
+            for u in tl.static_range(UNROLL):
+                p = tl.load(prog + u * stride_prog)
+                a = tl.load(attn + u * stride_attn)
+                acc += tl.minimum(p[:, None], a[None, :])  # outer product, min for multiply
+            prog += UNROLL * stride_prog
+            attn += UNROLL * stride_attn
 
-        out = (
-            out_ptr
-            + offs_p.to(tl.int64)[:, None] * stride_out_p
-            + offs_h.to(tl.int64)[None, :] * stride_out_h
-            + text
-        )
-        tl.store(out, acc, mask=mask_p[:, None] & mask_h[None, :])
+        out = (out_ptr + offs_p.to(tl.int64)[:, None] * stride_out_p
+               + offs_h.to(tl.int64)[None, :] * stride_out_h + text)
+        if SPLIT:  # a split past the end of a short text has nothing to add
+            rows = tl.where(start < end, n_programs, 0)
+            mask = (offs_p < rows)[:, None] & (offs_h < n_heads)[None, :]
+            tl.atomic_add(out, acc, mask=mask, sem="relaxed")
+        else:
+            tl.store(out, acc, mask=(offs_p < n_programs)[:, None] & (offs_h < n_heads)[None, :])
+
+    @triton.jit
+    def _sum_min_sparse_kernel(
+        cell_ptr,  # [W_total, P_pad] int64: padded cell of each program's k-th non-zero
+        value_ptr,  # [W_total, P_pad] fp32: its value (0 pads a short row)
+        ell_offsets_ptr,  # [S] int64: where each text's W_s steps start
+        width_ptr,  # [n_tiles_p, S] int32: steps each (program tile, text) needs
+        item_text_ptr,
+        item_tile_ptr,
+        attn_t_ptr,  # [C_pad, H_pad] fp32, cell-major
+        out_ptr,  # [P, H, S] fp32
+        n_programs,
+        n_heads,
+        n_tiles_h,
+        n_texts,
+        stride_ell,
+        stride_attn,
+        stride_out_p,
+        stride_out_h,
+        BLOCK_P: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        tile_h = pid % n_tiles_h
+        item = pid // n_tiles_h
+        text = tl.load(item_text_ptr + item)
+        tile_p = tl.load(item_tile_ptr + item)
+        base = tl.load(ell_offsets_ptr + text)
+        width = tl.load(width_ptr + tile_p * n_texts + text)
+
+        offs_p = tile_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_h = tile_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        cells = cell_ptr + base * stride_ell + offs_p
+        values = value_ptr + base * stride_ell + offs_p
+        acc = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
+        for _ in range(0, width):
+            cell = tl.load(cells)  # [BP] the k-th non-zero cell of each program
+            value = tl.load(values)
+            # gather: each program's cell row, BLOCK_H contiguous heads (coalesced)
+            attn = tl.load(attn_t_ptr + cell[:, None] * stride_attn + offs_h[None, :])
+            acc += tl.minimum(value[:, None], attn)
+            cells += stride_ell
+            values += stride_ell
+
+        out = (out_ptr + offs_p.to(tl.int64)[:, None] * stride_out_p
+               + offs_h.to(tl.int64)[None, :] * stride_out_h + text)
+        tl.store(out, acc, mask=(offs_p < n_programs)[:, None] & (offs_h < n_heads)[None, :])
 
 
 def _interpreted() -> bool:
-    """Whether the kernel was built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
+    """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
     if triton is None:
         return False
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_sum_min_kernel, InterpretedFunction)
+    return isinstance(_sum_min_dense_kernel, InterpretedFunction)
 
 
-def _pick_tiles(n_programs: int, n_heads: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_P, BLOCK_H, BLOCK_C, num_warps) for a launch.
+def _pick_tiles(n_programs: int, n_heads: int) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_H, UNROLL, num_warps) of the dense kernel for a launch.
 
-    64 x 64 fp32 accumulators over 4 warps are 32 registers a thread; BLOCK_C bounds the
-    [BP, BH, BC] min temporary (64 x 64 x 4 / 128 threads = 128 values a thread). Small P or H
-    shrink the tile so few lanes are masked off. Untuned heuristics: `attnprog bench` times
-    them on the GPU at hand.
+    Swept on an H100 (bench/tune_gpu.py, bench/RESULTS.md): 64 accumulators a thread over
+    2 warps ran fastest (64 x 64 tiles: 46 % of the bound, against 40 % for 128 x 64 over
+    4 warps), since small instances fit more per SM to hide load latency. BLOCK_H is 32 or
+    64, whichever pads the heads less (144 heads: 160, not 192). Small P or H shrink the tile.
     """
-    block_p = min(64, max(16, triton.next_power_of_2(n_programs)))
-    block_h = min(64, max(16, triton.next_power_of_2(n_heads)))
-    block_c = 8 if dtype in (torch.float16, torch.bfloat16) and block_p * block_h <= 2048 else 4
-    num_warps = 4 if block_p * block_h <= 4096 else 8
-    return block_p, block_h, block_c, num_warps
+    block_h = 64 if -(-n_heads // 64) * 64 <= -(-n_heads // 32) * 32 else 32
+    block_h = min(block_h, max(16, triton.next_power_of_2(n_heads)))
+    block_p = min(4096 // block_h, max(16, triton.next_power_of_2(n_programs)))
+    return block_p, block_h, 4, 2
+
+
+def _n_splits(n_instances: int, longest: int, device) -> int:
+    """Splits of each text's cells: enough instances for ~16 per SM, and fp32 sums of at
+    most MAX_SPLIT_CELLS cells, but no split shorter than MIN_SPLIT_CELLS."""
+    if torch.device(device).type != "cuda":
+        return 1
+    sms = _sm_count(torch.device(device).index or 0)
+    wanted = max(-(-16 * sms // max(n_instances, 1)), -(-longest // MAX_SPLIT_CELLS))
+    return max(1, min(wanted, longest // MIN_SPLIT_CELLS))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+MIN_SPLIT_CELLS = 256
+MAX_SPLIT_CELLS = 16384
+
+
+def _sparse_tiles(block_p: int, n_heads: int) -> tuple[int, int]:
+    """(BLOCK_H, num_warps) of the sparse kernel, given the shared BLOCK_P: 32 heads over 2
+    warps was the fastest swept (bench/RESULTS.md)."""
+    return min(32, max(16, triton.next_power_of_2(n_heads))), 2
+
+
+@dataclass
+class _SparsePlan:
+    sparse: torch.Tensor  # [n_tiles_p, S] bool (CPU): which blocks take the sparse kernel
+    width: torch.Tensor  # [n_tiles_p, S] int32 on the device
+    cells: torch.Tensor | None = None  # [W_total, P_pad] int64
+    values: torch.Tensor | None = None  # [W_total, P_pad] fp32
+    ell_offsets: torch.Tensor | None = None  # [S] int64 on the device
+
+
+def _row_nonzeros(programs: torch.Tensor, layout: DeviceLayout, rows: int = 1024) -> torch.Tensor:
+    """[P, S] fp32: non-zero cells of each program row on each text (exact below 2^24)."""
+    counts = torch.zeros(programs.shape[0], layout.n_texts, device=layout.device)
+    for r0 in range(0, programs.shape[0], rows):  # bounded temporaries
+        nonzero = (programs[r0 : r0 + rows] != 0).float()
+        counts[r0 : r0 + rows].index_add_(1, layout.text_of_cell, nonzero)
+    return counts
+
+
+def _sparse_plan(programs: torch.Tensor, layout: DeviceLayout, block_p: int, p_pad: int,
+                 mode: str, counts: torch.Tensor | None = None) -> _SparsePlan:
+    """Which (program tile, text) blocks are sparse, and their ELLPACK layout."""
+    n_programs, n_texts = programs.shape[0], layout.n_texts
+    n_tiles_p = p_pad // block_p
+    device = layout.device
+    if mode == "dense":  # no need to count non-zeros
+        return _SparsePlan(torch.zeros(n_tiles_p, n_texts, dtype=torch.bool),
+                           torch.zeros(n_tiles_p, n_texts, dtype=torch.int32, device=device))
+    padded = torch.zeros(p_pad, n_texts, device=device)
+    padded[:n_programs] = _row_nonzeros(programs, layout) if counts is None else counts
+    width = padded.view(n_tiles_p, block_p, n_texts).amax(1)  # [tiles, S]: steps per block
+    padded_lengths = (layout.offsets_pad[1:] - layout.offsets_pad[:-1]).to(device)
+    if mode == "sparse":
+        sparse = torch.ones(n_tiles_p, n_texts, dtype=torch.bool, device=device)
+    else:
+        sparse = SPARSE_COST * width < padded_lengths[None, :]
+    width = torch.where(sparse, width, torch.zeros_like(width)).to(torch.int32)
+    plan = _SparsePlan(sparse.cpu(), width)
+    if not bool(plan.sparse.any()):
+        return plan
+    # ELLPACK: text s owns rows ell_offsets[s] : ell_offsets[s] + W_s (W_s: widest sparse block)
+    text_width = width.amax(0).long()  # [S]
+    ell_offsets = torch.cumsum(text_width, 0) - text_width
+    total = int(text_width.sum())
+    cells = torch.zeros(total, p_pad, dtype=torch.int64, device=device)
+    values = torch.zeros(total, p_pad, dtype=torch.float32, device=device)
+    tile_of_row = torch.arange(n_programs, device=device) // block_p
+    for r0 in range(0, n_programs, 1024):  # bounded temporaries
+        part = programs[r0 : r0 + 1024]
+        in_sparse_block = sparse[tile_of_row[r0 : r0 + 1024]][:, layout.text_of_cell]
+        row, cell = ((part != 0) & in_sparse_block).nonzero(as_tuple=True)  # row-major order
+        text = layout.text_of_cell[cell]
+        key = row * n_texts + text  # non-decreasing: cells of a row are in text order
+        rank = torch.arange(key.numel(), device=device) - torch.searchsorted(key, key)
+        step = ell_offsets[text] + rank
+        cells[step, row + r0] = layout.cell_index[cell]
+        values[step, row + r0] = part[row, cell].float()
+    plan.cells, plan.values, plan.ell_offsets = cells, values, ell_offsets
+    return plan
+
+
+def _items(mask: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text, program tile) int32 device tensors of the True entries of ``mask [tiles, S]``,
+    text-major, so instances that run together share a text's attention in L2."""
+    tile, text = mask.T.nonzero(as_tuple=True)[::-1]
+    return text.to(device, torch.int32), tile.to(device, torch.int32)
 
 
 def sum_min_triton(
@@ -344,55 +574,108 @@ def sum_min_triton(
     offsets,
     block_p: int | None = None,
     block_h: int | None = None,
-    block_c: int | None = None,
     num_warps: int | None = None,
+    *,
+    unroll: int | None = None,
+    splits: int | None = None,
+    mode: str = "auto",
+    layout: DeviceLayout | None = None,
 ) -> torch.Tensor:
-    """M [P, H, S] fp32 with the Triton kernel; CPU tensors run in Triton's interpreter.
+    """M [P, H, S] fp32 with the Triton kernels. CPU tensors run in Triton's interpreter
+    (TRITON_INTERPRET=1), else on the GPU, copied there and back.
 
-    Tile sizes default to :func:`_pick_tiles`; pass them to test masking or to tune.
+    ``mode``: "auto" (sparse kernel for sparse program blocks, dense for the rest), "dense"
+    or "sparse". ``splits``: parts of each text's cells for the dense kernel (default: enough
+    to fill the GPU). ``layout``: :func:`device_layout` of ``attention``, if already built. Tile
+    sizes default to :func:`_pick_tiles`; pass them to test masking or to tune.
     """
     if triton is None:
         raise ValueError("Triton is not installed; use impl='numba' or impl='torch'")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     offsets = _check(programs, attention, offsets)
     n_programs, n_heads, n_texts = programs.shape[0], attention.shape[0], offsets.numel() - 1
     device = programs.device
     if attention.device != device:
         raise ValueError(f"programs on {device} but attention on {attention.device}")
     if device.type != "cuda" and not _interpreted():
+        if torch.cuda.is_available():  # forced onto the Triton path: run it on the GPU
+            return sum_min_triton(programs.cuda(), attention.cuda(), offsets, block_p, block_h,
+                                  num_warps, unroll=unroll, splits=splits, mode=mode).to(device)
         raise ValueError(
-            "the Triton kernel needs CUDA tensors; to run it on the CPU set TRITON_INTERPRET=1 "
+            "the Triton kernel needs a CUDA GPU; to run it on the CPU set TRITON_INTERPRET=1 "
             "before triton is first imported"
         )
     out = torch.zeros(n_programs, n_heads, n_texts, dtype=torch.float32, device=device)
     if out.numel() == 0:
         return out
-    picked = _pick_tiles(n_programs, n_heads, programs.dtype)
-    block_p, block_h, block_c, num_warps = (
-        given or default for given, default in zip((block_p, block_h, block_c, num_warps), picked)
+    if layout is None:
+        layout = device_layout(attention, offsets)
+    elif layout.n_heads != n_heads or not torch.equal(layout.offsets, offsets):
+        raise ValueError("layout was built for other attention; build it with device_layout")
+    picked = _pick_tiles(n_programs, n_heads)
+    block_p, block_h, unroll, num_warps = (
+        given or default for given, default in zip((block_p, block_h, unroll, num_warps), picked)
     )
-    programs = programs if programs.stride(1) == 1 else programs.contiguous()
-    attention = attention if attention.stride(1) == 1 else attention.contiguous()
-    n_tiles_p, n_tiles_h = triton.cdiv(n_programs, block_p), triton.cdiv(n_heads, block_h)
-    grid = (n_tiles_h * n_tiles_p * n_texts,)  # 1-D: CUDA caps grid axes 1 and 2 at 65535
-    _sum_min_kernel[grid](
-        programs,
-        attention,
-        offsets.to(device),
-        out,
-        n_programs,
-        n_heads,
-        n_tiles_p,
-        n_tiles_h,
-        programs.stride(0),
-        attention.stride(0),
-        out.stride(0),
-        out.stride(1),
-        BLOCK_P=block_p,
-        BLOCK_H=block_h,
-        BLOCK_C=block_c,
+    if CELL_MULTIPLE % unroll or HEAD_MULTIPLE % block_h:
+        raise ValueError(f"unroll must divide {CELL_MULTIPLE} and block_h {HEAD_MULTIPLE}")
+    p_pad = -(-n_programs // block_p) * block_p
+    order = None
+    if mode == "auto" and n_heads < SPARSE_MIN_HEADS:
+        mode = "dense"  # the sparse plan's passes over P x C would cost more than they save
+    if mode != "dense":
+        # Sort programs by their number of non-zero cells so one-hot rows share blocks with
+        # one-hot rows: a block's sparse steps are its widest row's non-zeros.
+        counts = _row_nonzeros(programs, layout)
+        order = torch.argsort(counts.sum(1), stable=True)
+        programs, counts = programs[order], counts[order]
+    plan = _sparse_plan(programs, layout, block_p, p_pad, mode,
+                        counts=None if order is None else counts)
+    dense = ~plan.sparse
+    if bool(dense.any()):
+        prog_t = programs_cell_major(programs, layout, p_pad)
+        items = _items(dense, device)
+        n_tiles_h = triton.cdiv(n_heads, block_h)
+        longest = int((layout.offsets_pad[1:] - layout.offsets_pad[:-1]).max())
+        n_splits = splits or _n_splits(items[0].numel() * n_tiles_h, longest, device)
+        _launch_dense(prog_t, layout, items, out, block_p, block_h, unroll, num_warps, n_splits)
+    if bool(plan.sparse.any()):
+        sparse_h, sparse_warps = _sparse_tiles(block_p, n_heads)
+        _launch_sparse(plan, layout, _items(plan.sparse, device), out, block_p, sparse_h,
+                       sparse_warps)
+    if order is not None:
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out
+        out = unsorted
+    return out
+
+
+def _launch_dense(prog_t, layout, items, out, block_p, block_h, unroll, num_warps, n_splits=1):
+    """Run the dense kernel on ``items`` (text, program tile), each text's cells in
+    ``n_splits`` parts (``out`` must then be zeros); returns the compiled kernel."""
+    item_text, item_tile = items
+    n_tiles_h = triton.cdiv(out.shape[1], block_h)
+    longest = int((layout.offsets_pad[1:] - layout.offsets_pad[:-1]).max())
+    split_cells = -(-longest // (n_splits * unroll)) * unroll
+    return _sum_min_dense_kernel[(item_text.numel() * n_splits * n_tiles_h,)](
+        prog_t, layout.attention_t, layout.offsets_pad_device, item_text, item_tile, out,
+        out.shape[0], out.shape[1], n_tiles_h, n_splits, split_cells,
+        prog_t.stride(0), layout.attention_t.stride(0), out.stride(0), out.stride(1),
+        BLOCK_P=block_p, BLOCK_H=block_h, UNROLL=unroll, SPLIT=n_splits > 1,
         num_warps=num_warps,
     )
-    return out
+
+
+def _launch_sparse(plan, layout, items, out, block_p, block_h, num_warps):
+    """Run the sparse kernel on ``items`` (text, program tile); returns the compiled kernel."""
+    item_text, item_tile = items
+    n_tiles_h = triton.cdiv(out.shape[1], block_h)
+    return _sum_min_sparse_kernel[(item_text.numel() * n_tiles_h,)](
+        plan.cells, plan.values, plan.ell_offsets, plan.width, item_text, item_tile,
+        layout.attention_t, out, out.shape[0], out.shape[1], n_tiles_h, layout.n_texts,
+        plan.cells.stride(0), layout.attention_t.stride(0), out.stride(0), out.stride(1),
+        BLOCK_P=block_p, BLOCK_H=block_h, num_warps=num_warps,
+    )
 
 
 # --- dispatch and the IoU itself --------------------------------------------------------------
@@ -414,17 +697,22 @@ TRITON_FALLBACK = TritonFallback("sum-min")
 
 
 def sum_min(
-    programs: torch.Tensor, attention: torch.Tensor, offsets, impl: str = "auto"
+    programs: torch.Tensor,
+    attention: torch.Tensor,
+    offsets,
+    impl: str = "auto",
+    layout: DeviceLayout | None = None,
 ) -> torch.Tensor:
     """M[p, h, s] = Σ_{c in text s} min(programs[p, c], attention[h, c]), fp32 [P, H, S].
 
     programs [P, C], attention [H, C]: fp16/bf16/fp32, finite, non-negative, same device.
     impl: "auto" (Triton on CUDA, numba on CPU), or force "triton", "numba" or "torch".
+    layout: the Triton path's :func:`device_layout` of ``attention``, when scoring many chunks.
     """
     chosen = resolve_impl(impl, programs.device)
     if chosen == "triton" and impl == "auto":
         try:
-            return sum_min_triton(programs, attention, offsets)
+            return sum_min_triton(programs, attention, offsets, layout=layout)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as err:  # noqa: BLE001 - any compile/launch failure falls back, loudly
@@ -432,7 +720,7 @@ def sum_min(
             return sum_min_torch(programs, attention, offsets)
     impl = chosen
     if impl == "triton":
-        return sum_min_triton(programs, attention, offsets)
+        return sum_min_triton(programs, attention, offsets, layout=layout)
     if impl == "numba":
         return sum_min_numba(programs, attention, offsets).to(programs.device)
     return sum_min_torch(programs, attention, offsets)

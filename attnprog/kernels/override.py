@@ -194,6 +194,52 @@ def override_attention_torch(
 if triton is not None:
 
     @triton.jit
+    def _softmax_tiles(
+        acc, m_i, l_i, q, k_base, v_base, key_valid_row,
+        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, d_ok,
+        lo, hi, n_kv, q_offset, scale_log2,
+        CAUSAL_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        # Online softmax over key tiles lo:hi (lo, hi multiples of BLOCK_N but hi maybe n_kv).
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)  # [N] key columns
+            if CAUSAL_MASK:
+                n_ok = offs_n < n_kv
+                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                            mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [N, D]
+                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                            mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [N, D]
+            else:  # every key of the tile exists and is causally visible
+                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                            mask=d_ok[None, :], other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                            mask=d_ok[None, :], other=0.0)
+            if DOT_IN_FP32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            # scores in log2 units so exp2 (one instruction) replaces exp
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N]
+            if CAUSAL_MASK:
+                visible = (offs_n[None, :] <= offs_m[:, None] + q_offset) & (offs_n < n_kv)[None, :]
+                if HAS_KEY_VALID:
+                    key_ok = tl.load(key_valid_row + offs_n, mask=offs_n < n_kv, other=0)
+                    visible = visible & (key_ok != 0)[None, :]
+                s = tl.where(visible, s, float("-inf"))
+            elif HAS_KEY_VALID:
+                key_ok = tl.load(key_valid_row + offs_n)
+                s = tl.where((key_ok != 0)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row with nothing visible yet keeps m = -inf; shift by 0 there, not by -inf
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_shift)  # rescales what was summed under the old max
+            p = tl.math.exp2(s - m_shift[:, None])  # [M, N]
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
     def _override_attention_kernel(
         Q, K, V, Out, PI, SLOT, KEY_VALID,
         stride_qb, stride_qh, stride_qm, stride_qd,
@@ -202,15 +248,17 @@ if triton is not None:
         stride_ob, stride_oh, stride_om, stride_od,
         stride_pb, stride_pf, stride_pm, stride_pn,
         stride_valid_b,
-        n_heads, n_q, n_kv, head_dim, groups, scale_log2,
+        n_heads, n_q, n_kv, groups, scale_log2,
+        HEAD_DIM: tl.constexpr,
         HAS_KEY_VALID: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         DOT_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        # one program = BLOCK_M queries of one (text, head); grid = (query tiles, B * H)
-        tile_m = tl.program_id(0)
-        batch_head = tl.program_id(1)
+        # one program = BLOCK_M queries of one (text, head); grid = (B * H, query tiles), the
+        # last query tiles (the most keys under the causal mask) first, so the tail is short
+        batch_head = tl.program_id(0)
+        tile_m = tl.num_programs(1) - 1 - tl.program_id(1)
         b = batch_head // n_heads
         h = batch_head % n_heads
         kv_h = h // groups  # GQA: `groups` query heads share one KV head
@@ -218,7 +266,7 @@ if triton is not None:
 
         offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [M] query rows
         offs_d = tl.arange(0, BLOCK_D)  # [D] (padded up to a power of two >= 16)
-        d_ok = offs_d < head_dim
+        d_ok = offs_d < HEAD_DIM  # constexpr: folds away when HEAD_DIM == BLOCK_D
         q_ptrs = Q + b * stride_qb + h * stride_qh
         q_ptrs += offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=(offs_m < n_q)[:, None] & d_ok[None, :], other=0.0)  # [M, D]
@@ -235,35 +283,19 @@ if triton is not None:
         if slot < 0:
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp
-            for start_n in range(0, hi, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)  # [N] key columns
-                n_ok = offs_n < n_kv
-                k = tl.load(
-                    k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0,
-                )  # [N, D]
-                v = tl.load(
-                    v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0,
-                )  # [N, D]
-                if DOT_IN_FP32:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-                # scores in log2 units so exp2 (one instruction) replaces exp
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N]
-                visible = (offs_n[None, :] <= offs_m[:, None] + q_offset) & n_ok[None, :]
-                if HAS_KEY_VALID:
-                    key_ok = tl.load(KEY_VALID + b * stride_valid_b + offs_n, mask=n_ok, other=0)
-                    visible = visible & (key_ok != 0)[None, :]
-                s = tl.where(visible, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                # a row with nothing visible yet keeps m = -inf; shift by 0 there, not by -inf
-                m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.math.exp2(m_i - m_shift)  # rescales what was summed under the old max
-                p = tl.math.exp2(s - m_shift[:, None])  # [M, N]
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-                m_i = m_new
+            # Key tiles wholly below the tile's first query row need no causal mask (as in
+            # FlashAttention): only the last few, on the diagonal, pay for masking.
+            full_end = tl.minimum(n_kv, tile_m * BLOCK_M + q_offset + 1) // BLOCK_N * BLOCK_N
+            acc, m_i, l_i = _softmax_tiles(
+                acc, m_i, l_i, q, k_base, v_base, KEY_VALID + b * stride_valid_b,
+                stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, d_ok,
+                0, full_end, n_kv, q_offset, scale_log2,
+                False, HAS_KEY_VALID, DOT_PRECISION, DOT_IN_FP32, BLOCK_N)
+            acc, m_i, l_i = _softmax_tiles(
+                acc, m_i, l_i, q, k_base, v_base, KEY_VALID + b * stride_valid_b,
+                stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, d_ok,
+                full_end, hi, n_kv, q_offset, scale_log2,
+                True, HAS_KEY_VALID, DOT_PRECISION, DOT_IN_FP32, BLOCK_N)
             acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no visible key -> output 0
         else:
             pi_base = PI + b * stride_pb + slot * stride_pf
@@ -310,9 +342,12 @@ def _tiles(n_q: int, head_dim: int) -> tuple[int, int, int, int]:
         return 16, 16, 2, 1
     if n_q <= 64:
         return 32, 32, 4, 2
-    # 64 x 64 tiles of a D <= 128 head keep q, k, v and the score tile in registers on
-    # Ampere/Hopper with 4 warps; 2 stages overlap the next K/V load with this tile's math
-    return 64, 64, 4, 2
+    # Swept on an H100 (bench/tune_gpu.py, bench/RESULTS.md): 64 x 64 tiles, 4 warps, 3 stages
+    # were within 0.91-1.13x SDPA from n = 256 to 4096 at head size 64 and 128; at 128 with
+    # short texts, 64 x 32 tiles (fewer registers, more resident programs) did better.
+    if head_dim > 64 and n_q <= 256:
+        return 64, 32, 4, 3
+    return 64, 64, 4, 3
 
 
 def override_attention_triton(
@@ -326,10 +361,24 @@ def override_attention_triton(
     scale: float | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    _num_warps: int | None = None,
+    _num_stages: int | None = None,
 ) -> torch.Tensor:
-    """One fused launch for a layer: [B, H, n_q, D] (a view of a [B, n_q, H, D] buffer)."""
+    """One fused launch for a layer: [B, H, n_q, D] (a view of a [B, n_q, H, D] buffer).
+
+    CPU tensors run in Triton's interpreter (TRITON_INTERPRET=1), else on the GPU, copied
+    there and back.
+    """
     if triton is None:
         raise RuntimeError("Triton is not installed; use override_attention(impl='torch')")
+    if not q.is_cuda and not _interpreted() and torch.cuda.is_available():
+        def gpu(t):
+            return None if t is None else t.cuda()
+
+        out = override_attention_triton(
+            gpu(q), gpu(k), gpu(v), flags, gpu(program_probs), key_valid=gpu(key_valid),
+            scale=scale, block_m=block_m, block_n=block_n)
+        return out.to(q.device)
     if not q.is_cuda and not _interpreted():
         raise ValueError(
             "the Triton kernel needs CUDA tensors; to run it on the CPU set TRITON_INTERPRET=1 "
@@ -350,13 +399,15 @@ def override_attention_triton(
 
     tile_m, tile_n, num_warps, num_stages = _tiles(n_q, head_dim)
     tile_m, tile_n = block_m or tile_m, block_n or tile_n
+    num_warps, num_stages = _num_warps or num_warps, _num_stages or num_stages
     block_d = max(16, triton.next_power_of_2(head_dim))
-    grid = (triton.cdiv(n_q, tile_m), batch * n_heads)
+    grid = (batch * n_heads, triton.cdiv(n_q, tile_m))
     _override_attention_kernel[grid](
         q, k, v, out, pi, slot, valid,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pi.stride(),
         valid.stride(0),
-        n_heads, n_q, n_kv, head_dim, groups, scale * math.log2(math.e),
+        n_heads, n_q, n_kv, groups, scale * math.log2(math.e),
+        HEAD_DIM=head_dim,
         HAS_KEY_VALID=key_valid is not None,
         # fp32 inputs would silently get TF32 (10-bit mantissa) dots; the 1e-4 gate needs IEEE
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

@@ -130,6 +130,7 @@ ALLOWED_IMPORTS = frozenset(
     {"numpy", "math", "re", "string", "collections", "itertools", "functools"}
     | {"typing", "__future__"}  # harmless, and LLM-written code often has them
 )
+_OPTIONAL_IMPORTS = ("spacy", "scipy", "sklearn")  # allowed where installed
 _FORBIDDEN_CALLS = {
     "open": "programs may not read or write files; compute from the Sentence instead",
     "eval": "eval() is not allowed; write the computation as code",
@@ -172,50 +173,67 @@ class ValidationResult:
 
 
 def allowed_imports() -> frozenset[str]:
-    """Top-level modules a program may import (spaCy only when it is installed)."""
-    if importlib.util.find_spec("spacy") is not None:
-        return ALLOWED_IMPORTS | {"spacy"}
-    return ALLOWED_IMPORTS
+    """Top-level modules a program may import (spaCy only when it is installed;
+    ``transformers`` only as ``from transformers import <type names>``)."""
+    installed = {m for m in _OPTIONAL_IMPORTS if importlib.util.find_spec(m) is not None}
+    return ALLOWED_IMPORTS | {"transformers"} | installed
 
 
-def check_source(program: Program) -> str:
-    """Static checks on the source; returns "" when it passes, else what to fix."""
+def check_source(program: Program, extra_imports: Sequence[str] = ()) -> str:
+    """Static checks on the source; returns "" when it passes, else what to fix.
+    ``extra_imports``: helper modules supplied with the programs, which they may import."""
     try:
         tree = ast.parse(program.source)
     except SyntaxError as err:
         return f"syntax error on line {err.lineno}: {err.msg}; fix the Python syntax"
     except (ValueError, RecursionError, MemoryError) as err:
         return f"the source cannot be parsed ({type(err).__name__}); simplify it"
-    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    entry = _entry_node(tree, program.name)
     for problem in (
-        _check_top_level(tree, functions, program.name),
-        _check_signature(functions[0]) if len(functions) == 1 else "",
-        _check_nodes(tree),
+        _check_top_level(tree, entry, program.name),
+        _check_signature(entry) if entry is not None else "",
+        _check_nodes(tree, frozenset(extra_imports)),
     ):
         if problem:
             return problem
     return ""
 
 
-def _check_top_level(tree: ast.Module, functions: list, name: str) -> str:
-    if len(functions) != 1:
-        found = ", ".join(f.name for f in functions) or "none"
+def entry_point(source: str, name: str) -> str | None:
+    """The name of the program's entry point: the top-level function ``name``, else the
+    last top-level function that takes a Sentence or (sentence, tokenizer); helpers come
+    before it. None when there is none (or the source does not parse)."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    node = _entry_node(tree, name)
+    return node.name if node is not None else None
+
+
+def _entry_node(tree: ast.Module, name: str):
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    for function in functions:
+        if function.name == name:
+            return function
+    fitting = [f for f in functions if not _check_signature(f)]
+    return fitting[-1] if fitting else None
+
+
+def _check_top_level(tree: ast.Module, entry, name: str) -> str:
+    if entry is None:
         return (
-            f"define exactly one top-level function (found {len(functions)}: {found}); "
-            "put helpers inside it"
-        )
-    if functions[0].name != name:
-        return (
-            f"the function is named `{functions[0].name}` but the program's name is `{name}`; "
-            f"rename the function to `{name}`"
+            f"define the program as a top-level function `def {name}(s)` (s is a Sentence) "
+            f"or the paper's form `def {name}(sentence: str, tokenizer)`"
         )
     for node in tree.body:
         is_docstring = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
-        allowed = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.Assign, ast.AnnAssign)
+        allowed = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign,
+                   ast.AnnAssign)
         if not (is_docstring or isinstance(node, allowed)):
             return (
-                f"line {node.lineno}: only imports, constants and the function may appear at "
-                "top level; move this code into the function"
+                f"line {node.lineno}: only imports, constants, classes and functions may appear "
+                "at top level; move this code into a function"
             )
     return ""
 
@@ -232,14 +250,22 @@ def _check_signature(function: ast.FunctionDef) -> str:
     )
 
 
-def _check_nodes(tree: ast.Module) -> str:
-    allowed = allowed_imports()
+def _check_nodes(tree: ast.Module, extra_imports: frozenset[str] = frozenset()) -> str:
+    allowed = allowed_imports() | extra_imports
     numpy_names = _numpy_names(tree)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            if "transformers" in names and not _imports_type_names(node):
+                return (
+                    f"line {node.lineno}: use transformers only for type names "
+                    "(`from transformers import PreTrainedTokenizerBase`); the tokenizer "
+                    "is passed to the program"
+                )
             for module in names:
                 root = (module or "").split(".")[0]
+                if root in _OPTIONAL_IMPORTS and root not in allowed:
+                    return f"line {node.lineno}: `{root}` is not installed here; install it or avoid it"
                 if _relative_level(node) or root not in allowed:
                     return (
                         f"line {node.lineno}: import of `{module or '.'}` is not allowed; "
@@ -269,6 +295,13 @@ def _check_nodes(tree: ast.Module) -> str:
     return ""
 
 
+def _imports_type_names(node) -> bool:
+    """``from transformers import PreTrainedTokenizerBase, ...`` (classes, no loaders)."""
+    return isinstance(node, ast.ImportFrom) and node.module == "transformers" and all(
+        alias.name[:1].isupper() and not alias.name.startswith("Auto") for alias in node.names
+    )
+
+
 def _numpy_names(tree: ast.Module) -> set[str]:
     """Names the source binds to the numpy module (``np`` always: programs get it)."""
     names = {"np", "numpy"}
@@ -296,6 +329,31 @@ def _relative_level(node: ast.AST) -> int:
 
 def _is_dunder(name: str) -> bool:
     return len(name) > 4 and name.startswith("__") and name.endswith("__")
+
+
+def check_file(path, name: str | None = None, unsafe: bool = False) -> list[tuple[str, str]]:
+    """Validate the programs of a file: one program (entry point ``name`` or inferred), or
+    a library in the paper's layout (many ``f(sentence, tokenizer)`` beside helpers).
+    Returns (entry point, "" or the escaped reason) per program."""
+    import os
+
+    from attnprog.errors import ProgramError
+    from attnprog.synth.runtime.execute import escape
+    from attnprog.synth.runtime.paper_form import library_programs, read_source
+
+    source = read_source(path)
+    library = library_programs(source, str(path)) if name is None else []
+    if len(library) > 1:
+        programs = library
+    else:
+        entry = entry_point(source, name or "program")
+        if entry is None:
+            raise ProgramError(f"{path}: no program function found; define `def program(s)`")
+        programs = [Program(source=source, name=entry, family="custom")]
+    if unsafe:
+        os.environ["ATTNPROG_UNSAFE_SANDBOX"] = "1"
+    results = validate_many(programs)
+    return [(p.name, escape(r.reason)) for p, r in zip(programs, results, strict=True)]
 
 
 def validate(program: Program, probes=None, sandbox=None) -> ValidationResult:

@@ -45,18 +45,18 @@ def test_run_prints_every_stage_and_the_sweep_with_both_baselines_then_resumes(t
             "--candidates", "300", "--fraction", "0.1", "--no-qa")
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
-    for stage in ("1/5", "2/5", "3/5", "4/5", "5/5"):
+    for stage in ("1/7", "2/7", "3/7", "4/7", "5/7", "6/7", "7/7"):
         assert f"[{stage}" in first.stdout
     assert "uniform" in first.stdout and "random" in first.stdout
     assert "10 % (27)" in first.stdout  # 10 % of 270 heads, rounded
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["store"]["heads"] == 270
-    assert summary["sweep"]["ppl_increase"]["iou"]["0"]["programs"] == 0.0
-    assert set(summary["sweep"]["ppl_increase"]) == {"iou", "cost"}  # both orders by default
+    assert summary["ppl_increase"]["iou"]["0"]["programs"] == 0.0
+    assert set(summary["ppl_increase"]) == {"iou", "cost"}  # both orders by default
 
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr
-    for stage in ("[1/5", "[2/5", "[4/5", "[5/5"):  # every stage with an artefact is read back
+    for stage in ("[1/7", "[2/7", "[4/7", "[5/7", "[6/7", "[7/7"):  # read back: every stage with a file
         assert "reused" in second.stdout.split(stage)[1].split("done in")[0]
     sweep_table = first.stdout.split("Head replacement")[1].split("done in")[0]
     assert sweep_table in second.stdout  # the same table, printed again
@@ -69,8 +69,8 @@ def test_run_with_other_settings_redoes_the_stages_they_change(tmp_path):
     assert run_cli(*args, "--candidates", "100").returncode == 0
     changed = run_cli(*args, "--candidates", "200")
     assert changed.returncode == 0, changed.stderr
-    assert "reused" in changed.stdout.split("[1/5")[1].split("[2/5")[0]
-    for stage in ("[2/5", "[4/5", "[5/5"):
+    assert "reused" in changed.stdout.split("[1/7")[1].split("[2/7")[0]
+    for stage in ("[2/7", "[4/7", "[5/7", "[6/7", "[7/7"):
         assert "reused" not in changed.stdout.split(stage)[1].split("done in")[0]
 
 

@@ -259,3 +259,35 @@ def test_ranking_streamed_outputs_equals_ranking_dense_outputs(tiny_gpt2):
     by_dense = rank(store, dense, split=None, chunk_programs=7)
     by_stream = rank(store, streamed, split=None, chunk_programs=7)
     assert torch.equal(by_dense.iou, by_stream.iou)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_gpu_made_generator_rows_rank_like_cpu_rows(tiny_gpt2):
+    from attnprog.engine.corpus import make_corpus
+    from attnprog.engine.extract import extract_attention
+    from attnprog.engine.rank import rank_with_heldout
+    from attnprog.synth.generator.golden import golden_programs
+    from attnprog.synth.generator.specs import generate
+    from attnprog.synth.runtime.evaluate import evaluate_programs
+
+    model, tokenizer = tiny_gpt2
+    texts = make_corpus([f"Ann met {i} dogs; the dogs met Ann." for i in range(16)])
+    store = extract_attention(model, tokenizer, texts, progress=False)
+    programs = golden_programs()[:4] + generate(n_min=60)
+    kwargs = dict(corpus_hash=store.meta["corpus_hash"], use_cache=False, progress=False)
+    dense = evaluate_programs(programs, store.sentences(), **kwargs)  # numpy rows
+    streamed = evaluate_programs(programs, store.sentences(), stream=True, **kwargs)
+    split, heldout = store.splits[0], store.splits[-1]
+    on_cpu_rows = rank_with_heldout(store.to("cuda"), dense, split=split, heldout_split=heldout)
+    on_gpu_rows = rank_with_heldout(store, streamed, split=split, heldout_split=heldout)
+    # the whole table (near-ties may pick other winners, so held-out figures are not compared)
+    torch.testing.assert_close(on_gpu_rows.iou, on_cpu_rows.iou, rtol=1e-4, atol=1e-5)
+    assert on_gpu_rows.heldout_iou.shape == on_cpu_rows.heldout_iou.shape
+
+
+def test_rows_are_made_on_the_gpu_only_for_streamed_outputs_on_cuda(store, outputs):
+    from attnprog.engine.rank import _device_rows
+
+    assert _device_rows(outputs, torch.device("cpu")) is None
+    assert _device_rows(outputs, torch.device("cuda")) is None  # dense outputs: rows are there

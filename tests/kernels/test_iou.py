@@ -1,7 +1,7 @@
 """Sum-min and soft IoU: every path against the torch reference, and the metric's edge cases.
 
-On a machine without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 before Triton is
-imported, so the Triton kernel runs in the interpreter on CPU tensors (small shapes: slow).
+Triton tests take the ``kernel_device`` fixture (tests/kernels/conftest.py): the GPU when there
+is one, else Triton's interpreter on the CPU (small shapes: slow).
 """
 
 import numpy as np
@@ -10,6 +10,7 @@ import torch
 
 from attnprog.kernels import iou as iou_mod
 from attnprog.kernels.iou import (
+    device_layout,
     iou_from_sums,
     soft_iou,
     sum_min,
@@ -19,12 +20,9 @@ from attnprog.kernels.iou import (
     text_sums,
 )
 from attnprog.layout import causal_offsets, pack
+from tests.kernels.conftest import assert_close_scaled
 
 CUDA = torch.cuda.is_available()
-needs_triton = pytest.mark.skipif(
-    iou_mod.triton is None or not (CUDA or iou_mod._interpreted()),
-    reason="needs Triton with CUDA, or TRITON_INTERPRET=1 set before Triton was imported",
-)
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
 
 
@@ -51,33 +49,62 @@ def ragged():
     return programs, attention, offsets
 
 
-@needs_triton
-def test_triton_fp32_matches_reference(ragged):
-    programs, attention, offsets = ragged
-    device = "cuda" if CUDA else "cpu"
-    got = sum_min_triton(programs.to(device), attention.to(device), offsets, block_p=16, block_h=16)
-    ref = sum_min_torch(programs.double(), attention.double(), offsets).double()
-    torch.testing.assert_close(got.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("mode", ["dense", "sparse", "auto"])
+def test_triton_fp32_matches_reference(ragged, kernel_device, mode, monkeypatch):
+    monkeypatch.setattr(iou_mod, "SPARSE_MIN_HEADS", 0)  # let "auto" mix both kernels here
+    programs, attention, offsets = (t.to(kernel_device) for t in ragged)
+    got = sum_min_triton(programs, attention, offsets, block_p=16, block_h=16, mode=mode)
+    ref = sum_min_torch(programs.double(), attention.double(), offsets)
+    assert_close_scaled(got, ref, 1e-5)
 
 
-@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_half_precision_matches_reference(ragged, dtype):
-    programs, attention, offsets = (t.to(dtype) if t.is_floating_point() else t for t in ragged)
-    device = "cuda" if CUDA else "cpu"
-    got = sum_min_triton(programs.to(device), attention.to(device), offsets, block_p=16, block_h=32)
-    ref = sum_min_torch(programs, attention, offsets)  # same rounded inputs, fp32 sums
-    torch.testing.assert_close(got.cpu(), ref, rtol=1e-3, atol=1e-3)
+def test_triton_half_precision_matches_reference(ragged, kernel_device, dtype):
+    programs, attention, offsets = ragged
+    programs, attention = programs.to(kernel_device, dtype), attention.to(kernel_device, dtype)
+    got = sum_min_triton(programs, attention, offsets, block_p=16, block_h=32)
+    ref = sum_min_torch(programs.double(), attention.double(), offsets)  # same rounded inputs
+    assert_close_scaled(got, ref, 1e-5)
 
 
-@needs_triton
-def test_triton_default_tiles_cover_small_shapes():
+def test_triton_default_tiles_cover_small_shapes(kernel_device):
     lengths = [2, 5]
     offsets = torch.from_numpy(causal_offsets(lengths))
     programs, attention = causal_rows(3, lengths, seed=3), causal_rows(70, lengths, seed=4)
-    device = "cuda" if CUDA else "cpu"
-    got = sum_min_triton(programs.to(device), attention.to(device), offsets)
-    torch.testing.assert_close(got.cpu(), sum_min_torch(programs, attention, offsets))
+    got = sum_min_triton(programs.to(kernel_device), attention.to(kernel_device), offsets)
+    assert_close_scaled(got, sum_min_torch(programs.double(), attention.double(), offsets), 1e-5)
+
+
+def test_triton_split_texts_add_up(ragged, kernel_device):
+    programs, attention, offsets = (t.to(kernel_device) for t in ragged)
+    got = sum_min_triton(programs, attention, offsets, block_p=32, block_h=16, splits=3,
+                         mode="dense")  # each text's cells in 3 parts, added atomically
+    assert_close_scaled(got, sum_min_torch(programs.double(), attention.double(), offsets), 1e-5)
+
+
+def test_triton_reuses_a_prebuilt_layout(ragged, kernel_device):
+    programs, attention, offsets = (t.to(kernel_device) for t in ragged)
+    layout = device_layout(attention, offsets)  # built once, as rank() does per store
+    halves = [sum_min_triton(part, attention, offsets, block_p=16, block_h=16, layout=layout)
+              for part in (programs[:20], programs[20:])]
+    ref = sum_min_torch(programs.double(), attention.double(), offsets)
+    assert_close_scaled(torch.cat(halves), ref, 1e-5)
+
+
+def test_triton_rejects_a_layout_of_other_attention(ragged, kernel_device):
+    programs, attention, offsets = (t.to(kernel_device) for t in ragged)
+    layout = device_layout(attention[:5], offsets)
+    with pytest.raises(ValueError, match="layout was built for other attention"):
+        sum_min_triton(programs, attention, offsets, layout=layout)
+
+
+def test_sparse_blocks_of_empty_programs_sum_to_zero(kernel_device):
+    lengths = [4, 9]
+    offsets = torch.from_numpy(causal_offsets(lengths))
+    programs = torch.zeros(5, int(offsets[-1]), device=kernel_device)
+    attention = causal_rows(3, lengths, seed=7).to(kernel_device)
+    got = sum_min_triton(programs, attention, offsets, mode="sparse")
+    assert got.shape == (5, 3, 2) and (got == 0).all()
 
 
 def test_numba_matches_reference(ragged):
@@ -167,10 +194,10 @@ def test_gpu_kernel_matches_reference_at_context_length(dtype):
     offsets = torch.from_numpy(causal_offsets(lengths))
     programs = causal_rows(70, lengths, seed=5, sparsity=0.9).to("cuda", dtype)
     attention = causal_rows(45, lengths, seed=6).to("cuda", dtype)
-    got = sum_min(programs, attention, offsets)  # auto: the Triton kernel
+    got = sum_min(programs, attention, offsets)  # auto: the Triton kernels
     ref = sum_min_torch(programs.double(), attention.double(), offsets)
-    tol = 1e-5 if dtype == torch.float32 else 1e-3
-    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+    # fp32 sums over up to 16 K cells per split: relative error ~ sqrt(16 K) x 6e-8 ~ 1e-5
+    assert_close_scaled(got, ref, 5e-5)
 
 
 def test_auto_falls_back_to_torch_with_a_warning_when_the_triton_kernel_fails(monkeypatch):
@@ -190,3 +217,17 @@ def test_auto_falls_back_to_torch_with_a_warning_when_the_triton_kernel_fails(mo
     assert iou_module.TRITON_FALLBACK.failed
     with pytest.raises(RuntimeError):  # forcing the kernel still reports its failure
         iou_module.sum_min(programs, attention, offsets, impl="triton")
+
+
+def test_auto_sends_one_hot_blocks_to_the_sparse_kernel_and_dense_ones_to_the_dense(kernel_device):
+    lengths = [16, 16]
+    offsets = torch.from_numpy(causal_offsets(lengths))
+    attention = causal_rows(4, lengths, seed=8).to(kernel_device)
+    layout = device_layout(attention, offsets)
+    one_hot = np.zeros((16, 16), np.float32)
+    one_hot[np.arange(16), np.arange(16)] = 1.0  # attend to self: one cell per row
+    sparse_rows = torch.from_numpy(np.tile(pack(one_hot), 2)).repeat(16, 1)
+    dense_rows = causal_rows(16, lengths, seed=9)
+    programs = torch.cat([sparse_rows, dense_rows]).to(kernel_device)
+    plan = iou_mod._sparse_plan(programs, layout, block_p=16, p_pad=32, mode="auto")
+    assert plan.sparse.tolist() == [[True, True], [False, False]]

@@ -1,4 +1,9 @@
-"""kernels.override: Triton kernel (interpreter on CPU) and CPU path against the torch reference."""
+"""kernels.override: Triton kernel and CPU path against the torch reference.
+
+The Triton tests hand CPU tensors to the kernel: it runs them in the interpreter where no GPU is
+present (tests/conftest.py sets TRITON_INTERPRET=1), and on the GPU, copied there and back,
+where one is.
+"""
 
 import pytest
 import torch

@@ -76,3 +76,82 @@ def evaluate_specs(specs: Sequence[dict], sentences: Sequence) -> np.ndarray:
         atoms = atom_matrices(sentence, keys)  # [K, c_s]
         mix_rows(atoms, term_atoms, term_weights, sentence.n, out, int(offsets[s]))
     return out
+
+
+# --- torch path: atoms once per corpus, programs mixed on a device (e.g. the GPU) -------------
+
+
+def _atoms_of_text(args) -> np.ndarray:
+    sentence, keys = args
+    return atom_matrices(sentence, keys)
+
+
+def atom_table(sentences: Sequence, keys: Sequence[AtomKey], workers: int = 1) -> np.ndarray:
+    """Every atom on every text, packed: [K, C] float64 (text s in its causal-offset slice).
+
+    ``workers`` > 1 computes texts in that many forked processes (the primitives are numpy
+    on small matrices, bound by the interpreter, so threads would not help).
+    """
+    offsets = causal_offsets([s.n for s in sentences])
+    table = np.empty((len(keys), int(offsets[-1])), dtype=np.float64)
+    jobs = [(sentence, keys) for sentence in sentences]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            parts = pool.map(_atoms_of_text, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
+    else:
+        parts = [_atoms_of_text(job) for job in jobs]
+    for s, part in enumerate(parts):
+        table[:, offsets[s] : offsets[s + 1]] = part
+    return table
+
+
+class TorchMixer:
+    """Generator outputs computed with torch on ``device``: same values as
+    :func:`evaluate_specs` (to 1e-6), for many program chunks against one corpus.
+
+    The atom table [K, C] is built once (numpy, ``workers`` processes) and kept on the device
+    in float64; each call mixes a chunk's atoms and normalises the rows there.
+    """
+
+    def __init__(self, specs: Sequence[dict], sentences: Sequence, device, workers: int = 1):
+        import torch  # synth never imports torch at module level
+
+        keys, term_atoms, term_weights = compile_specs(specs)
+        self.specs_index = {json.dumps(spec, sort_keys=True): i for i, spec in enumerate(specs)}
+        self.device = torch.device(device)
+        self.atoms = torch.from_numpy(atom_table(sentences, keys, workers)).to(self.device)
+        self.term_atoms = torch.from_numpy(term_atoms).long().to(self.device)  # [P, T], -1 pads
+        self.term_weights = torch.from_numpy(term_weights).to(self.device)  # [P, T] float64
+        lengths = [s.n for s in sentences]
+        row_of_cell, first_of_row = [], []
+        row0 = 0
+        for n in lengths:  # a causal row i of a text holds cells [i(i+1)/2, (i+1)(i+2)/2)
+            rows, cols = tril_index(n)
+            row_of_cell.append(rows + row0)
+            first_of_row.append(cols == 0)
+            row0 += n
+        self.n_rows = row0
+        self.row_of_cell = torch.from_numpy(np.concatenate(row_of_cell)).long().to(self.device)
+        self.first_col = torch.from_numpy(np.concatenate(first_of_row)).to(self.device)
+
+    def rows(self, spec_indices) -> torch.Tensor:  # noqa: F821 - torch is imported lazily
+        """Normalised outputs [len(spec_indices), C] float32 of the given specs, on the device."""
+        import torch
+
+        index = torch.as_tensor(spec_indices, dtype=torch.long, device=self.device)
+        atoms, weights = self.term_atoms[index], self.term_weights[index]  # [Pc, T]
+        mixed = torch.zeros(len(index), self.atoms.shape[1], dtype=torch.float64,
+                            device=self.device)
+        for t in range(atoms.shape[1]):
+            used = atoms[:, t] >= 0
+            term = self.atoms[atoms[:, t].clamp(min=0)] * torch.where(used, weights[:, t], 0.0)[:, None]
+            mixed += term
+        totals = torch.zeros(len(index), self.n_rows, dtype=torch.float64, device=self.device)
+        totals.index_add_(1, self.row_of_cell, mixed)
+        totals = totals[:, self.row_of_cell]  # each cell's row total
+        # an empty row becomes one-hot on token 0, as normalise() does
+        out = torch.where(totals > 0, mixed / torch.where(totals > 0, totals, 1.0),
+                          self.first_col.to(torch.float64))
+        return out.float()

@@ -1,7 +1,9 @@
 """On-disk cache of program outputs, keyed by (program hash, corpus hash, tokenizer id).
 
 One safetensors file per program under ``<root>/<corpus>-<tokenizer>/``: the packed
-normalised cells [C] float32, the failed flags [S] and the failure reason. Root: the
+normalised cells [C] float32, the failed flags [S], the failure reason and a checksum of
+all of that together with the entry's key, verified on every read (a damaged, edited or
+swapped file reads as a miss and is recomputed). Only the main process writes here. Root: the
 ``cache_dir`` argument, else ``$ATTNPROG_CACHE_DIR``, else the user cache directory.
 """
 
@@ -74,14 +76,18 @@ class OutputCache:
             return None
         try:
             with safe_open(str(path), framework="numpy") as handle:
-                reason = (handle.metadata() or {}).get("reason", "")
-                values = handle.get_tensor("values")
-                failed = handle.get_tensor("failed").astype(bool)
+                meta = handle.metadata() or {}
+                values = np.array(handle.get_tensor("values"))  # copies: no view of the file
+                failed = np.array(handle.get_tensor("failed"))
         except (OSError, SafetensorError, KeyError, ValueError):
             return None  # damaged: recompute and overwrite
-        if values.shape != (n_cells,) or failed.shape != (n_texts,):
+        reason = meta.get("reason", "")
+        if values.shape != (n_cells,) or failed.shape != (n_texts,) or values.dtype != np.float32:
             return None
-        return CachedOutput(values, failed, reason)
+        key = (program_hash, corpus, tokenizer_id)
+        if meta.get("checksum") != _checksum(key, values, failed, reason):
+            return None
+        return CachedOutput(values, failed.astype(bool), reason)
 
     def put(
         self,
@@ -105,7 +111,9 @@ class OutputCache:
                 "values": np.ascontiguousarray(values, dtype=np.float32),
                 "failed": np.ascontiguousarray(failed, dtype=np.uint8),
             }
-            save_file(tensors, str(tmp), metadata={"reason": reason})
+            checksum = _checksum((program_hash, corpus, tokenizer_id), tensors["values"],
+                                 tensors["failed"], reason)
+            save_file(tensors, str(tmp), metadata={"reason": reason, "checksum": checksum})
             tmp.replace(path)
         except OSError as err:
             raise StoreError(
@@ -118,3 +126,12 @@ class OutputCache:
         about = folder / "corpus.json"
         if not about.exists():
             about.write_text(json.dumps({"corpus_hash": corpus, "tokenizer_id": tokenizer_id}))
+
+
+def _checksum(key: tuple[str, str, str], values: np.ndarray, failed: np.ndarray, reason: str) -> str:
+    """sha256 over the entry's key and content: a file moved to another key fails too."""
+    digest = hashlib.sha256("\0".join(key).encode())
+    digest.update(np.ascontiguousarray(values, dtype=np.float32).tobytes())
+    digest.update(np.ascontiguousarray(failed, dtype=np.uint8).tobytes())
+    digest.update(reason.encode("utf-8", errors="replace"))
+    return digest.hexdigest()

@@ -8,6 +8,7 @@ workers stay up between calls (the engine evaluates batch after batch) and stop 
 
 from __future__ import annotations
 
+import ast
 import atexit
 from collections.abc import Sequence
 
@@ -16,7 +17,7 @@ import numpy as np
 from attnprog.errors import CorpusError
 from attnprog.layout import causal_offsets
 from attnprog.synth.features import Sentence, attach_syntax
-from attnprog.synth.program import Program
+from attnprog.synth.program import Program, check_source
 from attnprog.synth.runtime.cache import OutputCache
 from attnprog.synth.runtime.cache import corpus_hash as hash_corpus
 from attnprog.synth.runtime.outputs import ProgramOutputs
@@ -30,11 +31,16 @@ def evaluate_programs(
     tokenizer_id: str = "",
     cache_dir=None,
     workers: int | None = None,
-    timeout: float = 2.0,
+    timeout: float = 5.0,
     progress: bool = True,
     memory_mb: float = 1024,
     use_cache: bool = True,
     stream: bool = False,
+    tokenizer=None,
+    helpers: dict[str, str] | None = None,
+    check: bool = True,
+    unsafe: bool = False,
+    program_seconds: float | None = None,
 ) -> ProgramOutputs | StreamedOutputs:
     """Normalised outputs of every program on every text, packed like the AttentionStore.
 
@@ -42,7 +48,12 @@ def evaluate_programs(
     holds each program's first failure. ``corpus_hash`` defaults to a hash of the texts
     and token ids; ``tokenizer_id`` names the tokenizer in cache keys. With ``stream=True``
     generator outputs are computed only when their rows are read (:class:`StreamedOutputs`),
-    so a pool of any size fits in memory.
+    so a pool of any size fits in memory. ``tokenizer``: the model's tokenizer, handed to
+    paper-form programs; ``helpers``: {module name: source} programs may import;
+    ``timeout``: seconds per call; ``program_seconds``: each program's time budget over all
+    texts (default 60 s + 4 s per text). Programs that fail the
+    static check (``check``) fail on every text with its reason and are not run. Each
+    program's outputs are cached as soon as it finishes, so an interrupted call resumes.
     """
     programs, sentences = list(programs), list(sentences)
     if not sentences:
@@ -50,8 +61,9 @@ def evaluate_programs(
     corpus = corpus_hash or hash_corpus(sentences)
     if _needs_syntax(programs, sentences):
         attach_syntax(sentences)  # no-op without spaCy; such programs then see pos=None
-    if all(s.has_syntax for s in sentences):
-        tokenizer_id += "+syntax"  # outputs with and without POS tags are cached apart
+    with_syntax = all(s.has_syntax for s in sentences)
+    if tokenizer is not None:
+        tokenizer_id = tokenizer_id or str(getattr(tokenizer, "name_or_path", ""))
     offsets = causal_offsets([s.n for s in sentences])
     unique = list({p.hash: p for p in programs}.values())  # identical programs run once
     _, others = _split_generated(unique)
@@ -62,16 +74,28 @@ def evaluate_programs(
     sandboxed, todo = {}, []
     n_cells = int(offsets[-1])
     for program in others:
-        hit = cache.get(program.hash, corpus, tokenizer_id, n_cells, len(sentences)) if cache else None
+        problem = check_source(program, extra_imports=list(helpers or {})) if check else ""
+        if problem:  # refused before running: fails everywhere, with the check's reason
+            sandboxed[program.hash] = (np.zeros(n_cells, np.float32),
+                                       np.ones(len(sentences), bool), f"refused: {problem}")
+            continue
+        key = _cache_key(program, tokenizer_id, with_syntax)
+        hit = cache.get(program.hash, corpus, key, n_cells, len(sentences)) if cache else None
         if hit is None:
             todo.append(program)
         else:
             sandboxed[program.hash] = (hit.values, hit.failed, hit.reason)
-    for program, values, failed, reason in _evaluate_in_sandbox(todo, sentences, workers, timeout,
-                                                                memory_mb, progress):
+
+    def keep(program: Program, values, failed, reason) -> None:
         sandboxed[program.hash] = (values, failed, reason)
-        if cache is not None:
-            cache.put(program.hash, corpus, tokenizer_id, values, failed, reason)
+        if cache is not None:  # written as each program finishes: an interrupted run keeps it
+            key = _cache_key(program, tokenizer_id, with_syntax)
+            cache.put(program.hash, corpus, key, values, failed, reason)
+
+    options = {"workers": workers, "timeout": timeout, "memory_mb": memory_mb,
+               "tokenizer": tokenizer, "helpers": helpers, "unsafe": unsafe,
+               "program_seconds": program_seconds}
+    _evaluate_in_sandbox(todo, sentences, options, progress, keep)
 
     streamed = StreamedOutputs(programs, sentences, offsets, sandboxed, corpus)
     return streamed if stream else streamed.select(range(len(programs)))
@@ -132,7 +156,24 @@ class StreamedOutputs:
 
 def _needs_syntax(programs: list[Program], sentences: list[Sentence]) -> bool:
     missing = any(not s.has_syntax for s in sentences)
-    return missing and any(".pos" in p.source or "dep_head" in p.source for p in programs)
+    return missing and any(_reads_syntax(p) for p in programs)
+
+
+def _reads_syntax(program: Program) -> bool:
+    """Whether the code (not a comment) reads ``.pos`` or ``.dep_head`` of something."""
+    if ".pos" not in program.source and "dep_head" not in program.source:
+        return False
+    try:
+        tree = ast.parse(program.source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return any(isinstance(node, ast.Attribute) and node.attr in ("pos", "dep_head")
+               for node in ast.walk(tree))
+
+
+def _cache_key(program: Program, tokenizer_id: str, with_syntax: bool) -> str:
+    """Outputs with and without POS tags are cached apart, for programs that read them."""
+    return tokenizer_id + "+syntax" if with_syntax and _reads_syntax(program) else tokenizer_id
 
 
 def _split_generated(programs: list[Program]) -> tuple[list[Program], list[Program]]:
@@ -154,27 +195,32 @@ def _generator_module():
     return generator
 
 
-def _evaluate_in_sandbox(programs, sentences, workers, timeout, memory_mb, progress) -> list:
+def _evaluate_in_sandbox(programs, sentences, options: dict, progress, keep) -> None:
     if not programs:
-        return []
-    from attnprog.synth.runtime.sandbox import uses_spacy
+        return
+    box = shared_sandbox(**options)
 
-    box = shared_sandbox(workers, timeout, memory_mb, uses_spacy(programs))
-    results = box.run(programs, sentences, progress=progress)
-    return [(p, r.values, r.failed, r.reason) for p, r in zip(programs, results, strict=True)]
+    def finished(index: int, result) -> None:
+        keep(programs[index], result.values, result.failed, result.reason)
+
+    box.run(programs, sentences, progress=progress, on_result=finished)
 
 
 _shared: dict[tuple, object] = {}
 
 
-def shared_sandbox(workers: int | None, timeout: float, memory_mb: float, spacy: bool):
+def shared_sandbox(workers: int | None = None, timeout: float = 5.0, memory_mb: float = 1024,
+                   tokenizer=None, helpers=None, unsafe: bool = False,
+                   program_seconds: float | None = None):
     """The process-wide sandbox for these settings (one pool at a time, stopped at exit)."""
     from attnprog.synth.runtime.sandbox import Sandbox
 
-    key = (workers, float(timeout), float(memory_mb), spacy)
+    key = (workers, float(timeout), float(memory_mb), id(tokenizer),
+           tuple(sorted((helpers or {}).items())), unsafe, program_seconds)
     if key not in _shared:
         close_shared_sandbox()
-        _shared[key] = Sandbox(workers, timeout, memory_mb, spacy=spacy)
+        _shared[key] = Sandbox(workers, timeout, memory_mb, tokenizer=tokenizer,
+                               helpers=helpers, unsafe=unsafe, program_seconds=program_seconds)
     return _shared[key]
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from attnprog.errors import ProgramError
 from attnprog.layout import causal_offsets
 from attnprog.synth.features import Sentence
-from attnprog.synth.program import Program, normalise_packed
+from attnprog.synth.program import Program, entry_point, normalise_packed
 from attnprog.synth.runtime.paper_form import adapt_paper_form
 
 _MAX_REASON = 300
@@ -63,8 +63,18 @@ def call_form(function: Callable) -> str:
     )
 
 
-def compile_program(source: str, name: str) -> Callable[[Sentence], object]:
-    """Execute ``source`` and return its function ``name`` as ``f(s) -> matrix``.
+def escape(text: str) -> str:
+    """``text`` with control characters written as escapes (a reason cannot move the cursor,
+    clear the screen or fake a line of output)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def compile_program(source: str, name: str, tokenizer=None) -> Callable[[Sentence], object]:
+    """Execute ``source`` and return its entry point as ``f(s) -> matrix``: the function
+    ``name``, else the one :func:`~attnprog.synth.program.entry_point` infers. Paper-form
+    functions get ``tokenizer`` (the model's, when given) or a per-sentence stand-in.
 
     Raises ProgramError when the source does not compile or defines no such function.
     """
@@ -79,8 +89,13 @@ def compile_program(source: str, name: str) -> Callable[[Sentence], object]:
         raise ProgramError(f"defining the program raised {describe_exception(err, name)}") from err
     function = namespace.get(name)
     if not callable(function):
+        inferred = entry_point(source, name)
+        function = namespace.get(inferred) if inferred else None
+    if not callable(function):
         raise ProgramError(f"the source defines no function named `{name}`; define `def {name}(s)`")
-    return adapt_paper_form(function) if call_form(function) == "paper" else function
+    if call_form(function) == "paper":
+        return adapt_paper_form(function, tokenizer)
+    return function
 
 
 def check_output(result, n: int) -> np.ndarray:
@@ -112,7 +127,7 @@ def describe_exception(err: BaseException, name: str) -> str:
         if frame.f_code.co_filename == filename(name):
             line = lineno
     where = f" (line {line})" if line else ""
-    message = f"{type(err).__name__}: {err}"
+    message = escape(f"{type(err).__name__}: {err}")
     if len(message) > _MAX_REASON:
         message = message[:_MAX_REASON] + "…"
     return message + where
@@ -127,7 +142,7 @@ def call_program(function: Callable, s: Sentence, name: str) -> tuple[np.ndarray
         result = function(s.copy())
         return check_output(result, s.n), ""
     except OutputRejected as err:
-        return None, str(err)
+        return None, escape(str(err))
     except (MemoryError, KeyboardInterrupt):
         raise
     except SystemExit:
@@ -136,7 +151,9 @@ def call_program(function: Callable, s: Sentence, name: str) -> tuple[np.ndarray
         return None, f"raised {describe_exception(err, name)}"
 
 
-def run_trusted(programs: Sequence[Program], sentences: Sequence[Sentence]) -> list[ProgramResult]:
+def run_trusted(
+    programs: Sequence[Program], sentences: Sequence[Sentence], tokenizer=None
+) -> list[ProgramResult]:
     """Run trusted programs in this process, one text at a time (no sandbox, no timeout).
 
     For programs whose source you wrote or reviewed (tests, the golden library); the
@@ -145,14 +162,14 @@ def run_trusted(programs: Sequence[Program], sentences: Sequence[Sentence]) -> l
     offsets = causal_offsets([s.n for s in sentences])
     for s in sentences:
         s.warm_features()
-    return [_run_one_program(p, sentences, offsets) for p in programs]
+    return [_run_one_program(p, sentences, offsets, tokenizer) for p in programs]
 
 
-def _run_one_program(program: Program, sentences, offsets) -> ProgramResult:
+def _run_one_program(program: Program, sentences, offsets, tokenizer) -> ProgramResult:
     values = np.zeros(int(offsets[-1]), dtype=np.float32)
     failed = np.ones(len(sentences), dtype=bool)
     try:
-        function = compile_program(program.source, program.name)
+        function = compile_program(program.source, program.name, tokenizer)
     except ProgramError as err:
         return ProgramResult(values, failed, str(err))
     reason = ""

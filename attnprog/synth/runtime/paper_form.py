@@ -33,15 +33,21 @@ class Encoding(dict):
 
 
 class SentenceTokenizer:
-    """A tokenizer shim that tokenises one sentence exactly as the model did."""
+    """A stand-in, when no real tokenizer was given, that tokenises one sentence exactly as
+    the model did (special tokens: those covering no text)."""
 
     is_fast = True
-    bos_token = eos_token = pad_token = unk_token = None
+    bos_token = eos_token = pad_token = unk_token = cls_token = sep_token = mask_token = None
+    bos_token_id = eos_token_id = pad_token_id = unk_token_id = None
+    cls_token_id = sep_token_id = mask_token_id = None
 
     def __init__(self, sentence: Sentence) -> None:
         self._s = sentence
         self._piece = dict(zip(sentence.ids, sentence.tokens, strict=True))
         self._id = {t: i for i, t in self._piece.items()}
+        special = [i for i, (a, b) in zip(sentence.ids, sentence.offsets, strict=True) if a == b]
+        self.all_special_ids = list(dict.fromkeys(special))
+        self.all_special_tokens = [self._piece[i] for i in self.all_special_ids]
 
     def _check(self, text) -> bool:
         """Accept the sentence itself or a one-item list of it; return True when batched."""
@@ -103,14 +109,120 @@ class SentenceTokenizer:
         return max(self._s.ids, default=-1) + 1
 
 
-def adapt_paper_form(function: Callable) -> Callable[[Sentence], object]:
-    """Wrap ``f(sentence: str, tokenizer) -> (label, matrix)`` as ``g(s) -> matrix``."""
+def adapt_paper_form(function: Callable, tokenizer=None) -> Callable[[Sentence], object]:
+    """Wrap ``f(sentence: str, tokenizer) -> (label, matrix)`` as ``g(s) -> matrix``; the
+    function gets ``tokenizer`` when given, else a :class:`SentenceTokenizer`."""
 
     def native(s: Sentence):
-        result = function(s.text, SentenceTokenizer(s))
+        result = function(s.text, tokenizer if tokenizer is not None else SentenceTokenizer(s))
         if isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], str):
             return result[1]
         return result
 
     native.__name__ = getattr(function, "__name__", "program")
     return native
+
+
+# --- the model's own tokenizer, rebuilt inside the sandbox -----------------------------------
+_SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                  "mask_token")
+
+
+def tokenizer_spec(tokenizer) -> dict | None:
+    """What rebuilds ``tokenizer`` inside a sandbox worker (a fast Hugging Face tokenizer's
+    JSON and special tokens); None when it is not a fast tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    special = {name: str(getattr(tokenizer, name)) for name in _SPECIAL_NAMES
+               if getattr(tokenizer, name, None) is not None}
+    extra = [str(t) for t in getattr(tokenizer, "additional_special_tokens", None) or []]
+    return {
+        "json": backend.to_str(),
+        "special": special,
+        "additional": extra,
+        "model_max_length": int(min(getattr(tokenizer, "model_max_length", 10**6), 10**9)),
+        "padding_side": getattr(tokenizer, "padding_side", "right"),
+    }
+
+
+def tokenizer_from_spec(spec: dict):
+    """A ``PreTrainedTokenizerFast`` equal to the one :func:`tokenizer_spec` described."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    kwargs = dict(spec["special"])
+    if spec.get("additional"):
+        kwargs["additional_special_tokens"] = spec["additional"]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(spec["json"]),
+        model_max_length=spec.get("model_max_length", 10**6),
+        padding_side=spec.get("padding_side", "right"),
+        **kwargs,
+    )
+
+
+# --- libraries of programs in the paper's file layout ----------------------------------------
+def load_paper_library(path, family: str = "paper") -> list:
+    """Programs from a file in the published layout: imports and helper functions, then
+    many ``f(sentence, tokenizer)`` programs. Each Program's source is the file's shared
+    part (imports, constants, helpers) followed by its own function, unchanged."""
+    from pathlib import Path
+
+    path = Path(path)
+    return library_programs(read_source(path), path.name, family)
+
+
+def read_source(path) -> str:
+    """A program file's text; ProgramError (one line) when it is missing or not UTF-8."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ProgramError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
+    except OSError as err:
+        raise ProgramError(f"cannot read {path} ({err.strerror})") from err
+
+
+def library_programs(text: str, origin: str = "", family: str = "paper") -> list:
+    """The paper-form programs in a library file's ``text`` (see :func:`load_paper_library`)."""
+    import ast
+
+    from attnprog.synth.program import Program
+
+    try:
+        tree = ast.parse(text)
+    except SyntaxError as err:
+        raise ProgramError(f"{origin}:{err.lineno}: syntax error ({err.msg})") from err
+    lines = text.splitlines(keepends=True)
+
+    def segment(node) -> str:
+        start = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+        return "".join(lines[start - 1 : node.end_lineno])
+
+    called = {node.func.id for node in ast.walk(tree)
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    shared, entries = [], []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and _is_paper_entry(node, called):
+            entries.append(node)
+        elif isinstance(node, (ast.FunctionDef, ast.Import, ast.ImportFrom, ast.Assign,
+                               ast.AnnAssign, ast.ClassDef)):
+            shared.append(segment(node))
+    prelude = "".join(part if part.endswith("\n") else part + "\n" for part in shared)
+    return [
+        Program(source=prelude + "\n" + segment(node), name=node.name, family=family,
+                provenance={"library": origin})
+        for node in entries
+    ]
+
+
+def _is_paper_entry(node, called: set[str]) -> bool:
+    """``f(sentence, tokenizer)`` that no other code calls and whose name is public."""
+    if node.name.startswith("_") or node.name in called:
+        return False
+    args = node.args
+    names = [a.arg for a in args.posonlyargs + args.args]
+    return len(names) - len(args.defaults) == 2 and names[:2] == ["sentence", "tokenizer"]

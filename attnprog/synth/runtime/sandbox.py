@@ -1,35 +1,29 @@
-"""The sandbox: untrusted programs run in worker processes, never in this one.
+"""The sandbox: untrusted programs run in isolated worker processes, never in this one.
 
-Each worker is a fresh interpreter (``python -m attnprog.synth.runtime.worker``, so the
-parent's torch and ``__main__`` are never inherited or re-imported) that limits its own
-memory and CPU time and refuses network, processes and file writes through an audit
-hook. A task is one program on a batch of texts: one pipe round trip per batch. The
-parent watches a shared progress cell per worker and kills a worker whose call runs past
-the timeout; a worker that crashes or runs out of memory is replaced, its program is
-marked failed with the reason, and the run goes on.
-
-A program runs in the worker's own process, so it can write to the worker's pipes and
-progress cell: the parent trusts nothing it reads back. Replies are unpickled with no
-globals allowed and checked field by field, and every task has a deadline that does not
-depend on what the worker reports.
+Each worker is a fresh interpreter started under bubblewrap (:mod:`.isolation`): no
+network, no view of other processes, a read-only filesystem with a private /tmp, a clean
+environment. It is a template that forks one child per task (one program on a batch of
+texts), and the child locks itself down (rlimits, seccomp) before the program's code runs
+(:mod:`.worker`). The template times each call, kills a child that overruns and always
+answers; this process checks every answer (builtins only, the task's id and random token,
+the sizes it expects) and, as a backstop, kills a worker that does not answer in time.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
-import math
-import mmap
 import os
 import pickle
+import secrets
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -41,21 +35,33 @@ from attnprog.layout import causal_offsets
 from attnprog.synth.features import Sentence
 from attnprog.synth.program import Program
 from attnprog.synth.runtime.execute import ProgramResult
-from attnprog.synth.runtime.worker import DEFINING, IDLE, MAX_REASON_CHARS, PROGRESS, seconds
+from attnprog.synth.runtime.isolation import (
+    SANDBOX_ENV,
+    readable_paths,
+    require_isolation,
+    wrap_command,
+)
+from attnprog.synth.runtime.worker import MAX_REASON_CHARS, seconds
 
-__all__ = ["ProgramResult", "Sandbox", "run_in_sandbox", "uses_spacy"]
+__all__ = ["ProgramResult", "Sandbox", "run_in_sandbox", "uses_spacy", "modules_needed"]
 
-_MAX_BATCH = 64
+_MAX_BATCH = 256
 _IN_FLIGHT = 2  # tasks queued at a worker: it starts the next while its last reply is read
 _POLL_SECONDS = 0.1
 _PIPE_BYTES = 1 << 20
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
-_MALFORMED = "worker sent a malformed reply (did the program write to the sandbox's pipe?)"
+_STARTUP_SLACK = 30.0  # seconds a task may take beyond its calls (fork, imports, compile)
+_MALFORMED = "worker sent a malformed reply"
+_PRELOADABLE = ("spacy", "transformers", "torch")
+_WORKER_MAIN = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from attnprog.synth.runtime.worker import main; main(sys.argv[1:])"
+)
 
 
 @dataclass
 class _Task:
     id: int
+    token: str
     program: int
     start: int
     stop: int
@@ -72,20 +78,21 @@ class _ProgramState:
     reasons: dict[int, str] = field(default_factory=dict)
     fatal: str = ""
     timeouts: int = 0
+    seconds: float = 0.0
+    tasks_left: int = 0
 
 
 class _Worker:
     """The parent's handle on one worker process."""
 
-    def __init__(self, command: list[str], settings: list[str], env: dict) -> None:
+    def __init__(self, command: list[str], settings: list[str], env: dict | None) -> None:
         command_r, command_w = os.pipe()
         reply_r, reply_w = os.pipe()
         _widen_pipe(reply_w)
-        progress_fd = _shared_cell(PROGRESS.size)
         try:
             self.process = subprocess.Popen(
-                [*command, str(command_r), str(reply_w), str(progress_fd), *settings],
-                pass_fds=(command_r, reply_w, progress_fd),
+                [*command, str(command_r), str(reply_w), *settings],
+                pass_fds=(command_r, reply_w),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
@@ -93,15 +100,12 @@ class _Worker:
                 start_new_session=True,  # Ctrl-C reaches the parent only; it stops the workers
             )
         except BaseException:
-            for fd in (command_w, reply_r, progress_fd):  # nothing leaks when it cannot start
+            for fd in (command_w, reply_r):  # nothing leaks when it cannot start
                 os.close(fd)
             raise
         finally:
             os.close(command_r)
             os.close(reply_w)
-        self.progress = mmap.mmap(progress_fd, PROGRESS.size)
-        os.close(progress_fd)
-        PROGRESS.pack_into(self.progress, 0, IDLE, 0.0)
         self.commands = Connection(command_w, readable=False)
         self.replies = Connection(reply_r, writable=False)
         self.started = time.monotonic()
@@ -110,19 +114,9 @@ class _Worker:
         self.tasks: deque[_Task] = deque()  # sent, not yet answered; the first is running
         self.head_since = 0.0  # when the worker became free to run tasks[0]
         self.loading = False  # loading a corpus: no program runs, no task clock
-        self.draining = False  # used most of its CPU budget: no new tasks, then replaced
 
     def send(self, message) -> None:
         self.commands.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-
-    def call_in_progress(self) -> tuple[int, float]:
-        """(text index or DEFINING, monotonic start) of the call the worker is in, or
-        (IDLE, 0). The worker writes IDLE with start 0 between calls, so a read that mixes
-        two writes shows start 0 and counts as idle."""
-        index, start = PROGRESS.unpack_from(self.progress, 0)
-        if not (start > 0.0 and math.isfinite(start) and math.isfinite(index)):
-            return int(IDLE), 0.0
-        return int(index), start
 
     def startup_error(self) -> str:
         """What a worker that failed to start wrote to stderr; stops the worker."""
@@ -135,12 +129,15 @@ class _Worker:
         return error
 
     def kill(self, grace: float = 0.0) -> int:
-        """Kill the process unless it exits within ``grace`` seconds; returns its exit status
-        (negative: the signal that ended it)."""
+        """Kill the worker's whole process group unless it exits within ``grace`` seconds."""
         try:
             self.process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # bwrap and everything under it
+        except (ProcessLookupError, PermissionError):
+            pass
         status = self.process.wait()
         self.close_pipes()
         return status
@@ -155,10 +152,10 @@ class _Worker:
         self.kill()
 
     def close_pipes(self) -> None:
-        for closable in (self.commands, self.replies, self.process.stderr, self.progress):
+        for closable in (self.commands, self.replies, self.process.stderr):
             try:
                 closable.close()
-            except (OSError, ValueError, BufferError):
+            except (OSError, ValueError):
                 pass
 
 
@@ -172,86 +169,62 @@ def _widen_pipe(fd: int) -> None:
         pass  # the default size works, with more context switches
 
 
-def _shared_cell(size: int) -> int:
-    """A file descriptor of ``size`` zeroed bytes that parent and worker both map."""
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("attnprog-sandbox-progress", 0)
-    else:
-        handle = tempfile.TemporaryFile()
-        fd = os.dup(handle.fileno())
-        handle.close()
-    os.ftruncate(fd, size)
-    return fd
-
-
-def _worker_env() -> dict:
-    """The parent's environment, with single-threaded numeric libraries and attnprog importable."""
-    env = dict(os.environ)
-    env.update({name: "1" for name in _THREAD_VARS})
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    return env
-
-
-def _exit_reason(status: int) -> str:
-    """Words for a worker's exit status."""
-    if status < 0:
-        number = -status
-        if number == getattr(signal, "SIGXCPU", -1):
-            return "CPU time limit exceeded"
-        if number == signal.SIGKILL:
-            return "worker killed (signal 9), most likely out of memory"
-        return f"worker crashed (signal {number})"
-    return f"worker exited (code {status})"
-
-
 def _kill_all(workers: list[_Worker]) -> None:
     for worker in workers:
         worker.kill()
 
 
 class Sandbox:
-    """A pool of sandbox workers; use as a context manager and call :meth:`run`.
+    """A pool of isolated sandbox workers; use as a context manager and call :meth:`run`.
 
-    workers       processes (default: one per core)
-    timeout       wall-clock seconds per program-text call
-    memory_mb     memory a program may allocate on top of the worker's own
-    cpu_seconds   CPU time a worker may use before it is replaced
-    max_timeouts  timeouts after which a program is abandoned (failed on every text)
-    spacy         load spaCy in each worker first (for paper-form programs that use it)
+    workers         processes (default: one per core)
+    timeout         wall-clock seconds per program-text call
+    memory_mb       memory a program may allocate on top of the worker's own
+    program_seconds time budget of one program over all texts (default 60 s + 4 s per text);
+                    a program that spends it is abandoned
+    max_timeouts    timed-out texts after which a program is abandoned (default: no limit)
+    spacy           load spaCy in each worker first (programs that import it do that anyway)
+    tokenizer       the model's (fast) tokenizer, handed to paper-form programs
+    helpers         {module name: source} that programs may import (e.g. ``helpers``)
+    unsafe          run without OS isolation where it is unavailable (with a warning)
     """
 
     def __init__(
         self,
         workers: int | None = None,
-        timeout: float = 2.0,
+        timeout: float = 5.0,
         memory_mb: float = 1024,
         *,
-        cpu_seconds: float = 600.0,
+        program_seconds: float | None = None,
+        max_timeouts: int | None = None,
         batch_size: int | None = None,
-        max_timeouts: int = 3,
         progress: bool = True,
         spacy: bool = False,
-        start_timeout: float = 60.0,
+        tokenizer=None,
+        helpers: dict[str, str] | None = None,
+        unsafe: bool = False,
+        start_timeout: float = 600.0,
     ) -> None:
         if os.name != "posix":
             raise SandboxError("the sandbox needs a POSIX system (Linux or macOS)")
+        self.isolation = require_isolation(unsafe)
         self.n_workers = max(1, int(workers or os.cpu_count() or 1))
         self.timeout = float(timeout)
-        self.grace = max(0.5, self.timeout / 2)  # beyond the in-worker alarm, before a kill
         self.memory_mb = memory_mb
-        self.cpu_seconds = cpu_seconds
+        self.program_seconds = program_seconds
+        self.max_timeouts = max_timeouts
         self.batch_size = batch_size
-        self.max_timeouts = max(1, max_timeouts)
         self.progress = progress
         self.start_timeout = start_timeout
+        self.tokenizer_spec = None
+        if tokenizer is not None:
+            from attnprog.synth.runtime.paper_form import tokenizer_spec
+
+            self.tokenizer_spec = tokenizer_spec(tokenizer)
+        self.helpers = dict(helpers or {})
+        self.modules: set[str] = {"spacy"} if spacy else set()
         self.calls = 0  # program-text calls sent to workers
         self.replaced = 0  # workers killed or lost and replaced
-        safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # no cwd on the worker's path
-        self._command = [sys.executable, *safe_path, "-m", "attnprog.synth.runtime.worker"]
-        self._settings = [str(memory_mb), str(cpu_seconds), "spacy" if spacy else "-"]
-        self._env = _worker_env()
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _kill_all, self._workers)
         self._task_ids = 0
@@ -279,16 +252,23 @@ class Sandbox:
         self._workers.clear()
 
     def _spawn(self) -> _Worker:
+        package_root = str(Path(__file__).resolve().parents[3])
+        command = [sys.executable, "-I", "-c", _WORKER_MAIN, package_root]
+        settings = [str(self.memory_mb), ",".join(sorted(self.modules)) or "-"]
+        env = None  # bwrap gives the worker a clean environment
+        if self.isolation.available:
+            command = wrap_command(command, self.isolation.bwrap, readable_paths())
+        else:
+            env = dict(SANDBOX_ENV, PATH=os.environ.get("PATH", SANDBOX_ENV["PATH"]))
         try:
-            return _Worker(self._command, self._settings, self._env)
+            return _Worker(command, settings, env)
         except OSError as err:
             raise SandboxError(
                 f"cannot start a sandbox worker ({err}); check that {sys.executable} runs"
             ) from err
 
     def _swap(self, worker: _Worker, kill: bool = True, grace: float = 0.0) -> int:
-        """Stop ``worker`` (kill it, or let it exit) and start a fresh one in its place;
-        returns the old one's exit status."""
+        """Stop ``worker`` and start a fresh one in its place; returns the old one's status."""
         if kill:
             status = worker.kill(grace)
             self.replaced += 1
@@ -305,16 +285,26 @@ class Sandbox:
         programs: Sequence[Program],
         sentences: Sequence[Sentence],
         progress: bool | None = None,
+        on_result: Callable[[int, ProgramResult], None] | None = None,
     ) -> list[ProgramResult]:
-        """Run every program on every text; one result per program, in order."""
+        """Run every program on every text; one result per program, in order.
+
+        ``on_result(i, result)`` is called as soon as program ``i`` has finished (for
+        writing results out as they come, so an interrupted run keeps them).
+        """
         offsets = causal_offsets([s.n for s in sentences])
         states = [
             _ProgramState(np.zeros(int(offsets[-1]), np.float32), np.zeros(len(sentences), bool))
             for _ in programs
         ]
         if programs and sentences:
+            needed = modules_needed(programs, with_tokenizer=self.tokenizer_spec is not None)
+            if not needed <= self.modules:  # workers must preload these: restart them
+                self.close()
+                self.modules |= needed
             self.start()
-            _Run(self, list(programs), list(sentences), offsets, states, progress).go()
+            _Run(self, list(programs), list(sentences), offsets, states, progress,
+                 on_result).go()
         return [_result(state) for state in states]
 
     def _batch_size(self, n_programs: int, n_texts: int) -> int:
@@ -323,6 +313,11 @@ class Sandbox:
         # enough chunks to keep every worker busy, none longer than _MAX_BATCH, all even
         chunks = max(-(-2 * self.n_workers // n_programs), -(-n_texts // _MAX_BATCH))
         return max(1, -(-n_texts // chunks))
+
+    def _budget(self, n_texts: int) -> float:
+        if self.program_seconds is not None:
+            return float(self.program_seconds)
+        return 60.0 + 4.0 * n_texts  # programs averaging up to 4 s a text finish
 
 
 def _result(state: _ProgramState) -> ProgramResult:
@@ -346,20 +341,21 @@ def _load_reply(data: bytes) -> tuple:
     """A worker's message as a tuple; () when it is not a pickled tuple of builtins."""
     try:
         message = _ReplyUnpickler(io.BytesIO(data)).load()
-    except Exception:  # any malformed pickle: the program may have written it
+    except Exception:  # any malformed pickle
         return ()
     return message if isinstance(message, tuple) else ()
 
 
 def _is_reply(message: tuple, task: _Task, offsets: np.ndarray) -> bool:
-    """Whether ``message`` is a well-formed "done" reply to ``task`` (see Worker.run_task)."""
+    """Whether ``message`` is a well-formed "done" reply to ``task`` (see Template.run_task)."""
     if len(message) != 8:
         return False
-    kind, task_id, values, failed, reasons, fatal, cpu, recycle = message
+    kind, task_id, token, values, failed, reasons, fatal, used = message
     n_bytes = 4 * int(offsets[task.stop] - offsets[task.start])
     return (
         kind == "done"
         and task_id == task.id
+        and token == task.token
         and isinstance(fatal, str)
         and (bool(fatal) or (isinstance(values, bytes) and len(values) == n_bytes))
         and isinstance(failed, bytes)
@@ -370,31 +366,36 @@ def _is_reply(message: tuple, task: _Task, offsets: np.ndarray) -> bool:
             and 0 <= r[0] < task.n_texts and isinstance(r[1], str)
             for r in reasons
         )
-        and isinstance(cpu, (int, float))
-        and isinstance(recycle, bool)
+        and isinstance(used, float)
     )
 
 
 class _Run:
     """One call of :meth:`Sandbox.run`: a queue of tasks fed to the workers.
 
-    Each worker holds up to ``_IN_FLIGHT`` tasks, so it starts the next batch while the
-    parent reads the last reply; it runs them in order, so the oldest is the one running.
+    Each worker holds up to ``_IN_FLIGHT`` tasks, so it starts the next while the parent
+    reads the last reply; it runs them in order, so the oldest is the one running.
     """
 
-    def __init__(self, box: Sandbox, programs, sentences, offsets, states, progress) -> None:
+    def __init__(self, box: Sandbox, programs, sentences, offsets, states, progress,
+                 on_result) -> None:
         self.box = box
         self.programs = programs
         self.offsets = offsets
         self.states = states
-        self.corpus = pickle.dumps(sentences, protocol=pickle.HIGHEST_PROTOCOL)  # once per run
+        self.on_result = on_result
+        tokenizer = box.tokenizer_spec if "transformers" in box.modules else None
+        payload = {"sentences": sentences, "tokenizer": tokenizer, "helpers": box.helpers}
+        self.corpus = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)  # once per run
         # workers keep the last corpus they got: the same texts again are not sent again
         self.corpus_id = hashlib.blake2b(self.corpus, digest_size=16).hexdigest()
+        self.budget = box._budget(len(sentences))
         self.queue: deque[_Task] = deque()
         batch = box._batch_size(len(programs), len(sentences))
         for p in range(len(programs)):
             for start in range(0, len(sentences), batch):
                 self.queue.append(self._task(p, start, min(start + batch, len(sentences))))
+                states[p].tasks_left += 1
         # no reply is longer than all cells, failed flags and reasons of the whole corpus
         self.max_reply = 4 * int(offsets[-1]) + (4 * MAX_REASON_CHARS + 64) * len(sentences) + 4096
         show = box.progress if progress is None else progress
@@ -402,7 +403,7 @@ class _Run:
 
     def _task(self, program: int, start: int, stop: int) -> _Task:
         self.box._task_ids += 1
-        return _Task(self.box._task_ids, program, start, stop)
+        return _Task(self.box._task_ids, secrets.token_hex(8), program, start, stop)
 
     def go(self) -> None:
         try:
@@ -419,17 +420,15 @@ class _Run:
     # feeding
     def _assign(self) -> None:
         for worker in list(self.box._workers):
-            while worker.ready and not worker.draining and len(worker.tasks) < _IN_FLIGHT:
+            while worker.ready and len(worker.tasks) < _IN_FLIGHT:
                 task = self._next_task()
                 if task is None:
                     return
                 try:
                     self._send(worker, task)
                 except OSError:
-                    # it has exited or died: its pipe still holds any reply it sent, and
-                    # _collect reads that before the end of the pipe says what happened
+                    # it has exited or died: _collect sees its pipe end and replaces it
                     self._requeue([worker.tasks.pop()])
-                    worker.draining = True
                     break
 
     def _next_task(self) -> _Task | None:
@@ -438,6 +437,7 @@ class _Run:
             if not self.states[task.program].fatal:
                 return task
             self.bar.update(task.n_texts)
+            self._finished(task)
         return None
 
     def _send(self, worker: _Worker, task: _Task) -> None:
@@ -449,35 +449,31 @@ class _Run:
             worker.corpus_id = self.corpus_id
             worker.loading = True
         program = self.programs[task.program]
-        timeouts_left = self.box.max_timeouts - self.states[task.program].timeouts
-        worker.send(("run", task.id, self.corpus_id, program.source, program.name, task.start,
-                     task.stop, self.box.timeout, timeouts_left))
+        budget = max(0.0, self.budget - self.states[task.program].seconds)
+        worker.send(("run", task.id, task.token, self.corpus_id, program.source, program.name,
+                     task.start, task.stop, self.box.timeout, budget))
         self.box.calls += task.n_texts
 
     def _requeue(self, tasks) -> None:
-        """Queue tasks a lost worker had not started, first in line."""
+        """Queue tasks a lost worker had not answered, first in line."""
         self.queue.extendleft(reversed(list(tasks)))
 
     # results
     def _collect(self) -> None:
         by_pipe = {w.replies: w for w in self.box._workers}
-        for pipe in wait(list(by_pipe), timeout=self._wait_seconds()):
+        for pipe in wait(list(by_pipe), timeout=_POLL_SECONDS):
             worker = by_pipe[pipe]
             if worker not in self.box._workers:
                 continue  # replaced while handling an earlier pipe
             try:
                 message = _load_reply(pipe.recv_bytes(self.max_reply))
-            except EOFError:
+            except (EOFError, OSError):
                 self._lost(worker)
-                continue
-            except OSError:  # cut short by a crash, or longer than any reply can be
-                if worker.process.poll() is None:
-                    self._fail_running(worker, _MALFORMED)
-                else:
-                    self._lost(worker)
                 continue
             if not worker.ready:
                 worker.ready = message[:1] == ("ready",)
+                if not worker.ready:
+                    self._lost(worker)
             elif worker.loading and message == ("loaded", self.corpus_id):
                 worker.loading = False
                 worker.head_since = time.monotonic()
@@ -486,46 +482,39 @@ class _Run:
             else:
                 self._fail_running(worker, _MALFORMED)
 
-    def _wait_seconds(self) -> float:
-        deadlines = []
-        for worker in self.box._workers:
-            index, start = worker.call_in_progress()
-            if worker.tasks and index != IDLE:
-                deadlines.append(start + self.box.timeout + self.box.grace)
-        soonest = min(deadlines, default=time.monotonic() + _POLL_SECONDS)
-        return min(_POLL_SECONDS, max(0.005, soonest - time.monotonic()))
-
     def _done(self, worker: _Worker, message) -> None:
-        _, _, values, failed, reasons, fatal, cpu, recycle = message
+        _, _, _, values, failed, reasons, fatal, used = message
         task = worker.tasks.popleft()
         worker.head_since = time.monotonic()
         self.bar.update(task.n_texts)
-        worker.draining |= cpu > self.box.cpu_seconds / 2  # replace it before its CPU limit
-        if recycle or (worker.draining and not worker.tasks):
-            self._requeue(worker.tasks)  # a recycled worker exits without running these
-            worker.tasks.clear()
-            self.box._swap(worker, kill=False)
         state = self.states[task.program]
-        if state.fatal:
-            return
-        if fatal:
-            state.fatal = fatal
-            return
-        cells = slice(int(self.offsets[task.start]), int(self.offsets[task.stop]))
-        state.values[cells] = np.frombuffer(values, dtype=np.float32)
-        state.failed[task.start : task.stop] = np.frombuffer(failed, dtype=np.uint8)
-        for j, why in reasons:
-            state.reasons[task.start + j] = why
-            state.timeouts += why.startswith("timeout")
-        if state.timeouts >= self.box.max_timeouts:
-            first = min(i for i, why in state.reasons.items() if why.startswith("timeout"))
-            state.fatal = f"{state.reasons[first]} on text {first}"
+        state.seconds += used
+        if not state.fatal:
+            if fatal:
+                state.fatal = fatal
+            else:
+                cells = slice(int(self.offsets[task.start]), int(self.offsets[task.stop]))
+                state.values[cells] = np.frombuffer(values, dtype=np.float32)
+                state.failed[task.start : task.stop] = np.frombuffer(failed, dtype=np.uint8)
+                for j, why in reasons:
+                    state.reasons[task.start + j] = why
+                    state.timeouts += why.startswith("timeout")
+                limit = self.box.max_timeouts
+                if limit is not None and state.timeouts >= limit:
+                    first = min(i for i, why in state.reasons.items() if why.startswith("timeout"))
+                    state.fatal = f"{state.reasons[first]} on text {first}"
+        self._finished(task)
+
+    def _finished(self, task: _Task) -> None:
+        state = self.states[task.program]
+        state.tasks_left -= 1
+        if state.tasks_left == 0 and self.on_result is not None:
+            self.on_result(task.program, _result(state))
 
     # failures
     def _watch(self) -> None:
-        """Kill workers whose call ran past the timeout; check that starting ones come up."""
+        """Backstops that trust nothing a worker says: start-up time and task deadlines."""
         now = time.monotonic()
-        limit = self.box.timeout + self.box.grace
         for worker in list(self.box._workers):
             if not worker.ready:
                 if now - worker.started > self.box.start_timeout:
@@ -536,62 +525,26 @@ class _Run:
                     )
                 continue
             if worker.tasks and not worker.loading:
-                # a backstop that trusts nothing the worker reports, for a program that
-                # stops its alarm and writes "idle" into its progress cell
-                budget = (worker.tasks[0].n_texts + 1) * limit
-                if now - worker.head_since > budget:
-                    self._fail_running(
-                        worker, f"no reply within {seconds(budget)} s (the program evaded the timeout)"
-                    )
-                    continue
-            index, start = worker.call_in_progress()
-            overdue = worker.tasks and index != IDLE and now - start > limit
-            if overdue and worker.call_in_progress() == (index, start):  # the same call, still
-                self._timed_out(worker, index)
-
-    def _timed_out(self, worker: _Worker, index: int) -> None:
-        task = worker.tasks.popleft()
-        state = self.states[task.program]
-        self._requeue(worker.tasks)
-        worker.tasks.clear()
-        self.box._swap(worker)
-        timeout = seconds(self.box.timeout)
-        if not task.start <= index < task.stop:  # DEFINING, or written by the program
-            where = " while defining the program" if index == DEFINING else ""
-            self._abandon(task, f"timeout after {timeout} s{where}")
-            return
-        state.reasons[index] = f"timeout after {timeout} s (worker killed)"
-        state.failed[index] = True
-        state.timeouts += 1
-        if state.timeouts >= self.box.max_timeouts:
-            self._abandon(task, f"{state.reasons[index]} on text {index}")
-            return
-        # the killed worker's finished texts are lost with it: queue the rest again
-        self.bar.update(1)
-        self._requeue(
-            self._task(task.program, a, b)
-            for a, b in ((task.start, index), (index + 1, task.stop))
-            if a < b
-        )
+                task = worker.tasks[0]
+                deadline = min(task.n_texts * (self.box.timeout + 2.0), self.budget + 2.0)
+                deadline += _STARTUP_SLACK
+                if now - worker.head_since > deadline:
+                    self._fail_running(worker, f"no reply within {seconds(deadline)} s")
 
     def _lost(self, worker: _Worker) -> None:
-        """The worker's pipe closed: it crashed, exited or was killed."""
+        """The worker's pipe closed: it died (a template never runs program code)."""
         if not worker.ready:
+            error = worker.startup_error() or "no output"
             raise SandboxError(
-                f"a sandbox worker failed to start: {worker.startup_error() or 'no output'}; "
-                f"check that `{sys.executable} -m attnprog.synth.runtime.worker` imports attnprog"
+                f"a sandbox worker failed to start: {error}; check that "
+                f"`{sys.executable} -m attnprog.synth.runtime.worker` imports attnprog"
             )
-        index, _ = worker.call_in_progress()
         running = worker.tasks.popleft() if worker.tasks else None
         self._requeue(worker.tasks)
         worker.tasks.clear()
-        status = self.box._swap(worker, grace=1.0)  # it is exiting: let it say how
-        if running is None:
-            return  # died while idle: nothing to blame
-        where = " while defining the program" if index == DEFINING else (
-            f" on text {index}" if running.start <= index < running.stop else ""
-        )
-        self._abandon(running, _exit_reason(status) + where)
+        status = self.box._swap(worker, grace=1.0)
+        if running is not None:
+            self._abandon(running, f"the sandbox worker died (status {status})")
 
     def _fail_running(self, worker: _Worker, reason: str) -> None:
         running = worker.tasks.popleft() if worker.tasks else None
@@ -602,11 +555,12 @@ class _Run:
             self._abandon(running, reason)
 
     def _abandon(self, task: _Task, reason: str) -> None:
-        """Fail the program on every text (its worker died or it kept timing out)."""
+        """Fail the program on every text."""
         state = self.states[task.program]
         if not state.fatal:
             state.fatal = reason
         self.bar.update(task.n_texts)
+        self._finished(task)
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -616,9 +570,42 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="call", desc="sandbox", disable=not show, delay=1.0, leave=False)
 
 
+def modules_needed(programs: Sequence[Program], with_tokenizer: bool = False) -> set[str]:
+    """Heavy modules the programs import (spaCy, transformers, torch), read from their code,
+    not their comments: workers load these before forking. With ``with_tokenizer``,
+    paper-form programs need transformers (the model's tokenizer) and torch where they ask
+    it for ``return_tensors="pt"`` (the stand-in tokenizer returns numpy arrays)."""
+    needed: set[str] = set()
+    for program in programs:
+        try:
+            tree = ast.parse(program.source)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            continue
+        if with_tokenizer and _is_paper_form(tree, program.name):
+            needed.add("transformers")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                needed |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                needed.add(node.module.split(".")[0])
+            elif with_tokenizer and isinstance(node, ast.Constant) and node.value == "pt":
+                needed.add("torch")  # the real tokenizer's return_tensors="pt" makes tensors
+    return needed & set(_PRELOADABLE)
+
+
+def _is_paper_form(tree: ast.Module, name: str) -> bool:
+    from attnprog.synth.program import _entry_node
+
+    entry = _entry_node(tree, name)
+    if entry is None:
+        return False
+    args = entry.args
+    return len(args.posonlyargs) + len(args.args) - len(args.defaults) == 2
+
+
 def uses_spacy(programs: Sequence[Program]) -> bool:
-    """True when a program mentions spaCy: its workers then load it before locking down."""
-    return any("spacy" in p.source for p in programs)
+    """True when a program imports spaCy."""
+    return "spacy" in modules_needed(programs)
 
 
 def run_in_sandbox(
@@ -626,11 +613,11 @@ def run_in_sandbox(
     sentences: Sequence[Sentence],
     *,
     workers: int | None = None,
-    timeout: float = 2.0,
+    timeout: float = 5.0,
     memory_mb: float = 1024,
     progress: bool = True,
+    **options,
 ) -> list[ProgramResult]:
     """Start a sandbox, run ``programs`` on ``sentences`` and stop it again."""
-    spacy = uses_spacy(programs)
-    with Sandbox(workers, timeout, memory_mb, progress=progress, spacy=spacy) as box:
+    with Sandbox(workers, timeout, memory_mb, progress=progress, **options) as box:
         return box.run(programs, sentences)

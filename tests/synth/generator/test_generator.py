@@ -153,3 +153,17 @@ def test_emitted_sources_pass_validate(programs):
     results = program_module.validate_many(sample)
     failures = [(p.hash, r.reason) for p, r in zip(sample, results, strict=True) if not r.ok]
     assert not failures
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_torch_mixer_equals_the_numpy_path(programs, texts, workers):
+    import torch
+
+    from attnprog.synth.generator.mixing import TorchMixer, evaluate_specs
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    specs = [p.provenance["spec"] for p in programs[::7]]  # singles, pairs, triples, sinks
+    mixer = TorchMixer(specs, texts, device, workers=workers)
+    got = torch.cat([mixer.rows(range(i, min(i + 100, len(specs))))
+                     for i in range(0, len(specs), 100)]).cpu().numpy()
+    np.testing.assert_allclose(got, evaluate_specs(specs, texts), rtol=0, atol=1e-6)

@@ -60,3 +60,18 @@ def test_the_cache_directory_comes_from_the_argument_then_the_environment(tmp_pa
 def test_without_the_environment_variable_the_user_cache_dir_is_used(monkeypatch):
     monkeypatch.delenv("ATTNPROG_CACHE_DIR", raising=False)
     assert default_cache_dir().parts[-2:] == ("attnprog", "outputs")
+
+
+def test_an_entry_moved_to_another_key_or_edited_in_place_reads_as_a_miss(tmp_path):
+    cache = OutputCache(tmp_path)
+    values, failed = np.arange(6, dtype=np.float32), np.zeros(2, bool)
+    cache.put("aaaa", "corpus", "tok", values, failed)
+    cache.put("bbbb", "corpus", "tok", values + 1, failed)
+    a, b = cache.path("aaaa", "corpus", "tok"), cache.path("bbbb", "corpus", "tok")
+    a.replace(b)  # a swap: a valid file under the wrong key
+    assert cache.get("bbbb", "corpus", "tok", 6, 2) is None
+    cache.put("aaaa", "corpus", "tok", values, failed)
+    data = bytearray(a.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"  # the last value edited in place
+    a.write_bytes(bytes(data))
+    assert cache.get("aaaa", "corpus", "tok", 6, 2) is None

@@ -30,9 +30,9 @@ def sandbox_calls(monkeypatch):
     calls = []
     original = sandbox_module.Sandbox.run
 
-    def counting_run(self, programs, sentences, progress=None):
+    def counting_run(self, programs, sentences, progress=None, on_result=None):
         calls.append(len(programs) * len(sentences))
-        return original(self, programs, sentences, progress=progress)
+        return original(self, programs, sentences, progress=progress, on_result=on_result)
 
     monkeypatch.setattr(sandbox_module.Sandbox, "run", counting_run)
     return calls
@@ -122,3 +122,51 @@ def test_streamed_outputs_equal_dense_outputs_row_for_row():
     picked = streamed.select([5, 0])
     assert np.array_equal(picked.values, dense.values[[5, 0]])
     assert [p.hash for p in picked.programs] == [programs[5].hash, programs[0].hash]
+
+
+def test_an_interrupted_evaluation_keeps_the_programs_it_finished(tmp_path, sandbox_calls,
+                                                                  monkeypatch):
+    from attnprog.synth.runtime.cache import OutputCache
+
+    texts, programs = probe_sentences(), [Program(FIRST), Program(DIAGONAL)]
+    original_put, puts = OutputCache.put, []
+
+    def put_then_interrupt(self, *args, **kwargs):
+        original_put(self, *args, **kwargs)
+        puts.append(args[0])
+        raise KeyboardInterrupt  # Ctrl-C right after the first program was written
+
+    monkeypatch.setattr(OutputCache, "put", put_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_programs(programs, texts, cache_dir=tmp_path, workers=1, progress=False)
+    monkeypatch.setattr(OutputCache, "put", original_put)
+    evaluate_programs(programs, texts, cache_dir=tmp_path, workers=1, progress=False)
+    assert len(puts) == 1 and sandbox_calls == [6, 3]  # the resumed run computes one program
+
+
+def test_programs_that_fail_the_static_check_are_not_run(tmp_path, sandbox_calls):
+    bad = Program("import os\ndef program(s):\n    return os.listdir('/')\n")
+    out = evaluate_programs([bad, Program(FIRST)], probe_sentences(), cache_dir=tmp_path,
+                            workers=1, progress=False)
+    assert sandbox_calls == [3]
+    assert out.failed[0].all() and out.reasons[0].startswith("refused: line 1: import of `os`")
+
+
+def test_a_comment_mentioning_pos_does_not_change_the_cache_key(tmp_path, sandbox_calls):
+    texts = probe_sentences()
+    evaluate_programs([Program(FIRST)], texts, cache_dir=tmp_path, workers=1, progress=False)
+    commented = Program("# uses s.pos and spacy? no\n" + FIRST)
+    evaluate_programs([Program(FIRST), commented], texts, cache_dir=tmp_path, workers=1,
+                      progress=False)
+    assert sandbox_calls == [3, 3]  # only the new program ran; FIRST was a cache hit
+
+
+def test_programs_may_import_a_helper_module_supplied_with_them(tmp_path):
+    helpers = {"helpers": "import numpy as np\n\ndef sink(n):\n    m = np.zeros((n, n))\n"
+                          "    m[:, 0] = 1\n    return m\n"}
+    program = Program("from helpers import *\n\ndef program(s):\n    return sink(s.n)\n")
+    out = evaluate_programs([program], probe_sentences(), helpers=helpers, use_cache=False,
+                            workers=1, progress=False)
+    expected = run_trusted([Program(FIRST)], probe_sentences())[0]
+    assert out.reasons == [""]
+    np.testing.assert_array_equal(out.values[0], expected.values)

@@ -3,7 +3,6 @@ program does stops the run. One run mixes bad programs with good ones; each test
 one behaviour of that run."""
 
 import os
-import sys
 import tempfile
 
 import numpy as np
@@ -79,54 +78,25 @@ BAD = {
     "sleeps": ("import time\ndef program(s):\n    time.sleep(60)\n",
                f"timeout after {TIMEOUT} s on text 0"),
     "hangs_in_c_code": ("import itertools\ndef program(s):\n    return sum(itertools.repeat(1, 10**13))\n",
-                        f"timeout after {TIMEOUT} s (worker killed) on text 0"),
+                        f"timeout after {TIMEOUT} s (killed) on text 0"),
     "hangs_at_definition": ("while True:\n    pass\ndef program(s):\n    return None\n",
                             f"timeout after {TIMEOUT} s while defining the program"),
     "allocates_10_gb": ("import numpy as np\ndef program(s):\n    return np.ones(10**10 // 8)\n",
                         "memory limit exceeded"),
     "calls_os_exit": ("import os\ndef program(s):\n    os._exit(3)\n",
-                      "worker exited (code 3) on text 0"),
+                      "exited (code 3) instead of returning on text 0"),
     "segfaults_via_ctypes": ("import ctypes\ndef program(s):\n    return ctypes.string_at(0)\n",
-                             "worker crashed (signal 11) on text 0"),
+                             "crashed (signal 11, SIGSEGV) on text 0"),
     "opens_a_socket": ("import socket\ndef program(s):\n    socket.socket().connect(('127.0.0.1', 9))\n",
-                       "refused: socket"),
-    "writes_a_file": (f"def program(s):\n    open({WRITTEN_FILE!r}, 'w').write('x')\n",
-                      "refused: open"),
+                       "PermissionError"),
     "spawns_a_process": ("import subprocess\ndef program(s):\n    subprocess.run(['true'])\n",
-                         "refused: subprocess.Popen"),
-    "calls_os_system": ("import os\ndef program(s):\n    os.system('true')\n",
-                        "refused: os.system"),
+                         "PermissionError"),
     "returns_nan": ("import numpy as np\ndef program(s):\n    return np.full((s.n, s.n), np.nan)\n",
                     "non-finite values"),
     "returns_the_wrong_shape": ("import numpy as np\ndef program(s):\n    return np.ones((3, 4))\n",
                                 "shape (3, 4), expected (8, 8) on text 0"),
     "returns_a_string": ("def program(s):\n    return 'attention'\n", "returned str"),
     "raises": ("def program(s):\n    return 1 / 0\n", "raised ZeroDivisionError"),
-    "touches_the_main_process": ("import numpy\ndef program(s):\n    numpy.attnprog_marker = 1\n",
-                                 "returned NoneType"),
-    # the worker's reply pipe is open in the program's process: a pickle that would run
-    # code when the parent loads it must be refused there
-    "forges_a_reply": (
-        "import os, pickle, struct, sys, time\n"
-        "class Payload:\n"
-        f"    def __reduce__(self):\n        return (os.system, ('touch {PARENT_MARKER}',))\n"
-        "def program(s):\n"
-        "    data = pickle.dumps(('done', Payload()))\n"
-        "    os.write(int(sys.argv[2]), struct.pack('!i', len(data)) + data)\n"
-        "    time.sleep(0.5)\n",
-        "malformed reply",
-    ),
-    "writes_with_numpy_save": (f"import numpy as np\ndef program(s):\n    np.save({WRITTEN_FILE!r}, 1)\n",
-                               "refused: open"),
-    "writes_with_tofile": (f"import numpy as np\ndef program(s):\n    np.eye(2).tofile({WRITTEN_FILE!r})\n",
-                           "refused: open"),
-    "writes_with_sqlite": (f"import sqlite3\ndef program(s):\n    sqlite3.connect({WRITTEN_FILE!r})\n",
-                           "refused: sqlite3.connect"),
-    "spawns_via_posixsubprocess": (
-        f"import os\ndef program(s):\n    import _posixsubprocess\n    r, w = os.pipe()\n"
-        f"    _posixsubprocess.fork_exec({FORK_EXEC})\n",
-        "refused: import",
-    ),
 }
 
 
@@ -168,15 +138,13 @@ def test_good_programs_in_the_same_run_equal_serial_in_process_execution(mixed_r
         np.testing.assert_array_equal(got.values, expected.values)
 
 
-def test_crashed_and_hung_workers_are_replaced(mixed_run):
-    assert mixed_run["replaced"] >= 3  # os._exit, segfault, the hang in C code
+def test_crashes_and_hangs_end_only_their_task_and_the_workers_stay_up(mixed_run):
+    assert mixed_run["replaced"] == 0  # the templates never ran program code
     assert len(mixed_run["alive"]) == 2 and all(mixed_run["alive"])
 
 
-def test_nothing_a_program_does_reaches_this_process(mixed_run):
+def test_a_program_cannot_change_this_process(mixed_run):
     assert not hasattr(np, "attnprog_marker")
-    assert not os.path.exists(WRITTEN_FILE)
-    assert not os.path.exists(PARENT_MARKER)
 
 
 def test_outputs_are_packed_normalised_float32(mixed_run, texts):
@@ -220,25 +188,57 @@ def test_no_programs_or_no_texts_give_empty_results(texts):
     assert result.values.shape == (0,) and result.failed.shape == (0,)
 
 
-def test_a_program_that_evades_the_timeout_is_stopped_by_the_backstop(texts):
-    """It ignores the alarm and writes "idle" into its progress cell: the parent stops it
-    anyway, after (texts + 1) x (timeout + grace) seconds."""
-    source = ("import mmap, signal, struct, sys, time\ndef program(s):\n"
-              "    signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
-              "    cell = mmap.mmap(int(sys.argv[3]), 16)\n"
-              "    while True:\n"
-              "        struct.pack_into('dd', cell, 0, -1.0, 0.0)\n        time.sleep(0.01)\n")
+def test_a_program_that_ignores_the_alarm_is_killed_and_the_next_one_runs(texts):
+    source = ("import signal\ndef program(s):\n"
+              "    signal.signal(signal.SIGALRM, signal.SIG_IGN)\n    while True:\n        pass\n")
     good = make(GOOD["previous_token"], "previous_token")
-    with Sandbox(workers=1, timeout=0.5, progress=False) as box:
+    with Sandbox(workers=1, timeout=0.5, program_seconds=60, progress=False) as box:
         evader, after = box.run([make(source, "evader"), good], texts)
-        assert box.replaced == 1
-    assert "no reply within 4.0 s" in evader.reason and evader.failed.all()
+    assert evader.reason == "timeout after 0.5 s (killed) on text 0" and evader.failed.all()
     assert after.reason == "" and not after.failed.any()
 
 
-def test_a_worker_that_fails_to_start_reports_its_error(texts):
+def test_a_program_that_fakes_its_progress_cell_gains_no_time(texts):
+    """It finds the cell its worker times it by, ignores the alarm and keeps writing "just
+    started" into the cell: the worker times each text from when it first saw it."""
+    source = ("import gc, mmap, signal, struct, sys, time\ndef program(s):\n"
+              "    signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+              "    f, cells = sys._getframe(), []\n"
+              "    while f is not None:\n"
+              "        cells += [v.cell for v in f.f_locals.values() if hasattr(v, 'cell')]\n"
+              "        f = f.f_back\n"
+              "    while True:\n"
+              "        for i in (0.0, 1.0, 2.0):\n"
+              "            struct.pack_into('dd', cells[0], 0, i, time.monotonic() + 1000)\n"
+              "        time.sleep(0.01)\n")
+    with Sandbox(workers=1, timeout=0.5, program_seconds=60, progress=False) as box:
+        [result] = box.run([make(source, "faker")], texts)
+    # stopped by each text's clock (0.5 s + 1 s grace), not by its 60 s budget
+    assert result.failed.all() and result.reason.startswith("timeout after 0.5 s (killed)")
+
+
+def test_a_program_that_spends_its_time_budget_is_abandoned(texts):
+    source = "import time\nimport numpy as np\ndef program(s):\n    time.sleep(0.4)\n    return np.eye(s.n)\n"
+    with Sandbox(workers=1, timeout=1.0, program_seconds=0.6, progress=False) as box:
+        [result] = box.run([make(source, "slow")], texts)
+    assert "used its time budget of 0.6 s" in result.reason and result.failed.all()
+
+
+def test_without_os_isolation_the_sandbox_refuses_unless_unsafe(monkeypatch):
+    from attnprog.synth.runtime import isolation as isolation_module
+
+    missing = isolation_module.Isolation(None, False, "bubblewrap is not installed")
+    monkeypatch.setattr(isolation_module, "isolation", lambda: missing)
+    monkeypatch.delenv(isolation_module.UNSAFE_ENV, raising=False)
+    with pytest.raises(SandboxError, match="bubblewrap is not installed.*--unsafe"):
+        Sandbox(workers=1, progress=False)
+    with pytest.warns(UserWarning, match="WITHOUT OS isolation"):
+        Sandbox(workers=1, progress=False, unsafe=True)
+
+
+def test_a_worker_that_fails_to_start_reports_its_error(texts, monkeypatch):
+    monkeypatch.setattr(sandbox, "_WORKER_MAIN", "import sys; sys.exit('no such module: boom')")
     box = Sandbox(workers=1, progress=False)
-    box._command = [sys.executable, "-c", "import sys; sys.exit('no such module: boom')"]
     with pytest.raises(SandboxError, match="no such module: boom"), box:
         box.run([make(GOOD["previous_token"], "p")], texts)
 

@@ -1,0 +1,181 @@
+"""The run directory describes itself: ``manifest.json`` (how the run was made) and
+``summary.json`` (the headline figures under plain keys).
+
+The manifest is rewritten after every stage, so an interrupted run still says which stages
+finished, when, and from what.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+PACKAGES = ("attnprog", "torch", "transformers", "numpy", "numba", "triton", "safetensors",
+            "matplotlib", "spacy", "tqdm", "typer")
+PAPER = {"best_fit_iou": {"GPT-2": 0.69, "Llama-3.2-1B": 0.74, "Llama-3.1-8B": 0.79},
+         "ppl_increase_at_25_percent": 16.0}  # "Explaining Attention with Program Synthesis"
+
+
+def now() -> str:
+    """UTC time, ISO 8601, to the second."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def device_info(requested: str) -> dict:
+    """What the run ran on: the requested device, the GPU's name if any, CPU and platform."""
+    import torch
+
+    info = {"requested": requested, "torch": torch.__version__, "cuda": None,
+            "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": sys.version.split()[0]}
+    if torch.cuda.is_available():
+        info["cuda"] = torch.cuda.get_device_name(0)
+    return info
+
+
+class RunRecord:
+    """Stage states and timings of one run; writes ``manifest.json`` whenever they change."""
+
+    def __init__(self, out: Path, config) -> None:
+        self.path = Path(out) / "manifest.json"
+        previous = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.manifest = {
+            "created": previous.get("created", now()),
+            "updated": now(),
+            "command": sys.argv,
+            "config": dataclasses.asdict(config),
+            "seed": getattr(config, "seed", None),
+            "packages": package_versions(),
+            "device": device_info(getattr(config, "device", "cpu")),
+            "model": previous.get("model", {}),
+            "corpus": previous.get("corpus", {}),
+            "stages": {},
+            "previous_stages": previous.get("stages", {}),
+        }
+        self.write()
+
+    def describe_store(self, store, model_spec: str, corpus_spec: str) -> None:
+        """Record the model's id and file hash and the corpus hash, from the attention store."""
+        model_id = str(store.meta.get("model_id", ""))
+        _, _, revision = model_id.partition("@")
+        self.manifest["model"] = {
+            "spec": model_spec, "id": model_id, "file_hash": revision.removeprefix("sha256:") or None,
+            "type": store.meta.get("model_type"), "layers": store.n_layers, "heads": store.n_heads,
+            "kv_heads": store.meta.get("n_kv_heads"), "dtype": store.meta.get("dtype"),
+        }
+        self.manifest["corpus"] = {
+            "spec": corpus_spec, "hash": store.meta.get("corpus_hash"),
+            "tokenizer_id": store.meta.get("tokenizer_id"), "texts": store.n_texts,
+            "max_tokens": store.meta.get("max_tokens"),
+            "splits": {s: store.splits.count(s) for s in sorted(set(store.splits))},
+        }
+        self.write()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict]:
+        """Time one stage; the yielded dict's ``state`` is "done" unless the stage sets
+        "reused"; an exception (or Ctrl-C) records "failed" and re-raises."""
+        entry = {"state": "running", "started_at": now()}
+        self.manifest["stages"][name] = entry
+        self.write()
+        start = time.perf_counter()
+        try:
+            yield entry
+        except BaseException:
+            entry["state"] = "failed"
+            raise
+        else:
+            if entry["state"] == "running":
+                entry["state"] = "done"
+        finally:
+            entry["seconds"] = round(time.perf_counter() - start, 3)
+            entry["finished_at"] = now()
+            self.write()
+
+    def write(self) -> None:
+        self.manifest["updated"] = now()
+        tmp = self.path.with_suffix(".json.partial")
+        tmp.write_text(json.dumps(self.manifest, indent=2, default=str))
+        tmp.replace(self.path)
+
+
+# --- summary ---------------------------------------------------------------------------------
+
+
+def sweep_detail(result) -> dict:
+    """Everything a SweepResult holds, as JSON (whatever its fields), plus each row's increase."""
+    record = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(vars(result))
+    base = record.get("base_perplexity")
+    for row in _rows(record):
+        if base and isinstance(row.get("perplexity"), dict):
+            row["increase"] = {c: 100.0 * (p / base - 1.0) for c, p in row["perplexity"].items()}
+    return record
+
+
+def _rows(record) -> Iterator[dict]:
+    """Every dict with a ``fraction`` key anywhere in a sweep record (one or several orders)."""
+    if isinstance(record, dict):
+        if "fraction" in record:
+            yield record
+        for value in record.values():
+            yield from _rows(value)
+    elif isinstance(record, list):
+        for value in record:
+            yield from _rows(value)
+
+
+def qa_accuracy(detail: dict | None) -> dict | None:
+    """QA accuracy before (unmodified model) and after replacement, by fraction and condition."""
+    if not detail or detail.get("base_qa_accuracy") is None:
+        return None
+    after: dict = {}
+    for row in _rows(detail):
+        if row.get("qa_accuracy"):
+            after.setdefault(f"{row['fraction']:g}", {}).update(row["qa_accuracy"])
+    return {"before": detail["base_qa_accuracy"], "after": after}
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def headline(best_fit_iou, library=None, sweep: dict | None = None, detail: dict | None = None) -> dict:
+    """The figures a run is quoted by, under plain keys (held-out IoU over the explained heads)."""
+    iou = np.asarray(best_fit_iou, dtype=np.float64)
+    figures = {
+        "heads": int(iou.size),
+        "mean_best_fit_iou": _finite(float(iou.mean())) if iou.size else None,
+        "median_best_fit_iou": _finite(float(np.median(iou))) if iou.size else None,
+        "share_heads_iou_above_0_5": float((iou > 0.5).mean()) if iou.size else None,
+        "share_heads_iou_above_0_75": float((iou > 0.75).mean()) if iou.size else None,
+        "library_size": library.size if library is not None else None,
+        "library_mean_iou": _finite(library.mean_iou) if library is not None else None,
+        "baseline_iou": dict(library.baselines) if library is not None else None,
+        "ppl_increase": sweep,
+        "qa_accuracy": qa_accuracy(detail),
+        "base_perplexity": (detail or {}).get("base_perplexity"),
+        "paper": PAPER,
+    }
+    return figures
