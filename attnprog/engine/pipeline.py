@@ -315,7 +315,7 @@ def _run_stages(config: RunConfig, echo, out: Path, ledger: _Ledger, record: Run
                      f"|order={','.join(orders)}|costs={costs_key}")
         if ledger.done("sweep", sweep_key, out / "sweep.txt", out / "sweep.json", out / "sweep_detail.json"):
             text = (out / "sweep.txt").read_text().rstrip()
-            summary["sweep"] = json.loads((out / "sweep.json").read_text())["ppl_increase"]
+            summary["sweep"] = json.loads((out / "sweep.json").read_text())
             detail = json.loads((out / "sweep_detail.json").read_text())
             stage["state"] = "reused"
             echo(f"  reused {out / 'sweep.txt'}")
@@ -341,8 +341,8 @@ def _run_stages(config: RunConfig, echo, out: Path, ledger: _Ledger, record: Run
                         for row in result.rows}}
             detail = sweep_detail(result)
             (out / "sweep.txt").write_text(text + "\n")
-            (out / "sweep.json").write_text(json.dumps(full or {"ppl_increase": summary["sweep"]},
-                                                       indent=2))
+            # {order: {fraction: {condition: % increase}}}; the rest is in sweep_detail.json
+            (out / "sweep.json").write_text(json.dumps(summary["sweep"], indent=2))
             (out / "sweep_detail.json").write_text(json.dumps(detail, indent=2))
             ledger.record("sweep", sweep_key)
         echo(text)
