@@ -18,6 +18,12 @@ app = typer.Typer(
 
 # Commands are added below, one function each; keep them thin.
 
+ORDER_HELP = ("which heads are replaced first: 'iou' (best fit first), 'cost' (cheapest first by "
+              "each head's ΔNLL replaced alone, measured on selection texts) or 'both', side by side")
+COST_METHOD_HELP = ("how head costs are measured: 'exact' (a forward pass per head), 'fisher' "
+                    "(second-order estimate, all heads at once), 'taylor', 'linear' or 'auto' "
+                    "(exact on CUDA, fisher on CPU)")
+
 
 @app.command()
 def models() -> None:
@@ -78,13 +84,21 @@ def replace(
     batch_size: int = typer.Option(8),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     seed: int = typer.Option(0, help="seed of the random-program baseline"),
+    order: str = typer.Option("both", help=ORDER_HELP),
+    cost_method: str = typer.Option("auto", help=COST_METHOD_HELP),
 ) -> None:
     """Replace heads by their best-fit programs and print the perplexity and QA sweep table."""
     from attnprog.engine.models import load_model
     from attnprog.engine.rank import IoUTable
     from attnprog.engine.store import AttentionStore
-    from attnprog.engine.sweep import fractions_up_to, load_qa, perplexity_sweep
+    from attnprog.engine.sweep import (
+        fractions_up_to,
+        load_qa,
+        orders_from_option,
+        perplexity_sweep,
+    )
 
+    orders = orders_from_option(order)
     if not 0.0 <= fraction <= 1.0:
         raise AttnProgError(f"--fraction must be between 0 and 1, got {fraction}")
     attention = AttentionStore.load(store)
@@ -96,6 +110,7 @@ def replace(
     items = None if no_qa else load_qa(qa)
     result = perplexity_sweep(
         lm, attention, ious, fractions=fractions_up_to(fraction), split=split,
+        orders=orders, cost_method=cost_method,
         qa_items=items, tokenizer=tokenizer, qa_source=str(qa or "built-in sample"),
         seed=seed, batch_size=batch_size,
     )
@@ -267,6 +282,8 @@ def run(
     candidates: int = typer.Option(5000, help="generator programs added to the golden library"),
     fraction: float = typer.Option(0.25, help="largest share of heads replaced in the sweep"),
     qa: bool = typer.Option(True, help="score the built-in QA sample in the sweep"),
+    order: str = typer.Option("both", help=ORDER_HELP),
+    cost_method: str = typer.Option("auto", help=COST_METHOD_HELP),
     batch_size: int = typer.Option(8),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     fit: bool = typer.Option(True, help="fit one program per head (synthesis split) and rank it too"),
@@ -294,7 +311,8 @@ def run(
     run_pipeline(RunConfig(
         out=str(out), model=model, corpus=corpus, text_field=text_field, limit=limit,
         max_tokens=max_tokens, n_candidates=candidates, fraction=fraction, qa=qa,
-        batch_size=batch_size, device=device, ray=ray, heads=heads, seed=seed,
+        order=order, cost_method=cost_method, batch_size=batch_size, device=device, ray=ray,
+        heads=heads, seed=seed,
         library_size=library_size, report=report, llm_base_url=llm_base_url,
         llm_model=llm_model, llm_heads=llm_heads, llm_n=llm_n, llm_rounds=llm_rounds,
         llm_max_tokens_total=llm_max_tokens_total, fit=fit, fit_terms=fit_terms,

@@ -15,6 +15,7 @@ from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from attnprog.engine.corpus import load_corpus
@@ -39,6 +40,8 @@ class RunConfig:
     n_candidates: int = 5000  # generator programs, on top of the golden library
     fraction: float = 0.25  # largest share of heads replaced in the sweep
     qa: bool = True
+    order: str = "both"  # heads replaced by "iou" (best fit first), "cost" (cheapest first), "both"
+    cost_method: str = "auto"  # head costs: "exact" (a pass per head), "fisher", "taylor", "linear"
     batch_size: int = 8
     device: str = "cpu"
     top: int = 12  # best fits printed
@@ -189,10 +192,16 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print, force: 
 
 def _run_stages(config: RunConfig, echo, out: Path, ledger: _Ledger, record: RunRecord,
                 redo_extract: bool = False) -> dict:
+    from attnprog.engine.head_costs import HeadCosts, head_costs, resolve_method
     from attnprog.engine.heads import parse_heads
     from attnprog.engine.library import Library, select_library
     from attnprog.engine.rank import IoUTable
-    from attnprog.engine.sweep import fractions_up_to, load_qa, perplexity_sweep
+    from attnprog.engine.sweep import (
+        fractions_up_to,
+        load_qa,
+        orders_from_option,
+        perplexity_sweep,
+    )
 
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
     summary: dict = {"config": asdict(config)}
@@ -319,7 +328,27 @@ def _run_stages(config: RunConfig, echo, out: Path, ledger: _Ledger, record: Run
              + ", ".join(f"{name} {iou:.3f}" for name, iou in library.baselines.items()))
 
     with _stage(echo, "6/7 replace heads: perplexity and QA", "sweep") as stage:
-        sweep_key = f"{table_key}|fraction={config.fraction}|qa={config.qa}|seed={config.seed}"
+        orders = ("iou",) if config.ray else orders_from_option(config.order)
+        costs, costs_key = None, ""
+        if "cost" in orders:  # each head's cost replaced alone, on selection texts only
+            costs_path = out / "head_costs.json"
+            method = resolve_method(config.cost_method, model)
+            costs_key = f"{table_key}|split=selection|method={method}"
+            if ledger.done("costs", costs_key, costs_path):
+                costs = HeadCosts.load(costs_path)
+                echo(f"  reused {costs_path}")
+            else:
+                costs = head_costs(model, store, table, split="selection", outputs=outputs,
+                                   method=method, tokenizer=tokenizer,
+                                   batch_size=config.batch_size,
+                                   resume=out / "head_costs.partial.json")
+                costs.save(costs_path)
+                ledger.record("costs", costs_key)
+            echo(f"  head costs ({costs.method}, {len(costs.texts)} selection texts): "
+                 f"median {1000 * float(np.median(costs.costs)):.2f} mnats/token, cheapest "
+                 f"{1000 * costs.costs.min():.2f}, dearest {1000 * costs.costs.max():.2f}")
+        sweep_key = (f"{table_key}|fraction={config.fraction}|qa={config.qa}|seed={config.seed}"
+                     f"|order={','.join(orders)}|costs={costs_key}")
         if ledger.done("sweep", sweep_key, out / "sweep.txt", out / "sweep.json", out / "sweep_detail.json"):
             text = (out / "sweep.txt").read_text().rstrip()
             summary["sweep"] = json.loads((out / "sweep.json").read_text())
@@ -339,12 +368,16 @@ def _run_stages(config: RunConfig, echo, out: Path, ledger: _Ledger, record: Run
                 result = sweep_on_ray(config.model, store, table, address=config.ray,
                                       device=config.device, **sweep_kwargs)
             else:
-                result = perplexity_sweep(model, store, table, tokenizer=tokenizer, **sweep_kwargs)
+                result = perplexity_sweep(model, store, table, tokenizer=tokenizer, orders=orders,
+                                          costs=costs, **sweep_kwargs)
             text = result.to_text()
-            summary["sweep"] = {f"{row.fraction:g}": {c: result.increase(row, c) for c in row.perplexity}
-                                for row in result.rows}
+            full = result.to_json() if hasattr(result, "to_json") else None
+            summary["sweep"] = full["ppl_increase"] if full else {
+                "iou": {f"{row.fraction:g}": {c: result.increase(row, c) for c in row.perplexity}
+                        for row in result.rows}}
             detail = sweep_detail(result)
             (out / "sweep.txt").write_text(text + "\n")
+            # {order: {fraction: {condition: % increase}}}; the rest is in sweep_detail.json
             (out / "sweep.json").write_text(json.dumps(summary["sweep"], indent=2))
             (out / "sweep_detail.json").write_text(json.dumps(detail, indent=2))
             ledger.record("sweep", sweep_key)

@@ -22,7 +22,11 @@ import numpy as np
 import torch
 
 from attnprog.errors import ModelError
-from attnprog.kernels.override import override_attention, override_attention_reference
+from attnprog.kernels.override import (
+    override_attention,
+    override_attention_reference,
+    override_attention_torch,
+)
 from attnprog.layout import n_cells, tril_index
 
 ATTN_NAME = "attnprog"
@@ -85,6 +89,8 @@ def attnprog_attention(
     if dropout:
         raise ModelError("attnprog attention is inference-only: call model.eval() first")
     state: LayerOverride | None = getattr(module, _STATE_ATTR, None)
+    if state is not None and state.probe is not None:
+        return _probe_attention(query, key, value, attention_mask, scaling, state), None
     flags = program_probs = None
     impl = "auto"
     if state is not None:
@@ -104,6 +110,24 @@ def attnprog_attention(
             key_valid=attention_mask, scale=scaling, impl=impl,
         )  # fmt: skip
     return out.transpose(1, 2), None
+
+
+def _probe_attention(query, key, value, attention_mask, scaling, state) -> torch.Tensor:
+    """Every head attends normally (differentiably); the flagged heads' change of output
+    had they used Π, (Π − A)·V, is recorded in ``state.probe`` beside that output."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        raise ModelError("probing heads needs a plain causal batch (no sliding-window masks)")
+    out = override_attention_torch(query, key, value, None, None, key_valid=attention_mask,
+                                   scale=scaling)
+    heads = state.flags.nonzero().reshape(-1)
+    with torch.no_grad():
+        replaced = override_attention_reference(
+            query, key, value, state.flags, state.program_probs, key_valid=attention_mask,
+            scale=scaling,
+        )
+        delta = replaced[:, heads].float() - out[:, heads].detach().float()  # [B, F, n, D]
+    state.probe.append((out, heads, delta))
+    return out.transpose(1, 2)
 
 
 def register() -> None:
@@ -230,11 +254,16 @@ def _check_outputs_cover(offsets: np.ndarray, batch: Batch) -> None:
 
 @dataclass
 class LayerOverride:
-    """What one attention module needs: flags [H] bool, Π [B, flagged, n, n], kernel choice."""
+    """What one attention module needs: flags [H] bool, Π [B, flagged, n, n], kernel choice.
+
+    ``probe``, when a list, switches the module to probing (see ``engine.head_costs``): heads
+    attend normally and (output, flagged heads, (Π − A)·V) is appended to it.
+    """
 
     flags: torch.Tensor
     program_probs: torch.Tensor | None = None
     impl: str = "auto"
+    probe: list | None = None
 
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:

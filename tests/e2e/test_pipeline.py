@@ -50,7 +50,9 @@ def test_run_prints_every_stage_and_the_sweep_with_both_baselines_then_resumes(t
     assert "uniform" in first.stdout and "random" in first.stdout
     assert "10 % (27)" in first.stdout  # 10 % of 270 heads, rounded
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["store"]["heads"] == 270 and summary["sweep"]["0"]["programs"] == 0.0
+    assert summary["store"]["heads"] == 270
+    assert summary["ppl_increase"]["iou"]["0"]["programs"] == 0.0
+    assert set(summary["ppl_increase"]) == {"iou", "cost"}  # both orders by default
 
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr

@@ -45,7 +45,8 @@ def test_summary_holds_the_headline_figures_under_plain_keys(tiny_run):
     assert all(summary.get(key) is not None for key in SUMMARY_KEYS), summary
     assert 0.0 <= summary["median_best_fit_iou"] <= 1.0 and summary["heads"] == 8
     assert 1 <= summary["library_size"] <= 8
-    assert set(summary["ppl_increase"]["0.25"]) == {"programs", "uniform", "random"}
+    assert set(summary["ppl_increase"]["iou"]["0.25"]) == {"programs", "uniform", "random"}
+    assert set(summary["ppl_increase"]["cost"]["0.25"]) == {"programs", "uniform", "random"}
     assert set(summary["qa_accuracy"]) == {"before", "after"}
     assert set(summary["qa_accuracy"]["after"]["0.25"]) == {"programs", "uniform", "random"}
 
@@ -75,7 +76,7 @@ def test_report_dom_holds_the_summary_figures(tiny_run, chromium):
     dom = chromium.dump_dom(tiny_run[0] / "report.html")
     assert f'id="mean_best_fit_iou">{summary["mean_best_fit_iou"]:.3f}<' in dom
     assert f'id="library_size">{summary["library_size"]}<' in dom
-    assert f'id="ppl_increase_0.25_IoU">{summary["ppl_increase"]["0.25"]["programs"]:+.1f} %<' in dom
+    assert f'id="ppl_increase_0.25_iou">{summary["ppl_increase"]["iou"]["0.25"]["programs"]:+.1f} %<' in dom
     assert dom.count('class="head"') == 8 and 'href="#L1H3"' in dom
 
 

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from attnprog.engine.head_costs import HeadCosts
 from attnprog.engine.store import AttentionStore, packed_offsets_tensor
 from attnprog.engine.sweep import (
     QAItem,
     fractions_up_to,
     load_qa,
+    orders_from_option,
     perplexity,
     perplexity_sweep,
     qa_accuracy,
@@ -19,7 +21,7 @@ from attnprog.engine.sweep import (
     token_logprobs,
     tokenise_qa,
 )
-from attnprog.errors import CorpusError
+from attnprog.errors import AttnProgError, CorpusError, StoreError
 from attnprog.layout import causal_offsets, pack
 from attnprog.synth.program import Program, normalise
 from attnprog.synth.runtime.outputs import ProgramOutputs
@@ -199,3 +201,83 @@ def test_fraction_out_of_range_is_a_user_error():
 
     with pytest.raises(AttnProgError, match="between 0 and 1"):
         fractions_up_to(1.5)
+
+
+# --- head orders: descending IoU and cheapest first -------------------------------------------
+
+SPLITS = ["selection", "heldout", "selection", "heldout", "selection", "heldout"]
+LENGTHS = [12, 7, 9, 10, 8, 11]
+
+
+def given_costs(costs, store):
+    return HeadCosts(np.asarray(costs, dtype=float), "exact", "selection",
+                     store.split_indices("selection"), 20, 3.0)
+
+
+def test_cost_order_replaces_the_cheapest_heads_first(tiny_gpt2):
+    model, _ = tiny_gpt2
+    store = make_store(LENGTHS, splits=SPLITS)
+    programs, outputs = program_outputs(LENGTHS)
+    table = SmallTable(torch.rand(2, 8, generator=torch.Generator().manual_seed(2)), programs)
+    costs = given_costs([0.5, -0.1, 0.3, 0.0, 0.9, 0.2, 0.05, 0.7], store)
+    result = perplexity_sweep(model, store, table, fractions=(0.0, 0.5), outputs=outputs,
+                              orders=("cost",), costs=costs, progress=False)
+    assert result.orders["cost"] == [1, 3, 6, 5]  # the 4 cheapest heads (50 %), cheapest first
+    assert np.all(np.diff(costs.costs[result.orders["cost"]]) >= 0)
+    assert result.to_json()["heads"]["cost"] == ["L0H1", "L0H3", "L1H2", "L1H1"]
+
+
+def test_both_orders_appear_side_by_side_in_text_and_json(tiny_gpt2):
+    model, _ = tiny_gpt2
+    store = make_store(LENGTHS, splits=SPLITS)
+    programs, outputs = program_outputs(LENGTHS)
+    table = SmallTable(torch.rand(2, 8, generator=torch.Generator().manual_seed(3)), programs)
+    costs = given_costs(np.linspace(1.0, 0.0, 8), store)  # the reverse of row order
+    result = perplexity_sweep(model, store, table, fractions=(0.0, 0.25), outputs=outputs,
+                              orders=("iou", "cost"), costs=costs, progress=False)
+    assert set(result.increases()) == {"iou", "cost"}
+    data = json.loads(json.dumps(result.to_json()))  # plain JSON, round-trips
+    for order in ("iou", "cost"):
+        assert set(data["ppl_increase"][order]) == {"0", "0.25"}
+        assert set(data["ppl_increase"][order]["0.25"]) == {"programs", "uniform", "random"}
+        assert data["mean_iou"][order]["0"] is None and data["mean_iou"][order]["0.25"] > 0
+    assert data["n_heads"] == {"0": 0, "0.25": 2}
+    header = result.to_text().splitlines()
+    assert any("descending IoU" in line and "cheapest first" in line for line in header)
+
+
+def test_cost_order_is_the_same_whatever_the_heldout_texts_are(tiny_gpt2):
+    model, _ = tiny_gpt2
+    store = make_store(LENGTHS, splits=SPLITS)
+    other = make_store(LENGTHS, splits=SPLITS)
+    for s in other.split_indices("heldout"):  # new held-out tokens, same selection texts
+        start = int(other.lengths[:s].sum())
+        other.ids_packed[start : start + int(other.lengths[s])] = torch.randint(
+            0, 200, (int(other.lengths[s]),), generator=torch.Generator().manual_seed(s))
+    programs, outputs = program_outputs(LENGTHS)
+    table = SmallTable(torch.rand(2, 8, generator=torch.Generator().manual_seed(4)), programs)
+    kwargs = dict(fractions=(0.0, 0.5), outputs=outputs, orders=("cost",), cost_method="exact",
+                  progress=False)
+    a = perplexity_sweep(model, store, table, **kwargs)
+    b = perplexity_sweep(model, other, table, **kwargs)
+    assert a.base_perplexity != b.base_perplexity  # the reported texts did change
+    assert a.cost_info["costs"] == b.cost_info["costs"]
+    assert a.orders["cost"] == b.orders["cost"]
+
+
+def test_costs_measured_on_the_reported_texts_are_refused(tiny_gpt2):
+    model, _ = tiny_gpt2
+    store = make_store(LENGTHS, splits=SPLITS)
+    programs, outputs = program_outputs(LENGTHS)
+    table = SmallTable(torch.rand(2, 8), programs)
+    leaky = HeadCosts(np.zeros(8), "exact", "heldout", store.split_indices("heldout"), 20, 3.0)
+    with pytest.raises(StoreError, match="measure them on another split"):
+        perplexity_sweep(model, store, table, fractions=(0.0, 0.5), outputs=outputs,
+                         orders=("cost",), costs=leaky, progress=False)
+
+
+def test_order_option_names_both_orders_or_one():
+    assert orders_from_option("both") == ("iou", "cost")
+    assert orders_from_option("cost") == ("cost",)
+    with pytest.raises(AttnProgError, match="use cost, iou or both"):
+        orders_from_option("random")
