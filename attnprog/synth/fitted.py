@@ -340,13 +340,15 @@ def program_from_fit(fit: dict, *, head: str = "", model_id: str = "", split: st
                      score: float | None = None) -> Program:
     """The Program for a fit; provenance records the fit, the head and the split it came from."""
     fit = check_fit(fit)
+    if score is not None:  # rounded once, so the source regenerates from the provenance exactly
+        score = round(float(score), 4)
     about = f"Fitted to {model_id} head {head} on the {split} split".strip()
     if score is not None:
         about += f" (IoU {score:.3f} there)"
     about = about + ":" if head or model_id else ""
     provenance = {"fitted": FITTER, "fit": fit, "head": head, "model_id": model_id, "split": split}
     if score is not None:
-        provenance["split_iou"] = round(float(score), 4)
+        provenance["split_iou"] = score
     return Program(source=source_from_fit(fit, about), name="program", family="fitted",
                    provenance=provenance)
 
