@@ -114,8 +114,8 @@ def wrap_command(command: list[str], bwrap: str, readable: list[str]) -> list[st
     for folder in hidden:
         if os.path.isdir(folder):
             args += ["--tmpfs", folder]
-    for path in sorted(set(readable)):
-        if os.path.exists(path) and any(_is_under(path, h) for h in hidden):
+    for path in sorted(set(readable)):  # e.g. a project (and its venv) cloned under /tmp
+        if os.path.exists(path) and any(_is_under(path, h) for h in [*hidden, "/tmp"]):
             args += ["--ro-bind", path, path]
     for secret in _SECRETS:
         if os.path.isfile(secret):

@@ -253,3 +253,15 @@ def test_a_worker_that_cannot_be_spawned_leaks_no_file_descriptors(monkeypatch):
         with pytest.raises(SandboxError, match="cannot fork"):
             Sandbox(workers=1, progress=False).start()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_project_under_tmp_stays_readable_behind_the_private_tmp(tmp_path):
+    """CI clones under /tmp: the interpreter and attnprog there are bound back read-only."""
+    from attnprog.synth.runtime.isolation import wrap_command
+
+    venv = str(tmp_path)  # pytest's tmp_path lies under /tmp
+    args = wrap_command(["python"], "bwrap", [venv, "/usr/lib"])
+    tmpfs = args.index("/tmp", args.index("--tmpfs"))
+    bind = args.index(venv)
+    assert args[bind - 1] == "--ro-bind" and bind > tmpfs
+    assert "/usr/lib" not in args  # already visible through the read-only root
