@@ -388,6 +388,13 @@ def rank(
         if iou_texts is not None:
             iou_texts[p0:p1] = iou.cpu()
 
+    return table_of(store, outputs, split, texts, iou_mean, iou_texts, impl=target.impl)
+
+
+def table_of(store: AttentionStore, outputs, split: str | None, texts, iou_mean: torch.Tensor,
+             iou_texts: torch.Tensor | None, **meta) -> IoUTable:
+    """The IoUTable of scores computed for ``outputs`` against ``store``'s heads on ``texts``;
+    ``meta`` adds to the model and corpus identity (the kernel used, the cluster...)."""
     return IoUTable(
         iou=iou_mean,
         programs=list(outputs.programs),
@@ -397,7 +404,7 @@ def rank(
         per_text=iou_texts,
         text_indices=list(texts),
         meta={"model": store.meta.get("model_id", ""),
-              "corpus_hash": store.meta.get("corpus_hash", ""), "impl": target.impl},
+              "corpus_hash": store.meta.get("corpus_hash", ""), **meta},
     )
 
 

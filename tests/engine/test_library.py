@@ -13,68 +13,25 @@ from attnprog.engine.library import (
     select_library,
 )
 from attnprog.engine.rank import rank_with_heldout
-from attnprog.engine.store import AttentionStore
 from attnprog.layout import causal_offsets, pack
-from attnprog.synth.program import Program
-from attnprog.synth.runtime.outputs import ProgramOutputs
+from tests.engine.planted import first_token, previous_token, self_token
+from tests.engine.planted import pattern_outputs as outputs_of
+from tests.engine.planted import planted_store as make_store
 
 LENGTHS = [6, 9, 4, 12, 7, 10, 5, 8]
 SPLITS = ["selection"] * 5 + ["heldout"] * 3
 
 
-def first_token(n):
-    m = np.zeros((n, n))
-    m[:, 0] = 1.0
-    return m
-
-
-def previous_token(n):
-    m = np.eye(n, k=-1)
-    m[0, 0] = 1.0
-    return m
-
-
-def self_token(n):
-    return np.eye(n)
-
-
 PATTERNS = [first_token, previous_token, self_token]
-
-
-def packed(fn):
-    return np.concatenate([pack(fn(n)) for n in LENGTHS]).astype(np.float32)
 
 
 def planted_store(planted):
     """1 layer; head r is 0.9 * PATTERNS[planted[r]] + 0.1 * uniform noise."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for index in planted:
-        texts = []
-        for n in LENGTHS:
-            noise = np.tril(rng.random((n, n)))
-            noise /= noise.sum(1, keepdims=True)
-            texts.append(pack(0.9 * PATTERNS[index](n) + 0.1 * noise))
-        rows.append(np.concatenate(texts))
-    return AttentionStore(
-        attn_packed=torch.from_numpy(np.stack(rows).astype(np.float32)),
-        offsets=torch.from_numpy(causal_offsets(LENGTHS)),
-        lengths=torch.tensor(LENGTHS, dtype=torch.int64),
-        ids_packed=torch.zeros(sum(LENGTHS), dtype=torch.int64),
-        texts=[f"text {s}" for s in range(len(LENGTHS))],
-        tokens=[["t"] * n for n in LENGTHS],
-        spans=[[(0, 1)] * n for n in LENGTHS],
-        splits=list(SPLITS),
-        meta={"n_layers": 1, "n_heads": len(planted), "model_id": "hand-built"},
-    )
+    return make_store(planted, PATTERNS, LENGTHS, SPLITS, 0.9, meta={"model_id": "hand-built"})
 
 
 def pattern_outputs():
-    programs = [Program(source=f"# {fn.__name__}\n", name=fn.__name__, family=fn.__name__)
-                for fn in PATTERNS]
-    return ProgramOutputs(programs=programs, values=np.stack([packed(fn) for fn in PATTERNS]),
-                          failed=np.zeros((len(PATTERNS), len(LENGTHS)), dtype=bool),
-                          offsets=causal_offsets(LENGTHS))
+    return outputs_of(PATTERNS, LENGTHS, source=lambda fn: f"# {fn.__name__}\n")
 
 
 # --- greedy coverage ---------------------------------------------------------------------------

@@ -5,74 +5,32 @@ import pytest
 import torch
 
 from attnprog.engine.rank import IoUTable, rank, rank_with_heldout
-from attnprog.engine.store import AttentionStore
 from attnprog.errors import StoreError
-from attnprog.layout import causal_offsets, pack
-from attnprog.synth.program import Program
-from attnprog.synth.runtime.outputs import ProgramOutputs
+from attnprog.layout import causal_offsets
+from tests.engine.planted import (
+    first_token,
+    pattern_outputs,
+    planted_store,
+    previous_token,
+    self_token,
+    uniform,
+)
 
 LENGTHS = [5, 9, 3, 12, 7, 10, 4, 8]
 SPLITS = ["selection"] * 5 + ["heldout"] * 3
 
 
-def first_token(n):
-    m = np.zeros((n, n))
-    m[:, 0] = 1.0
-    return m
-
-
-def previous_token(n):
-    m = np.eye(n, k=-1)
-    m[0, 0] = 1.0
-    return m
-
-
-def self_token(n):
-    return np.eye(n)
-
-
-def uniform(n):
-    m = np.tril(np.ones((n, n)))
-    return m / m.sum(1, keepdims=True)
-
-
 PATTERNS = [first_token, previous_token, self_token, uniform]
-
-
-def packed(fn):
-    return np.concatenate([pack(fn(n)) for n in LENGTHS]).astype(np.float32)
 
 
 def make_store(planted, seed=0):
     """2 layers x 2 heads; head r is 0.8 * PATTERNS[planted[r]] + 0.2 * noise, rows normalised."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for index in planted:
-        texts = []
-        for n in LENGTHS:
-            noise = np.tril(rng.random((n, n)))
-            noise /= noise.sum(1, keepdims=True)
-            texts.append(pack(0.8 * PATTERNS[index](n) + 0.2 * noise))
-        rows.append(np.concatenate(texts))
-    offsets = torch.from_numpy(causal_offsets(LENGTHS))
-    return AttentionStore(
-        attn_packed=torch.from_numpy(np.stack(rows).astype(np.float32)),
-        offsets=offsets,
-        lengths=torch.tensor(LENGTHS, dtype=torch.int64),
-        ids_packed=torch.zeros(sum(LENGTHS), dtype=torch.int64),
-        texts=[f"text {s}" for s in range(len(LENGTHS))],
-        tokens=[["t"] * n for n in LENGTHS],
-        spans=[[(0, 1)] * n for n in LENGTHS],
-        splits=list(SPLITS),
-        meta={"n_layers": 2, "n_heads": 2, "model": "hand-built"},
-    )
+    return planted_store(planted, PATTERNS, LENGTHS, SPLITS, 0.8, n_layers=2, seed=seed,
+                         meta={"model": "hand-built"})
 
 
 def make_outputs():
-    programs = [Program(source="", name=fn.__name__, family=fn.__name__) for fn in PATTERNS]
-    values = np.stack([packed(fn) for fn in PATTERNS])
-    failed = np.zeros((len(PATTERNS), len(LENGTHS)), dtype=bool)
-    return ProgramOutputs(programs, values, failed, causal_offsets(LENGTHS))
+    return pattern_outputs(PATTERNS, LENGTHS)
 
 
 PLANTED = [1, 0, 3, 2]  # head row -> index of the pattern it copies

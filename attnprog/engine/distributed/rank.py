@@ -32,6 +32,7 @@ from attnprog.engine.rank import (
     prepare_split,
     rank_with_heldout,
     score_chunk,
+    table_of,
 )
 from attnprog.engine.store import AttentionStore
 from attnprog.errors import ClusterError, StoreError
@@ -246,19 +247,9 @@ class ShardedRanker:
             bar.close()
 
         impl_used = self.info()[0]["impl"]
-        return IoUTable(
-            iou=iou_mean,
-            programs=list(outputs.programs),
-            split=split or "all",
-            n_layers=store.n_layers,
-            n_heads=store.n_heads,
-            per_text=iou_texts,
-            text_indices=list(texts),
-            meta={"model": store.meta.get("model_id", ""),
-                  "corpus_hash": store.meta.get("corpus_hash", ""), "impl": impl_used,
-                  "ray": {"shards": len(self.actors), "device": self.device,
-                          "actors_replaced": self.retries}},
-        )
+        return table_of(store, outputs, split, texts, iou_mean, iou_texts, impl=impl_used,
+                        ray={"shards": len(self.actors), "device": self.device,
+                             "actors_replaced": self.retries})
 
     def _recover(self, shard: int, actor, err: Exception) -> None:
         """Replace a lost shard actor (once, however many of its chunks were in flight)."""
