@@ -287,7 +287,7 @@ def run(
     batch_size: int = typer.Option(8),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     fit: bool = typer.Option(True, help="fit one program per head (synthesis split) and rank it too"),
-    fit_terms: int = typer.Option(11, help="features per fitted program"),
+    fit_terms: int = typer.Option(12, help="features per fitted program"),
     ray: str = typer.Option("", "--ray", help="evaluate, rank and sweep on a Ray cluster: its "
                             "address (HOST:PORT, ray://HOST:10001) or 'auto' (this machine's)"),
     heads: str = typer.Option("", help="heads to explain, e.g. '18.*,20.3' (default: all)"),

@@ -4,8 +4,10 @@ Every head of a store is fitted at once (the features are the same for all heads
 weights differ) by gradient ascent on the mean soft IoU of the synthesis split. For
 row-stochastic matrices a text's IoU is (n - D/2) / (n + D/2) with D the L1 distance, so
 this is L1 fitting, not cross-entropy. Two phases: all features with an L1 penalty on the
-weights, then the ``max_terms`` strongest features only, refitted without it. The weights
-are rounded for reading, and the rounded fit is what the program computes.
+weights, then the ``max_terms`` strongest features only, refitted without it. A few swap
+rounds follow (every feature reopened under the penalty, the strongest chosen again,
+refitted), each head keeping its best choice: the first choice is often not the best set.
+The weights are rounded for reading, and the rounded fit is what the program computes.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ from attnprog.synth.program import Program
 class FitSettings:
     """How hard to fit: terms kept per head, optimiser steps per phase, and where to run."""
 
-    max_terms: int = 11  # features kept per head (the sink share is one more setting)
+    max_terms: int = 12  # features kept per head (the sink share is one more setting)
     search_steps: int = 100  # phase 1: every feature, L1 penalty
     refit_steps: int = 120  # phase 2: the kept features only
+    swap_rounds: int = 2  # phase 1 again from the best refit, then phase 2, per round
+    reopen_steps: int = 60  # steps of each swap round's phase 1
     lr: float = 0.08
     penalty: float = 2e-3  # L1 on the (scaled) weights during phase 1
     key_tokens: int = 40  # the most frequent token pieces of the split, as key features
@@ -46,7 +50,7 @@ class FitSettings:
     device: str = "cpu"
     syntax: bool = True  # offer POS / dependency features when spaCy is installed
     initial_share: float | None = None  # None: half the head's mean attention on token 0
-    threads: int | None = 1  # CPU threads; 1 because small ops on a busy machine only wait
+    threads: int | None = None  # CPU threads; None: torch's default (every core)
 
 
 @dataclass
@@ -144,12 +148,28 @@ def fit_rows(attn: torch.Tensor, data: CorpusFeatures, settings: FitSettings,
         share = torch.full((n_heads,), settings.initial_share, device=device)
     logit = torch.logit(share)
     everything = torch.ones_like(weights)
-    weights, logit = _optimise(weights, logit, everything, attn, data, settings.search_steps,
-                               settings.lr, settings.penalty)
-    keep = weights.abs().topk(min(settings.max_terms, n_features), dim=1).indices
-    mask = torch.zeros_like(weights).scatter_(1, keep, 1.0)
-    weights, logit = _optimise(weights, logit, mask, attn, data, settings.refit_steps,
-                               settings.lr, 0.0)
+    search, search_logit = _optimise(weights, logit, everything, attn, data,
+                                     settings.search_steps, settings.lr, settings.penalty)
+    best_iou = torch.full((n_heads,), -torch.inf, device=device)
+    for swap in range(settings.swap_rounds + 1):
+        if swap:  # reopen every feature around the best refit so far, under the penalty
+            search, search_logit = _optimise(weights, logit, everything, attn, data,
+                                             settings.reopen_steps, settings.lr / 2,
+                                             settings.penalty)
+        keep = search.abs().topk(min(settings.max_terms, n_features), dim=1).indices
+        chosen = torch.zeros_like(weights).scatter_(1, keep, 1.0)
+        refit, refit_logit = _optimise(search, search_logit, chosen, attn, data,
+                                       settings.refit_steps, settings.lr, 0.0)
+        with torch.no_grad():
+            iou = text_iou(model_cells(refit, torch.sigmoid(refit_logit), data), attn,
+                           data).mean(dim=0)
+        better = iou > best_iou
+        best_iou = torch.where(better, iou, best_iou)
+        if swap == 0:
+            weights, logit, mask = refit, refit_logit, chosen
+        else:
+            weights[better], logit[better], mask[better] = (refit[better], refit_logit[better],
+                                                            chosen[better])
     shares = torch.sigmoid(logit)
     with torch.no_grad():  # L1 is not smooth: a near-uniform head can end in a kink that the
         # uniform pattern (no weights, no share) beats; then uniform is its explanation
@@ -250,7 +270,7 @@ def fitted_programs(store: AttentionStore, split: str = "synthesis",
     ]
 
 
-FIT_VERSION = "1"  # bump when the fitter changes what it produces
+FIT_VERSION = "2"  # bump when the fitter changes what it produces
 
 
 def fit_stage(store: AttentionStore, config, ledger, out, echo) -> tuple[list[Program], str, bool]:

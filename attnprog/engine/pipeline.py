@@ -46,7 +46,7 @@ class RunConfig:
     device: str = "cpu"
     top: int = 12  # best fits printed
     fit: bool = True  # fit one program per head on the synthesis split and add it to the pool
-    fit_terms: int = 11  # features per fitted program (its sink share is one more setting)
+    fit_terms: int = 12  # features per fitted program (its sink share is one more setting)
     ray: str = ""  # Ray cluster address or "auto" ("": this machine only, Ray not imported)
     seed: int = 0  # random baselines (random program, random token)
     heads: str = ""  # heads to explain, e.g. "18.*,20.3" (empty: all)

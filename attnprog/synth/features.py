@@ -310,6 +310,24 @@ class Sentence:
         shifted[1:] = latest[:-1]
         return shifted
 
+    def first_index(self, mask) -> int:
+        """The first position where ``mask`` holds (e.g. the text's first ' the'); -1 where
+        it never does."""
+        mask = np.asarray(mask, dtype=bool)
+        return int(np.argmax(mask)) if mask.any() else -1
+
+    def follows(self, mask) -> np.ndarray:
+        """[n] bool: the token just before position i is one where ``mask`` holds."""
+        mask = np.asarray(mask, dtype=bool)
+        out = np.zeros(self.n, dtype=bool)
+        out[1:] = mask[:-1]
+        return out
+
+    @property
+    def is_first_copy(self) -> np.ndarray:
+        """[n] bool: the token's first occurrence in the text."""
+        return self.previous_occurrence < 0
+
     def _sentence_starts(self) -> np.ndarray:
         starts = np.zeros(self.n, dtype=bool)
         if self.n:

@@ -112,6 +112,29 @@ PAIR_FEATURES: tuple[Feature, ...] = tuple(
     for q in _PAIR_CLASSES for k in _PAIR_CLASSES
 )
 FEATURES = FEATURES + PAIR_FEATURES
+# the first token of a class: a second sink in many heads (e.g. the text's first ' the')
+_FIRST_CLASSES = ("punct", "sentence_end", "function_word", "determiner", "preposition",
+                  "pronoun", "content_word", "name")
+# classes of query that move the self / previous-token / decay terms
+_QUERY_CLASSES = ("punct", "function_word", "determiner", "preposition", "pronoun",
+                  "conjunction", "content_word", "name", "word_start", "sentence_start")
+FEATURES = FEATURES + (
+    Feature("key_position", "np.log1p(j)", "{w} x log(1 + key position)"),
+    Feature("first_copy", "s.is_first_copy[j] & (j > 0)",
+            "{w} on the first copy of each token"),
+    Feature("first_copy_function_word", "s.is_first_copy[j] & s.is_stopword[j]",
+            "{w} on the first copy of each function word"),
+    Feature("first_copy_punct", "s.is_first_copy[j] & s.is_punct[j]",
+            "{w} on the first copy of each punctuation mark"),
+    *(Feature(f"first_{c}", f"j == s.first_index(s.{_CLASS[c][0]})",
+              f"{{w}} on the first of the {_CLASS[c][1]}") for c in _FIRST_CLASSES),
+    *(Feature(f"self_from_{c}", f"(j == i) & s.{_CLASS[c][0]}[i]",
+              f"{{w}} on itself for {_CLASS[c][1]}") for c in _QUERY_CLASSES),
+    *(Feature(f"previous_from_{c}", f"(j == i - 1) & s.{_CLASS[c][0]}[i]",
+              f"{{w}} on the previous token from {_CLASS[c][1]}") for c in _QUERY_CLASSES),
+    *(Feature(f"distance_from_{c}", f"(i - j) * s.{_CLASS[c][0]}[i]",
+              f"{{w}} per token back from {_CLASS[c][1]}") for c in _QUERY_CLASSES),
+)
 # with spaCy: POS tags of the key and dependency arcs (all zero on texts without syntax)
 SYNTAX_FEATURES: tuple[Feature, ...] = (
     Feature("syntactic_head", "j == s.head_index[i]", "{w} on its syntactic head"),

@@ -76,6 +76,22 @@ def test_most_recent_finds_the_latest_earlier_match():
     assert s.most_recent(s.is_punct, include_self=True).tolist() == [-1, 1, 1, 1, 4, 4]
 
 
+def test_first_index_is_the_first_match_or_minus_one():
+    s = Sentence.from_text("a , b c , d")
+    assert s.first_index(s.is_punct) == 1
+    assert s.first_index(s.is_digit) == -1
+
+
+def test_follows_marks_tokens_right_after_a_match():
+    s = Sentence.from_text("a , b c , d")
+    assert s.follows(s.is_punct).tolist() == [False, False, True, False, False, True]
+
+
+def test_first_copy_marks_each_tokens_first_occurrence():
+    s = Sentence.from_text("a b c b c")  # ' b' and ' c' repeat ('a' has no leading space)
+    assert s.is_first_copy.tolist() == [True, True, True, False, False]
+
+
 def test_feature_arrays_are_fresh_copies(s):
     mask = s.is_punct
     mask[:] = True
