@@ -151,6 +151,7 @@ def fit_rows(attn: torch.Tensor, data: CorpusFeatures, settings: FitSettings,
     search, search_logit = _optimise(weights, logit, everything, attn, data,
                                      settings.search_steps, settings.lr, settings.penalty)
     best_iou = torch.full((n_heads,), -torch.inf, device=device)
+    mask = torch.zeros_like(weights)
     for swap in range(settings.swap_rounds + 1):
         if swap:  # reopen every feature around the best refit so far, under the penalty
             search, search_logit = _optimise(weights, logit, everything, attn, data,
@@ -165,11 +166,8 @@ def fit_rows(attn: torch.Tensor, data: CorpusFeatures, settings: FitSettings,
                            data).mean(dim=0)
         better = iou > best_iou
         best_iou = torch.where(better, iou, best_iou)
-        if swap == 0:
-            weights, logit, mask = refit, refit_logit, chosen
-        else:
-            weights[better], logit[better], mask[better] = (refit[better], refit_logit[better],
-                                                            chosen[better])
+        weights[better], logit[better], mask[better] = (refit[better], refit_logit[better],
+                                                        chosen[better])
     shares = torch.sigmoid(logit)
     with torch.no_grad():  # L1 is not smooth: a near-uniform head can end in a kink that the
         # uniform pattern (no weights, no share) beats; then uniform is its explanation

@@ -46,8 +46,13 @@ def planted_store(planted, patterns, lengths, splits, signal, n_layers=1, seed=0
             noise /= noise.sum(1, keepdims=True)
             texts.append(pack(signal * patterns[index](n) + (1 - signal) * noise))
         rows.append(np.concatenate(texts))
+    return store_of(np.stack(rows), lengths, splits, n_layers, meta)
+
+
+def store_of(attn_rows, lengths, splits, n_layers=1, meta=None):
+    """A store holding packed attention ``attn_rows`` [L*H, C] over texts of ``lengths``."""
     return AttentionStore(
-        attn_packed=torch.from_numpy(np.stack(rows).astype(np.float32)),
+        attn_packed=torch.from_numpy(np.asarray(attn_rows, dtype=np.float32)),
         offsets=torch.from_numpy(causal_offsets(lengths)),
         lengths=torch.tensor(lengths, dtype=torch.int64),
         ids_packed=torch.zeros(sum(lengths), dtype=torch.int64),
@@ -55,7 +60,7 @@ def planted_store(planted, patterns, lengths, splits, signal, n_layers=1, seed=0
         tokens=[["t"] * n for n in lengths],
         spans=[[(0, 1)] * n for n in lengths],
         splits=list(splits),
-        meta={"n_layers": n_layers, "n_heads": len(planted) // n_layers, **(meta or {})},
+        meta={"n_layers": n_layers, "n_heads": len(attn_rows) // n_layers, **(meta or {})},
     )
 
 

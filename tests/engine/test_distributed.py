@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from attnprog.engine.rank import rank, rank_with_heldout
-from attnprog.engine.store import AttentionStore
 from attnprog.layout import causal_offsets, pack
 from attnprog.synth.program import Program
 from attnprog.synth.runtime.outputs import ProgramOutputs
+from tests.engine.planted import store_of
 
 ray = pytest.importorskip("ray")
 
@@ -50,17 +50,8 @@ def random_rows(rng, n_rows):
 @pytest.fixture(scope="module")
 def store():
     rng = np.random.default_rng(0)
-    return AttentionStore(
-        attn_packed=torch.from_numpy(random_rows(rng, N_LAYERS * N_HEADS)),
-        offsets=torch.from_numpy(causal_offsets(LENGTHS)),
-        lengths=torch.tensor(LENGTHS, dtype=torch.int64),
-        ids_packed=torch.zeros(sum(LENGTHS), dtype=torch.int64),
-        texts=[f"text {s}" for s in range(len(LENGTHS))],
-        tokens=[["t"] * n for n in LENGTHS],
-        spans=[[(0, 1)] * n for n in LENGTHS],
-        splits=list(SPLITS),
-        meta={"n_layers": N_LAYERS, "n_heads": N_HEADS, "model_id": "random"},
-    )
+    return store_of(random_rows(rng, N_LAYERS * N_HEADS), LENGTHS, SPLITS, N_LAYERS,
+                    meta={"model_id": "random"})
 
 
 @pytest.fixture(scope="module")
