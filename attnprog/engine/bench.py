@@ -6,7 +6,7 @@ so the figures compare directly:
 
 - kernel:  ``sum_min`` with impl "auto" (Triton on CUDA, numba on CPU), timed on the full shape;
 - torch:   chunked broadcasting (``sum_min_torch``) on the same device, timed on a sample of
-           programs and reported as a rate (its cost is linear in P);
+           programs at several chunk sizes (the best is reported; its cost is linear in P);
 - numpy:   the authors' loop, ``np.minimum(a, b).sum() / np.maximum(a, b).sum()`` per
            (program, head, text) on n × n matrices, timed on a sample of triples; the rate
            counts the n(n+1)/2 causal cells of each triple.
@@ -140,12 +140,21 @@ def kernel_seconds(data: BenchData, impl: str = "auto") -> float:
                                      layout=data.layout), device, repeats=1, warmup=0)
 
 
+# Temporaries the torch baseline tries (elements); its best is reported, so the ratios are
+# against broadcasting tuned for the machine at hand, not against one arbitrary chunk size.
+TORCH_CHUNKS = (1 << 18, 1 << 20, 1 << 22, 1 << 24)
+
+
 def torch_rate(data: BenchData, sample_programs: int = 64) -> float:
-    """Pair-cells/s of chunked torch broadcasting, timed on the first ``sample_programs``."""
+    """Pair-cells/s of chunked torch broadcasting on the first ``sample_programs``, best chunk."""
     programs = data.programs[:sample_programs]
-    seconds = time_call(lambda: sum_min_torch(programs, data.attention, data.offsets),
-                        data.programs.device, repeats=1, warmup=0)
-    return programs.shape[0] * data.attention.shape[0] * data.programs.shape[1] / seconds
+    best = 0.0
+    for chunk in TORCH_CHUNKS:
+        call = partial(sum_min_torch, programs, data.attention, data.offsets, chunk_elements=chunk)
+        seconds = time_call(call, data.programs.device, repeats=1, warmup=1)
+        best = max(best, programs.shape[0] * data.attention.shape[0] * data.programs.shape[1]
+                   / seconds)
+    return best
 
 
 def numpy_loop_rate(data: BenchData, n_triples: int = 300, seed: int = 0) -> float:
