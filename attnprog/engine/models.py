@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from attnprog.cachedir import cache_root
 from attnprog.errors import ModelError
 
 
@@ -41,11 +42,7 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def cache_dir() -> Path:
     """Root of attnprog's cache: $ATTNPROG_CACHE_DIR, else the user cache dir."""
-    if os.environ.get("ATTNPROG_CACHE_DIR"):
-        return Path(os.environ["ATTNPROG_CACHE_DIR"])
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("attnprog"))
+    return cache_root()
 
 
 # --- tiny random models for fast tests ---------------------------------------------------------

@@ -13,16 +13,12 @@ import os
 import threading
 from pathlib import Path
 
-ENV_VAR = "ATTNPROG_CACHE_DIR"
+from attnprog.cachedir import cache_root
 
 
 def default_llm_cache_dir() -> Path:
-    """``$ATTNPROG_CACHE_DIR/llm`` if set, else the platform's user cache dir + attnprog/llm."""
-    if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR]).expanduser() / "llm"
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("attnprog")) / "llm"
+    """``llm/`` under attnprog's cache root (``$ATTNPROG_CACHE_DIR`` or the user cache dir)."""
+    return cache_root() / "llm"
 
 
 def request_key(model: str, messages: list[dict], params: dict) -> str:

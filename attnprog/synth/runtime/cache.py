@@ -4,7 +4,7 @@ One safetensors file per program under ``<root>/<corpus>-<tokenizer>/``: the pac
 normalised cells [C] float32, the failed flags [S], the failure reason and a checksum of
 all of that together with the entry's key, verified on every read (a damaged, edited or
 swapped file reads as a miss and is recomputed). Only the main process writes here. Root: the
-``cache_dir`` argument, else ``$ATTNPROG_CACHE_DIR``, else the user cache directory.
+``cache_dir`` argument, else ``outputs/`` under ``$ATTNPROG_CACHE_DIR`` or the user cache dir.
 """
 
 from __future__ import annotations
@@ -18,18 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from attnprog.cachedir import ENV_VAR, cache_root
 from attnprog.errors import StoreError
-
-ENV_VAR = "ATTNPROG_CACHE_DIR"
 
 
 def default_cache_dir() -> Path:
-    """``$ATTNPROG_CACHE_DIR`` if set, else the platform's user cache dir + attnprog/outputs."""
-    if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR]).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("attnprog")) / "outputs"
+    """``outputs/`` under attnprog's cache root (``$ATTNPROG_CACHE_DIR`` or the user cache dir)."""
+    return cache_root() / "outputs"
 
 
 def corpus_hash(sentences: Sequence) -> str:

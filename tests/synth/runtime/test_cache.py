@@ -52,8 +52,8 @@ def test_an_entry_of_the_wrong_size_or_a_damaged_file_is_a_miss(tmp_path):
 
 def test_the_cache_directory_comes_from_the_argument_then_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNPROG_CACHE_DIR", str(tmp_path / "env"))
-    assert default_cache_dir() == tmp_path / "env"
-    assert OutputCache().root == tmp_path / "env"
+    assert default_cache_dir() == tmp_path / "env" / "outputs"
+    assert OutputCache().root == tmp_path / "env" / "outputs"
     assert OutputCache(tmp_path / "arg").root == tmp_path / "arg"
 
 
