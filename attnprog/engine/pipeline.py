@@ -21,7 +21,7 @@ import torch
 from attnprog.engine.corpus import load_corpus
 from attnprog.engine.extract import extract_or_load
 from attnprog.engine.models import load_model
-from attnprog.engine.rundir import RunRecord, headline, sweep_detail
+from attnprog.engine.rundir import RunRecord, check_run_dir, headline, sweep_detail
 from attnprog.engine.store import AttentionStore
 from attnprog.errors import AttnProgError, CorpusError
 from attnprog.synth.program import Program, load_pool, save_pool
@@ -178,6 +178,7 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print, force: 
     ``force`` names a stage (see ``STAGES``) to redo, with every stage after it.
     """
     out = Path(config.out)
+    check_run_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     ledger = _Ledger(out)
     if force:

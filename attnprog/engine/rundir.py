@@ -22,10 +22,32 @@ from pathlib import Path
 
 import numpy as np
 
+from attnprog.errors import StoreError
+
 PACKAGES = ("attnprog", "torch", "transformers", "numpy", "numba", "triton", "safetensors",
             "matplotlib", "spacy", "tqdm", "typer")
 PAPER = {"best_fit_iou": {"GPT-2": 0.69, "Llama-3.2-1B": 0.74, "Llama-3.1-8B": 0.79},
          "ppl_increase_at_25_percent": 16.0}  # "Explaining Attention with Program Synthesis"
+
+
+RUN_MARKERS = ("manifest.json", "stages.json")  # files only a run directory holds
+
+
+def check_run_dir(out: Path) -> None:
+    """Refuse an ``--out`` that is a file, or a non-empty directory that is not a run's.
+
+    A run writes config.json, report.html and more: it must not land in a checkpoint's or a
+    project's folder and overwrite what is there. An earlier run's directory is resumed.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"{out} is a file; give attnprog run a new or empty directory")
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in RUN_MARKERS):
+        raise StoreError(
+            f"{out} is not empty and is not a run directory (no manifest.json or stages.json); "
+            "a run writes config.json, report.html and more there. Give a new or empty "
+            "directory, or an earlier run's directory to resume it."
+        )
 
 
 def now() -> str:

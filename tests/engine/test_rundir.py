@@ -1,0 +1,42 @@
+"""The run directory: where a run may write."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from attnprog.cli import app
+from attnprog.engine.rundir import check_run_dir
+from attnprog.errors import StoreError
+
+
+def test_a_new_or_empty_directory_is_accepted(tmp_path):
+    check_run_dir(tmp_path / "new")
+    check_run_dir(tmp_path)
+
+
+def test_an_earlier_runs_directory_is_accepted(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "manifest.json").write_text("{}")
+    check_run_dir(tmp_path)
+
+
+def test_a_directory_of_other_files_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # e.g. a checkpoint
+    with pytest.raises(StoreError, match="not a run directory"):
+        check_run_dir(tmp_path)
+
+
+def test_a_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="is a file"):
+        check_run_dir(tmp_path / "notes.txt")
+
+
+def test_run_into_a_checkpoint_folder_stops_before_writing_anything(tmp_path):
+    checkpoint = {"model_type": "llama", "hidden_size": 576}
+    (tmp_path / "config.json").write_text(json.dumps(checkpoint))
+    result = CliRunner().invoke(app, ["run", "--out", str(tmp_path), "--model", "tiny-gpt2"])
+    assert isinstance(result.exception, StoreError) and "not a run directory" in str(result.exception)
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    assert json.loads((tmp_path / "config.json").read_text()) == checkpoint
