@@ -25,6 +25,13 @@ def causal_offsets(lengths) -> np.ndarray:
     return offsets
 
 
+def text_cells(offsets, texts) -> np.ndarray:
+    """Packed-layout indices of the cells of ``texts`` (in that order): [C_texts] int64."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    parts = [np.arange(offsets[s], offsets[s + 1]) for s in texts]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 @lru_cache(maxsize=64)
 def tril_index(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Row and column of each packed cell of an n x n triangle, in packed order."""

@@ -1,6 +1,6 @@
 import numpy as np
 
-from attnprog.layout import causal_offsets, n_cells, pack, tril_index, unpack
+from attnprog.layout import causal_offsets, n_cells, pack, text_cells, tril_index, unpack
 
 
 def test_offsets_start_each_text_and_end_at_total_cells():
@@ -22,3 +22,9 @@ def test_unpack_inverts_pack_and_zeroes_the_upper_triangle():
 def test_tril_index_is_read_only_so_the_cache_cannot_be_corrupted():
     rows, _ = tril_index(4)
     assert not rows.flags.writeable
+
+
+def test_text_cells_lists_the_cells_of_the_given_texts_in_the_given_order():
+    offsets = causal_offsets([1, 3, 2])  # texts at cells [0, 1), [1, 7), [7, 10)
+    assert text_cells(offsets, [2, 0]).tolist() == [7, 8, 9, 0]
+    assert text_cells(offsets, []).tolist() == []

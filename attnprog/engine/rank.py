@@ -28,7 +28,7 @@ from attnprog.kernels.iou import (
     sum_min_numba,
     text_sums,
 )
-from attnprog.layout import causal_offsets
+from attnprog.layout import causal_offsets, text_cells
 from attnprog.synth.program import Program
 from attnprog.synth.runtime.outputs import ProgramOutputs
 
@@ -184,8 +184,7 @@ def _split_cells(store: AttentionStore, texts: list[int]) -> tuple[np.ndarray | 
     offsets = store.offsets.cpu().numpy()
     if texts == list(range(store.n_texts)):
         return None, offsets
-    cells = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in texts])
-    return cells, causal_offsets(store.lengths.cpu().numpy()[texts])
+    return text_cells(offsets, texts), causal_offsets(store.lengths.cpu().numpy()[texts])
 
 
 def chunk_size(n_programs: int, n_cells: int, n_heads: int, n_texts: int, memory_budget: int,
@@ -251,12 +250,16 @@ def score_chunk(target: SplitAttention, values, failed: np.ndarray) -> torch.Ten
         chunk = torch.as_tensor(np.asarray(values, dtype=np.float32)).to(device)
     failed = torch.from_numpy(np.asarray(failed, dtype=bool)).to(device)  # [Pc, S]
     # A non-finite value fails the program on that text; the kernel needs finite, >= 0.
-    finite = torch.isfinite(chunk)
-    if not bool(finite.all()):
+    # A text's sum is finite when all its values are, so the per-cell test runs only if not.
+    prog_sums = text_sums(chunk, offsets)  # [Pc, S]
+    if not bool(torch.isfinite(prog_sums).all()):
+        finite = torch.isfinite(chunk)
         failed |= text_sums((~finite).float(), offsets) > 0
         chunk = torch.where(finite, chunk, torch.zeros_like(chunk))
-    if bool((chunk < 0).any()):  # out of contract; never write into the caller's array
+        prog_sums = text_sums(chunk, offsets)
+    if chunk.numel() and float(chunk.amin()) < 0:  # out of contract; never write into the caller's array
         chunk = chunk.clamp(min=0.0)
+        prog_sums = text_sums(chunk, offsets)
 
     if target.impl == "numba":
         m = sum_min_numba(chunk, target.attention, offsets, attention_cell_major=target.attention_t)
@@ -265,7 +268,7 @@ def score_chunk(target: SplitAttention, values, failed: np.ndarray) -> torch.Ten
         requested = target.requested
         m = sum_min(chunk, target.attention, offsets,
                     impl=requested if requested == "auto" else target.impl, layout=target.layout)
-    iou = iou_from_sums(m.to(device), text_sums(chunk, offsets), target.attn_sums)
+    iou = iou_from_sums(m.to(device), prog_sums, target.attn_sums)
     return iou.masked_fill_(failed[:, None, :], 0.0)
 
 
@@ -331,8 +334,8 @@ class _Subset:
     def n_programs(self) -> int:
         return len(self.indices)
 
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        return self.parent.select(self.indices[start:stop]).values
+    def rows(self, start: int, stop: int, texts=None) -> np.ndarray:
+        return self.parent.rows_at(self.indices[start:stop], texts)
 
 
 def rank(
@@ -380,9 +383,8 @@ def rank(
             parent_rows = outputs.indices[p0:p1] if isinstance(outputs, _Subset) else range(p0, p1)
             values = device_rows.rows(parent_rows)
             values = values if cells_device is None else values[:, cells_device]
-        else:
-            values = outputs.rows(p0, p1)  # streamed outputs compute these rows only now
-            values = values if cells is None else values[:, cells]
+        else:  # streamed outputs compute these rows only now, on the split's texts only
+            values = outputs.rows(p0, p1, texts=None if cells is None else texts)
         iou = score_chunk(target, values, failed_all[p0:p1])
         iou_mean[p0:p1] = iou.mean(dim=2).cpu()
         if iou_texts is not None:

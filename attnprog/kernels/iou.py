@@ -739,6 +739,13 @@ def text_sums(values: torch.Tensor, offsets) -> torch.Tensor:
     n_texts = offsets.numel() - 1
     if values.shape[1] != int(offsets[-1]):
         raise ValueError(f"offsets end at {int(offsets[-1])} cells, values have {values.shape[1]}")
+    if values.device.type == "cpu":  # one contiguous pass per row (index_add_ is ~6x slower)
+        out = np.zeros((values.shape[0], n_texts), dtype=np.float32)
+        nonempty = (offsets[1:] > offsets[:-1]).numpy()  # reduceat reads an empty text wrongly
+        if nonempty.any() and values.shape[0]:
+            starts = offsets[:-1].numpy()[nonempty]
+            out[:, nonempty] = np.add.reduceat(values.float().numpy(), starts, axis=1)
+        return torch.from_numpy(out)
     text_of_cell = torch.repeat_interleave(torch.arange(n_texts), offsets[1:] - offsets[:-1])
     out = torch.zeros(values.shape[0], n_texts, dtype=torch.float32, device=values.device)
     return out.index_add_(1, text_of_cell.to(values.device), values.float())

@@ -200,7 +200,8 @@ def test_table_names_the_stores_model(outputs):
     assert rank(store, outputs).meta["model"] == "tiny-gpt2@abc"
 
 
-def test_ranking_streamed_outputs_equals_ranking_dense_outputs(tiny_gpt2):
+@pytest.mark.parametrize("split", [None, "selection"])
+def test_ranking_streamed_outputs_equals_ranking_dense_outputs(tiny_gpt2, split):
     from attnprog.engine.corpus import make_corpus
     from attnprog.engine.extract import extract_attention
     from attnprog.synth.generator.golden import golden_programs
@@ -214,8 +215,8 @@ def test_ranking_streamed_outputs_equals_ranking_dense_outputs(tiny_gpt2):
     kwargs = dict(corpus_hash=store.meta["corpus_hash"], use_cache=False, progress=False)
     dense = evaluate_programs(programs, store.sentences(), **kwargs)
     streamed = evaluate_programs(programs, store.sentences(), stream=True, **kwargs)
-    by_dense = rank(store, dense, split=None, chunk_programs=7)
-    by_stream = rank(store, streamed, split=None, chunk_programs=7)
+    by_dense = rank(store, dense, split=split, chunk_programs=7)
+    by_stream = rank(store, streamed, split=split, chunk_programs=7)  # rows of the split's texts
     assert torch.equal(by_dense.iou, by_stream.iou)
 
 

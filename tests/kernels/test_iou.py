@@ -167,6 +167,15 @@ def test_text_sums_sum_each_text(ragged):
     torch.testing.assert_close(sums, lengths.expand(37, 6), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lengths", [[0, 3, 2], [3, 0, 2], [3, 2, 0], [0, 0]])
+def test_text_sums_give_zero_for_empty_texts_wherever_they_are(lengths):
+    offsets = torch.from_numpy(causal_offsets(lengths))
+    values = torch.rand(4, int(offsets[-1]), generator=torch.Generator().manual_seed(0))
+    expected = torch.stack([values[:, int(offsets[s]):int(offsets[s + 1])].double().sum(1)
+                            for s in range(len(lengths))], dim=1).float()
+    torch.testing.assert_close(text_sums(values, offsets), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_torch_reference_chunks_agree(ragged):
     programs, attention, offsets = ragged
     torch.testing.assert_close(

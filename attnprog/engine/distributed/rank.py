@@ -214,8 +214,8 @@ class ShardedRanker:
             while next_chunk < len(starts) and len(chunks) < MAX_IN_FLIGHT:
                 p0 = starts[next_chunk]
                 p1 = min(n_programs, p0 + chunk_programs)
-                values = outputs.rows(p0, p1)  # streamed outputs compute these rows only now
-                values = values if cells is None else values[:, cells]
+                # streamed outputs compute these rows only now, on the split's texts only
+                values = outputs.rows(p0, p1, texts=None if cells is None else texts)
                 ref = self.ray.put(np.ascontiguousarray(values, dtype=np.float32))
                 chunks[next_chunk] = [p0, p1, ref, failed_all[p0:p1], len(self.actors)]
                 for shard in range(len(self.actors)):

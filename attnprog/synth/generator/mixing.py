@@ -63,8 +63,40 @@ def atom_matrices(sentence, keys: Sequence[AtomKey]) -> np.ndarray:
     return atoms
 
 
-def evaluate_specs(specs: Sequence[dict], sentences: Sequence) -> np.ndarray:
-    """Normalised outputs of ``specs`` on ``sentences``, packed: [P, C] float32."""
+class AtomCache:
+    """Atoms kept across calls, per (text, atom), up to ``budget_bytes``.
+
+    Ranking mixes many chunks of programs on the same texts and the chunks share most of
+    their atoms (the default pool's 5,000 programs use 212), so each is computed once.
+    """
+
+    def __init__(self, budget_bytes: int = 2 << 30):
+        self.budget_bytes, self.used_bytes = budget_bytes, 0
+        self.rows: dict[tuple[int, AtomKey], np.ndarray] = {}  # (id(sentence), key) -> [c_s]
+        self.sentences: dict[int, object] = {}  # keeps each sentence alive, so its id stays its own
+
+    def atoms(self, sentence, keys: Sequence[AtomKey]) -> np.ndarray:
+        """As :func:`atom_matrices`, computing only the atoms not cached yet."""
+        text = id(sentence)
+        missing = [key for key in keys if (text, key) not in self.rows]
+        fresh = dict(zip(missing, atom_matrices(sentence, missing))) if missing else {}
+        for key, row in fresh.items():
+            if self.used_bytes + row.nbytes <= self.budget_bytes:
+                self.sentences.setdefault(text, sentence)
+                self.rows[(text, key)] = row
+                self.used_bytes += row.nbytes
+        atoms = np.empty((len(keys), sentence.n * (sentence.n + 1) // 2), dtype=np.float64)
+        for k, key in enumerate(keys):
+            atoms[k] = fresh[key] if key in fresh else self.rows[(text, key)]
+        return atoms
+
+
+def evaluate_specs(specs: Sequence[dict], sentences: Sequence,
+                   cache: AtomCache | None = None) -> np.ndarray:
+    """Normalised outputs of ``specs`` on ``sentences``, packed: [P, C] float32.
+
+    ``cache``: atoms kept from earlier calls on the same sentences (and filled by this one).
+    """
     keys, term_atoms, term_weights = compile_specs(specs)
     offsets = causal_offsets([s.n for s in sentences])
     out = np.empty((len(specs), int(offsets[-1])), dtype=np.float32)
@@ -73,7 +105,7 @@ def evaluate_specs(specs: Sequence[dict], sentences: Sequence) -> np.ndarray:
     from attnprog.synth.generator.mix_kernel import mix_rows  # numba: imported only when needed
 
     for s, sentence in enumerate(sentences):
-        atoms = atom_matrices(sentence, keys)  # [K, c_s]
+        atoms = cache.atoms(sentence, keys) if cache else atom_matrices(sentence, keys)  # [K, c_s]
         mix_rows(atoms, term_atoms, term_weights, sentence.n, out, int(offsets[s]))
     return out
 

@@ -321,10 +321,11 @@ def _cached_source(spec_json: str) -> str:
     return source_from_spec(json.loads(spec_json))
 
 
-def evaluate_generated(programs: Sequence[Program], sentences: Sequence) -> np.ndarray:
+def evaluate_generated(programs: Sequence[Program], sentences: Sequence, cache=None) -> np.ndarray:
     """Normalised outputs of generator programs on ``sentences``, packed: [P, C] float32.
 
     Equal (to 1e-6) to running each program's source and normalising, without running it.
+    ``cache``: a :class:`~attnprog.synth.generator.mixing.AtomCache` shared between calls.
     """
     specs = []
     for program in programs:
@@ -334,4 +335,4 @@ def evaluate_generated(programs: Sequence[Program], sentences: Sequence) -> np.n
                 "evaluate it in the sandbox instead"
             )
         specs.append(program.provenance["spec"])
-    return evaluate_specs(specs, sentences)
+    return evaluate_specs(specs, sentences, cache)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from attnprog.errors import CorpusError
-from attnprog.layout import causal_offsets
+from attnprog.layout import causal_offsets, text_cells
 from attnprog.synth.features import Sentence, attach_syntax
 from attnprog.synth.program import Program, check_source
 from attnprog.synth.runtime.cache import OutputCache
@@ -114,6 +114,7 @@ class StreamedOutputs:
         self._sandboxed = sandboxed  # program hash -> (values [C], failed [S], reason)
         self.failed = np.zeros((len(programs), len(sentences)), dtype=bool)
         self.reasons = [""] * len(programs)
+        self._atoms = None  # the generator's AtomCache, made on first use
         for row, program in enumerate(programs):
             if program.hash in sandboxed:
                 _, self.failed[row], self.reasons[row] = sandboxed[program.hash]
@@ -122,34 +123,45 @@ class StreamedOutputs:
     def n_programs(self) -> int:
         return len(self.programs)
 
-    def rows(self, start: int, stop: int, chunk: int = 1024) -> np.ndarray:
-        """Values of programs ``start:stop``: [stop - start, C] float32."""
-        return self._values(range(start, min(stop, self.n_programs)), chunk)
+    def rows(self, start: int, stop: int, texts=None, chunk: int = 1024) -> np.ndarray:
+        """Values of programs ``start:stop``: [stop - start, C] float32; with ``texts``,
+        only those texts' cells (generator rows are then computed on those texts only)."""
+        return self.rows_at(range(start, min(stop, self.n_programs)), texts, chunk)
 
     def select(self, indices) -> ProgramOutputs:
         """Dense :class:`ProgramOutputs` of the programs at ``indices``."""
         indices = [int(i) for i in indices]
         return ProgramOutputs(
             programs=[self.programs[i] for i in indices],
-            values=self._values(indices),
+            values=self.rows_at(indices),
             failed=self.failed[indices],
             offsets=self.offsets,
             reasons=[self.reasons[i] for i in indices],
             corpus_hash=self.corpus_hash,
         )
 
-    def _values(self, indices, chunk: int = 1024) -> np.ndarray:
-        values = np.empty((len(indices), int(self.offsets[-1])), dtype=np.float32)
+    def rows_at(self, indices, texts=None, chunk: int = 1024) -> np.ndarray:
+        """Values of the programs at ``indices`` [len, C] float32 (``texts``: as in :meth:`rows`)."""
+        cells = None if texts is None else text_cells(self.offsets, texts)
+        sentences = self.sentences if texts is None else [self.sentences[s] for s in texts]
+        values = np.empty((len(indices), int(self.offsets[-1]) if cells is None else len(cells)),
+                          dtype=np.float32)
         generated = []  # (position in values, program)
         for position, index in enumerate(indices):
             program = self.programs[index]
             if program.hash in self._sandboxed:
-                values[position] = self._sandboxed[program.hash][0]
+                stored = self._sandboxed[program.hash][0]
+                values[position] = stored if cells is None else stored[cells]
             else:
                 generated.append((position, program))
+        if generated and self._atoms is None:
+            from attnprog.synth.generator.mixing import AtomCache
+
+            self._atoms = AtomCache()
         for start in range(0, len(generated), chunk):  # bounded copies of generator output
             part = generated[start : start + chunk]
-            mixed = _generator_module().evaluate_generated([p for _, p in part], self.sentences)
+            mixed = _generator_module().evaluate_generated([p for _, p in part], sentences,
+                                                           self._atoms)
             values[[position for position, _ in part]] = mixed
         return values
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from attnprog.errors import StoreError
+from attnprog.layout import text_cells
 from attnprog.synth.program import Program
 
 
@@ -37,9 +38,11 @@ class ProgramOutputs:
     def n_programs(self) -> int:
         return len(self.programs)
 
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """Values of programs ``start:stop``: [stop - start, C] float32."""
-        return self.values[start:stop]
+    def rows(self, start: int, stop: int, texts=None) -> np.ndarray:
+        """Values of programs ``start:stop``: [stop - start, C] float32; with ``texts``,
+        only those texts' cells, in that order."""
+        values = self.values[start:stop]
+        return values if texts is None else values[:, text_cells(self.offsets, texts)]
 
     def select(self, indices) -> ProgramOutputs:
         """The outputs of the programs at ``indices`` only (rows copied)."""

@@ -155,6 +155,18 @@ def test_emitted_sources_pass_validate(programs):
     assert not failures
 
 
+@pytest.mark.parametrize("budget_bytes", [2 << 30, 200_000, 0])
+def test_an_atom_cache_shared_by_chunks_changes_no_output(programs, texts, budget_bytes):
+    from attnprog.synth.generator.mixing import AtomCache, evaluate_specs
+
+    specs = [p.provenance["spec"] for p in programs[::11]]
+    cache = AtomCache(budget_bytes)
+    chunks = [evaluate_specs(specs[i : i + 60], texts, cache) for i in range(0, len(specs), 60)]
+    assert np.array_equal(np.concatenate(chunks), evaluate_specs(specs, texts))
+    assert cache.used_bytes <= budget_bytes
+    assert (len(cache.rows) > 0) == (budget_bytes > 0)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_torch_mixer_equals_the_numpy_path(programs, texts, workers):
     import torch

@@ -92,7 +92,7 @@ def test_generator_programs_take_the_vectorised_path(tmp_path, sandbox_calls, mo
 
     class FakeGenerator:
         is_generated = staticmethod(lambda p: p.family == "generated")
-        evaluate_generated = staticmethod(lambda programs, sentences: packed)
+        evaluate_generated = staticmethod(lambda programs, sentences, cache=None: packed)
 
     monkeypatch.setattr(evaluate_module, "_generator_module", lambda: FakeGenerator)
     out = evaluate_programs([Program(FIRST), generated], texts, use_cache=False, workers=1,
@@ -122,6 +122,24 @@ def test_streamed_outputs_equal_dense_outputs_row_for_row():
     picked = streamed.select([5, 0])
     assert np.array_equal(picked.values, dense.values[[5, 0]])
     assert [p.hash for p in picked.programs] == [programs[5].hash, programs[0].hash]
+
+
+def test_streamed_rows_of_some_texts_are_the_full_rows_at_those_texts_cells():
+    from attnprog.layout import text_cells
+    from attnprog.synth.features import probe_sentences
+    from attnprog.synth.generator.golden import golden_programs
+    from attnprog.synth.generator.specs import generate
+    from attnprog.synth.runtime.evaluate import evaluate_programs
+
+    programs = golden_programs()[:3] + generate(n_min=40)
+    streamed = evaluate_programs(programs, probe_sentences(), use_cache=False, progress=False,
+                                 stream=True)
+    texts = [2, 0]
+    full = streamed.rows(0, streamed.n_programs)
+    cells = text_cells(streamed.offsets, texts)
+    assert np.array_equal(streamed.rows(0, streamed.n_programs, texts=texts), full[:, cells])
+    dense = streamed.select(range(streamed.n_programs))
+    assert np.array_equal(dense.rows(1, 7, texts=texts), full[1:7][:, cells])
 
 
 def test_an_interrupted_evaluation_keeps_the_programs_it_finished(tmp_path, sandbox_calls,
