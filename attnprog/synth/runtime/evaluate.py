@@ -123,6 +123,11 @@ class StreamedOutputs:
     def n_programs(self) -> int:
         return len(self.programs)
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_atoms"] = None  # a cache of up to 2 GiB never travels (e.g. to a Ray worker)
+        return state
+
     def rows(self, start: int, stop: int, texts=None, chunk: int = 1024) -> np.ndarray:
         """Values of programs ``start:stop``: [stop - start, C] float32; with ``texts``,
         only those texts' cells (generator rows are then computed on those texts only)."""

@@ -188,3 +188,19 @@ def test_programs_may_import_a_helper_module_supplied_with_them(tmp_path):
     expected = run_trusted([Program(FIRST)], probe_sentences())[0]
     assert out.reasons == [""]
     np.testing.assert_array_equal(out.values[0], expected.values)
+
+
+def test_streamed_outputs_pickle_without_their_atom_cache():
+    import pickle
+
+    from attnprog.synth.features import probe_sentences
+    from attnprog.synth.generator.specs import generate
+    from attnprog.synth.runtime.evaluate import evaluate_programs
+
+    streamed = evaluate_programs(generate(n_min=20), probe_sentences(), use_cache=False,
+                                 progress=False, stream=True)
+    rows = streamed.rows(0, 5)
+    assert streamed._atoms is not None and streamed._atoms.rows
+    copy = pickle.loads(pickle.dumps(streamed))
+    assert copy._atoms is None and streamed._atoms is not None
+    assert np.array_equal(copy.rows(0, 5), rows)
