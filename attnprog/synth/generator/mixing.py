@@ -113,29 +113,41 @@ def evaluate_specs(specs: Sequence[dict], sentences: Sequence,
 # --- torch path: atoms once per corpus, programs mixed on a device (e.g. the GPU) -------------
 
 
-def _atoms_of_text(args) -> np.ndarray:
-    sentence, keys = args
-    return atom_matrices(sentence, keys)
+_FORKED_JOB: tuple = ()  # (table, offsets, sentences, keys), inherited by forked workers
+
+
+def _fill_text(s: int) -> None:
+    table, offsets, sentences, keys = _FORKED_JOB
+    table[:, offsets[s] : offsets[s + 1]] = atom_matrices(sentences[s], keys)
 
 
 def atom_table(sentences: Sequence, keys: Sequence[AtomKey], workers: int = 1) -> np.ndarray:
     """Every atom on every text, packed: [K, C] float64 (text s in its causal-offset slice).
 
     ``workers`` > 1 computes texts in that many forked processes (the primitives are numpy
-    on small matrices, bound by the interpreter, so threads would not help).
+    on small matrices, bound by the interpreter, so threads would not help). They write into
+    one shared anonymous mapping: nothing is pickled back (the table can be gigabytes).
     """
+    global _FORKED_JOB
     offsets = causal_offsets([s.n for s in sentences])
-    table = np.empty((len(keys), int(offsets[-1])), dtype=np.float64)
-    jobs = [(sentence, keys) for sentence in sentences]
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing
+    shape = (len(keys), int(offsets[-1]))
+    if workers <= 1 or len(sentences) <= 1:
+        table = np.empty(shape, dtype=np.float64)
+        for s, sentence in enumerate(sentences):
+            table[:, offsets[s] : offsets[s + 1]] = atom_matrices(sentence, keys)
+        return table
+    import mmap
+    import multiprocessing
 
-        with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-            parts = pool.map(_atoms_of_text, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
-    else:
-        parts = [_atoms_of_text(job) for job in jobs]
-    for s, part in enumerate(parts):
-        table[:, offsets[s] : offsets[s + 1]] = part
+    shared = mmap.mmap(-1, max(1, 8 * shape[0] * shape[1]))  # MAP_SHARED | MAP_ANONYMOUS
+    table = np.frombuffer(shared, dtype=np.float64, count=shape[0] * shape[1]).reshape(shape)
+    _FORKED_JOB = (table, offsets, list(sentences), list(keys))
+    try:
+        with multiprocessing.get_context("fork").Pool(min(workers, len(sentences))) as pool:
+            pool.map(_fill_text, range(len(sentences)),
+                     chunksize=max(1, len(sentences) // (4 * workers)))
+    finally:
+        _FORKED_JOB = ()
     return table
 
 
