@@ -31,18 +31,23 @@ PAPER = {"best_fit_iou": {"GPT-2": 0.69, "Llama-3.2-1B": 0.74, "Llama-3.1-8B": 0
 
 
 RUN_MARKERS = ("manifest.json", "stages.json")  # files only a run directory holds
+# what the single-stage commands (extract, generate, rank) write and a run reads back or redoes
+STAGE_FILES = ("attention.safetensors", "pool.jsonl", "llm_pool.jsonl", "fitted.jsonl",
+               "iou_table.safetensors")
 
 
 def check_run_dir(out: Path) -> None:
-    """Refuse an ``--out`` that is a file, or a non-empty directory that is not a run's.
+    """Refuse an ``--out`` that is a file, or a directory holding files no run would write.
 
     A run writes config.json, report.html and more: it must not land in a checkpoint's or a
-    project's folder and overwrite what is there. An earlier run's directory is resumed.
+    project's folder and overwrite what is there. An earlier run's directory is resumed, and
+    one holding only stage outputs (e.g. ``attnprog extract``'s store) is used as it is.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise StoreError(f"{out} is a file; give attnprog run a new or empty directory")
-    if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in RUN_MARKERS):
+    names = {entry.name for entry in out.iterdir()} if out.is_dir() else set()
+    if names and not names & set(RUN_MARKERS) and not names <= set(STAGE_FILES):
         raise StoreError(
             f"{out} is not empty and is not a run directory (no manifest.json or stages.json); "
             "a run writes config.json, report.html and more there. Give a new or empty "

@@ -21,6 +21,12 @@ def test_an_earlier_runs_directory_is_accepted(tmp_path):
     check_run_dir(tmp_path)
 
 
+def test_a_directory_holding_only_stage_outputs_is_accepted(tmp_path):
+    (tmp_path / "attention.safetensors").write_bytes(b"")  # e.g. from attnprog extract
+    (tmp_path / "pool.jsonl").write_text("")
+    check_run_dir(tmp_path)
+
+
 def test_a_directory_of_other_files_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # e.g. a checkpoint
     with pytest.raises(StoreError, match="not a run directory"):
