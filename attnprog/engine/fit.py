@@ -12,6 +12,7 @@ The weights are rounded for reading, and the rounded fit is what the program com
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,8 +109,66 @@ def text_iou(pred: torch.Tensor, attn: torch.Tensor, data: CorpusFeatures) -> to
     return (n - distance / 2) / (n + distance / 2)
 
 
+class _MeanIoU(torch.autograd.Function):
+    """``text_iou(model_cells(weights, share, data), attn, data).mean(0)`` [H], with its
+    gradient written out: about half the passes over [C, H] that autograd makes, in the
+    fit's inner loop. Values and gradients equal autograd's to float rounding."""
+
+    @staticmethod
+    def forward(ctx, weights, share, attn, data):
+        # scatter/index_add/index_select rather than segment_reduce and x[index]: 3-6x faster
+        # on the CPU, the same maxima, sums in another order
+        n_rows, n_heads = len(data.row_cells), weights.shape[0]
+        row = data.row[:, None].expand(-1, n_heads)
+        score = data.values @ weights.T  # [C, H]
+        peak = score.new_empty(n_rows, n_heads).scatter_reduce_(0, row, score, "amax",
+                                                                include_self=False)  # [R, H]
+        prob = score.sub_(peak.index_select(0, data.row)).exp_()  # in place: scores not needed again
+        total = torch.zeros_like(peak).index_add_(0, data.row, prob)
+        prob.div_(total.index_select(0, data.row))  # [C, H] softmax of each query row
+        first = torch.cumsum(data.row_cells, 0) - data.row_cells  # [R] cell of each row's key 0
+        diff = prob * (1.0 - share) - attn  # pred - attn, pred = (1 - s) prob + s at key 0
+        diff[first] += share
+        text = torch.repeat_interleave(torch.arange(len(data.text_cells), device=diff.device),
+                                       data.text_cells)  # [C] text of each cell
+        distance = diff.new_zeros(len(data.text_cells), n_heads).index_add_(0, text, diff.abs())
+        n = data.lengths[:, None]
+        iou = (n - distance / 2) / (n + distance / 2)
+        ctx.save_for_backward(prob, diff, distance, share, first, text)
+        ctx.data = data
+        return iou.mean(dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_iou):
+        prob, diff, distance, share, first, text = ctx.saved_tensors
+        data = ctx.data
+        n = data.lengths[:, None]
+        # d IoU / d distance = -n / (n + distance / 2)^2, per text and head; mean over texts
+        grad_distance = grad_iou / len(n) * (-n / (n + distance / 2) ** 2)  # [S, H]
+        grad_pred = diff.sign_().mul_(grad_distance.index_select(0, text))  # [C, H]
+        grad_share = grad_pred.index_select(0, first).sum(dim=0) - (grad_pred * prob).sum(dim=0)
+        grad_prob = grad_pred.mul_(1.0 - share)
+        row_dot = prob.new_zeros(len(data.row_cells), prob.shape[1])
+        row_dot.index_add_(0, data.row, grad_prob * prob)  # [R, H] Σ_row g · p
+        grad_score = grad_prob.sub_(row_dot.index_select(0, data.row)).mul_(prob)  # softmax backward
+        return grad_score.T @ data.values, grad_share, None, None
+
+
+def mean_iou(weights: torch.Tensor, share: torch.Tensor, attn: torch.Tensor,
+             data: CorpusFeatures) -> torch.Tensor:
+    """Mean soft IoU over texts of the fitted model against ``attn`` [C, H]: [H], differentiable."""
+    return _MeanIoU.apply(weights, share, attn, data)
+
+
 def _optimise(weights, logit, mask, attn, data, steps, lr, penalty):
     """Adam on -mean IoU (+ L1 penalty); returns each head's best weights seen (by IoU)."""
+    used = mask.any(dim=0).nonzero().squeeze(1)
+    if len(used) < mask.shape[1]:  # a refit: only the features some head keeps enter the product
+        narrow = dataclasses.replace(data, values=data.values[:, used].contiguous(),
+                                     scale=data.scale[used])
+        found, found_logit = _optimise(weights[:, used], logit, mask[:, used], attn, narrow,
+                                       steps, lr, penalty)
+        return torch.zeros_like(weights).index_copy_(1, used, found), found_logit
     weights = weights.clone().requires_grad_(True)
     logit = logit.clone().requires_grad_(True)
     best = torch.full((weights.shape[0],), -torch.inf, device=weights.device)
@@ -121,7 +180,7 @@ def _optimise(weights, logit, mask, attn, data, steps, lr, penalty):
         opt, lambda k: 0.5 * (1.0 + math.cos(math.pi * min(k, steps) / max(steps, 1))))
     for _ in range(steps + 1):
         opt.zero_grad(set_to_none=True)
-        iou = text_iou(model_cells(weights * mask, torch.sigmoid(logit), data), attn, data).mean(dim=0)
+        iou = mean_iou(weights * mask, torch.sigmoid(logit), attn, data)
         better = iou.detach() > best
         best = torch.where(better, iou.detach(), best)
         best_weights[better], best_logit[better] = weights.detach()[better], logit.detach()[better]

@@ -10,7 +10,9 @@ from attnprog.engine.fit import (
     fit_scores,
     fit_store,
     fitted_programs,
+    mean_iou,
     model_cells,
+    text_iou,
 )
 from attnprog.synth.fitted import evaluate_fits, feature
 
@@ -90,6 +92,29 @@ def test_the_torch_model_and_the_numpy_programs_compute_the_same_matrices(store,
     shares = torch.tensor([f["share"] for f in fits])
     torch_cells = model_cells(weights, shares, data).T.numpy()
     np.testing.assert_allclose(evaluate_fits(fits, sentences), torch_cells, atol=1e-5)
+
+
+def test_the_hand_written_gradient_equals_autograds(store):
+    from attnprog.engine.fit import vocabulary
+
+    texts = store.split_indices("synthesis")
+    sentences = store.sentences(texts)
+    data = corpus_features(sentences, vocabulary(sentences, 10))
+    cells = torch.cat([torch.arange(int(store.offsets[s]), int(store.offsets[s + 1])) for s in texts])
+    attn = store.attn_packed[:, cells].float().T.contiguous()  # [C, H]
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.randn(attn.shape[1], data.values.shape[1], generator=gen)
+    logit = torch.randn(attn.shape[1], generator=gen)
+    head_weights = torch.arange(1.0, attn.shape[1] + 1)  # a different gradient for every head
+
+    results = []
+    for mean in (mean_iou, lambda w, s, a, d: text_iou(model_cells(w, s, d), a, d).mean(dim=0)):
+        w, lg = weights.clone().requires_grad_(True), logit.clone().requires_grad_(True)
+        iou = mean(w, torch.sigmoid(lg), attn, data)
+        (iou * head_weights).sum().backward()
+        results.append((iou.detach(), w.grad, lg.grad))
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_fitted_programs_run_unchanged_in_the_sandbox_and_reproduce_the_fit(store):
