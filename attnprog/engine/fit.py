@@ -66,6 +66,8 @@ class CorpusFeatures:
     text_cells: torch.Tensor  # [S] cells per text
     first: torch.Tensor  # [C, 1] float32: 1 where the cell is key 0
     lengths: torch.Tensor  # [S] float32 tokens per text (a text's IoU needs n)
+    first_cell: torch.Tensor  # [R] int64 the cell of each row's key 0
+    text: torch.Tensor  # [C] int64 the text of each cell
 
 
 def corpus_features(sentences: Sequence, names: Sequence[str] = FEATURE_NAMES,
@@ -82,14 +84,17 @@ def corpus_features(sentences: Sequence, names: Sequence[str] = FEATURE_NAMES,
     first = torch.zeros(len(values), 1)
     first[starts] = 1.0
     lengths = torch.tensor([s.n for s in sentences], dtype=torch.float32)
+    text_cells = (lengths * (lengths + 1) / 2).long()
     return CorpusFeatures(
         values=(values / scale).contiguous().to(device),
         scale=scale,
         row=torch.repeat_interleave(torch.arange(len(row_cells)), row_cells).to(device),
         row_cells=row_cells.to(device),
-        text_cells=(lengths * (lengths + 1) / 2).long().to(device),
+        text_cells=text_cells.to(device),
         first=first.to(device),
         lengths=lengths.to(device),
+        first_cell=starts.to(device),
+        text=torch.repeat_interleave(torch.arange(len(text_cells)), text_cells).to(device),
     )
 
 
@@ -126,27 +131,27 @@ class _MeanIoU(torch.autograd.Function):
         prob = score.sub_(peak.index_select(0, data.row)).exp_()  # in place: scores not needed again
         total = torch.zeros_like(peak).index_add_(0, data.row, prob)
         prob.div_(total.index_select(0, data.row))  # [C, H] softmax of each query row
-        first = torch.cumsum(data.row_cells, 0) - data.row_cells  # [R] cell of each row's key 0
-        diff = prob * (1.0 - share) - attn  # pred - attn, pred = (1 - s) prob + s at key 0
-        diff[first] += share
-        text = torch.repeat_interleave(torch.arange(len(data.text_cells), device=diff.device),
-                                       data.text_cells)  # [C] text of each cell
-        distance = diff.new_zeros(len(data.text_cells), n_heads).index_add_(0, text, diff.abs())
+        pred = prob * (1.0 - share)  # (1 - s) prob + s at key 0, added as model_cells does
+        pred[data.first_cell] += share
+        diff = pred.sub_(attn)  # [C, H] pred - attn
+        distance = diff.new_zeros(len(data.text_cells), n_heads).index_add_(0, data.text,
+                                                                            diff.abs())
         n = data.lengths[:, None]
         iou = (n - distance / 2) / (n + distance / 2)
-        ctx.save_for_backward(prob, diff, distance, share, first, text)
+        ctx.save_for_backward(prob, diff, distance, share)
         ctx.data = data
         return iou.mean(dim=0)
 
     @staticmethod
     def backward(ctx, grad_iou):
-        prob, diff, distance, share, first, text = ctx.saved_tensors
+        prob, diff, distance, share = ctx.saved_tensors
         data = ctx.data
         n = data.lengths[:, None]
         # d IoU / d distance = -n / (n + distance / 2)^2, per text and head; mean over texts
         grad_distance = grad_iou / len(n) * (-n / (n + distance / 2) ** 2)  # [S, H]
-        grad_pred = diff.sign_().mul_(grad_distance.index_select(0, text))  # [C, H]
-        grad_share = grad_pred.index_select(0, first).sum(dim=0) - (grad_pred * prob).sum(dim=0)
+        grad_pred = diff.sign().mul_(grad_distance.index_select(0, data.text))  # [C, H]
+        grad_share = (grad_pred.index_select(0, data.first_cell).sum(dim=0)
+                      - (grad_pred * prob).sum(dim=0))
         grad_prob = grad_pred.mul_(1.0 - share)
         row_dot = prob.new_zeros(len(data.row_cells), prob.shape[1])
         row_dot.index_add_(0, data.row, grad_prob * prob)  # [R, H] Σ_row g · p
@@ -165,7 +170,7 @@ def _optimise(weights, logit, mask, attn, data, steps, lr, penalty):
     used = mask.any(dim=0).nonzero().squeeze(1)
     if len(used) < mask.shape[1]:  # a refit: only the features some head keeps enter the product
         narrow = dataclasses.replace(data, values=data.values[:, used].contiguous(),
-                                     scale=data.scale[used])
+                                     scale=data.scale[used.cpu()])  # the scale stays on the CPU
         found, found_logit = _optimise(weights[:, used], logit, mask[:, used], attn, narrow,
                                        steps, lr, penalty)
         return torch.zeros_like(weights).index_copy_(1, used, found), found_logit

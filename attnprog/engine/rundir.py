@@ -31,9 +31,14 @@ PAPER = {"best_fit_iou": {"GPT-2": 0.69, "Llama-3.2-1B": 0.74, "Llama-3.1-8B": 0
 
 
 RUN_MARKERS = ("manifest.json", "stages.json")  # files only a run directory holds
-# what the single-stage commands (extract, generate, rank) write and a run reads back or redoes
+# what the single-stage commands (extract, generate, synthesize, rank) write and a run reads
+# back or redoes; "*.partial" files are what an interrupted one leaves
 STAGE_FILES = ("attention.safetensors", "pool.jsonl", "llm_pool.jsonl", "fitted.jsonl",
-               "iou_table.safetensors")
+               "iou_table.safetensors", "pool.llm.json", "llm_pool.llm.json")
+
+
+def _stage_file(name: str) -> bool:
+    return name in STAGE_FILES or name.endswith(".partial") or name.startswith(".")
 
 
 def check_run_dir(out: Path) -> None:
@@ -47,7 +52,7 @@ def check_run_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise StoreError(f"{out} is a file; give attnprog run a new or empty directory")
     names = {entry.name for entry in out.iterdir()} if out.is_dir() else set()
-    if names and not names & set(RUN_MARKERS) and not names <= set(STAGE_FILES):
+    if not names & set(RUN_MARKERS) and not all(_stage_file(name) for name in names):
         raise StoreError(
             f"{out} is not empty and is not a run directory (no manifest.json or stages.json); "
             "a run writes config.json, report.html and more there. Give a new or empty "

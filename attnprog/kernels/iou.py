@@ -744,7 +744,9 @@ def text_sums(values: torch.Tensor, offsets) -> torch.Tensor:
         nonempty = (offsets[1:] > offsets[:-1]).numpy()  # reduceat reads an empty text wrongly
         if nonempty.any() and values.shape[0]:
             starts = offsets[:-1].numpy()[nonempty]
-            out[:, nonempty] = np.add.reduceat(values.detach().float().numpy(), starts, axis=1)
+            with np.errstate(over="ignore", invalid="ignore"):  # inf / nan sums are the answer
+                out[:, nonempty] = np.add.reduceat(values.detach().float().numpy(), starts,
+                                                   axis=1)
         return torch.from_numpy(out)
     text_of_cell = torch.repeat_interleave(torch.arange(n_texts), offsets[1:] - offsets[:-1])
     out = torch.zeros(values.shape[0], n_texts, dtype=torch.float32, device=values.device)

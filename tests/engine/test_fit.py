@@ -94,7 +94,8 @@ def test_the_torch_model_and_the_numpy_programs_compute_the_same_matrices(store,
     np.testing.assert_allclose(evaluate_fits(fits, sentences), torch_cells, atol=1e-5)
 
 
-def test_the_hand_written_gradient_equals_autograds(store):
+@pytest.mark.parametrize("target", ["attention", "the model itself"])
+def test_the_hand_written_gradient_equals_autograds(store, target):
     from attnprog.engine.fit import vocabulary
 
     texts = store.split_indices("synthesis")
@@ -105,6 +106,8 @@ def test_the_hand_written_gradient_equals_autograds(store):
     gen = torch.Generator().manual_seed(0)
     weights = torch.randn(attn.shape[1], data.values.shape[1], generator=gen)
     logit = torch.randn(attn.shape[1], generator=gen)
+    if target == "the model itself":  # |pred - attn| has its kink at every cell
+        attn = model_cells(weights, torch.sigmoid(logit), data)
     head_weights = torch.arange(1.0, attn.shape[1] + 1)  # a different gradient for every head
 
     results = []
@@ -115,6 +118,18 @@ def test_the_hand_written_gradient_equals_autograds(store):
         results.append((iou.detach(), w.grad, lg.grad))
     for got, expected in zip(*results, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_hand_written_gradient_can_be_taken_twice(store):
+    from attnprog.engine.fit import vocabulary
+
+    sentences = store.sentences(store.split_indices("synthesis"))
+    data = corpus_features(sentences, vocabulary(sentences, 0))
+    weights = torch.randn(2, data.values.shape[1], requires_grad=True)
+    attn = torch.rand(data.values.shape[0], 2)
+    iou = mean_iou(weights, torch.full((2,), 0.3), attn, data)
+    first = torch.autograd.grad(iou.sum(), weights, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(iou.sum(), weights)[0], first)
 
 
 def test_fitted_programs_run_unchanged_in_the_sandbox_and_reproduce_the_fit(store):

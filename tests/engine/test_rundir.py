@@ -24,6 +24,9 @@ def test_an_earlier_runs_directory_is_accepted(tmp_path):
 def test_a_directory_holding_only_stage_outputs_is_accepted(tmp_path):
     (tmp_path / "attention.safetensors").write_bytes(b"")  # e.g. from attnprog extract
     (tmp_path / "pool.jsonl").write_text("")
+    (tmp_path / "pool.llm.json").write_text("{}")  # attnprog synthesize's report
+    (tmp_path / "iou_table.safetensors.partial").write_bytes(b"")  # an interrupted command's
+    (tmp_path / ".DS_Store").write_bytes(b"")
     check_run_dir(tmp_path)
 
 

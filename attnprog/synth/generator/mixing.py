@@ -70,7 +70,7 @@ class AtomCache:
     their atoms (the default pool's 5,000 programs use 212), so each is computed once.
     """
 
-    def __init__(self, budget_bytes: int = 2 << 30):
+    def __init__(self, budget_bytes: int = 1 << 30):
         self.budget_bytes, self.used_bytes = budget_bytes, 0
         self.rows: dict[tuple[int, AtomKey], np.ndarray] = {}  # (id(sentence), key) -> [c_s]
         self.sentences: dict[int, object] = {}  # keeps each sentence alive, so its id stays its own
@@ -83,7 +83,7 @@ class AtomCache:
         for key, row in fresh.items():
             if self.used_bytes + row.nbytes <= self.budget_bytes:
                 self.sentences.setdefault(text, sentence)
-                self.rows[(text, key)] = row
+                self.rows[(text, key)] = row.copy()  # not a view that keeps the whole block
                 self.used_bytes += row.nbytes
         atoms = np.empty((len(keys), sentence.n * (sentence.n + 1) // 2), dtype=np.float64)
         for k, key in enumerate(keys):
@@ -113,11 +113,16 @@ def evaluate_specs(specs: Sequence[dict], sentences: Sequence,
 # --- torch path: atoms once per corpus, programs mixed on a device (e.g. the GPU) -------------
 
 
-_FORKED_JOB: tuple = ()  # (table, offsets, sentences, keys), inherited by forked workers
+_WORKER_JOB: tuple = ()  # (table, offsets, sentences, keys), set in each forked worker
+
+
+def _take_job(*job) -> None:
+    global _WORKER_JOB
+    _WORKER_JOB = job
 
 
 def _fill_text(s: int) -> None:
-    table, offsets, sentences, keys = _FORKED_JOB
+    table, offsets, sentences, keys = _WORKER_JOB
     table[:, offsets[s] : offsets[s + 1]] = atom_matrices(sentences[s], keys)
 
 
@@ -128,7 +133,6 @@ def atom_table(sentences: Sequence, keys: Sequence[AtomKey], workers: int = 1) -
     on small matrices, bound by the interpreter, so threads would not help). They write into
     one shared anonymous mapping: nothing is pickled back (the table can be gigabytes).
     """
-    global _FORKED_JOB
     offsets = causal_offsets([s.n for s in sentences])
     shape = (len(keys), int(offsets[-1]))
     if workers <= 1 or len(sentences) <= 1:
@@ -141,13 +145,11 @@ def atom_table(sentences: Sequence, keys: Sequence[AtomKey], workers: int = 1) -
 
     shared = mmap.mmap(-1, max(1, 8 * shape[0] * shape[1]))  # MAP_SHARED | MAP_ANONYMOUS
     table = np.frombuffer(shared, dtype=np.float64, count=shape[0] * shape[1]).reshape(shape)
-    _FORKED_JOB = (table, offsets, list(sentences), list(keys))
-    try:
-        with multiprocessing.get_context("fork").Pool(min(workers, len(sentences))) as pool:
-            pool.map(_fill_text, range(len(sentences)),
-                     chunksize=max(1, len(sentences) // (4 * workers)))
-    finally:
-        _FORKED_JOB = ()
+    job = (table, offsets, list(sentences), list(keys))  # forked, so inherited, not pickled
+    with multiprocessing.get_context("fork").Pool(min(workers, len(sentences)),
+                                                  initializer=_take_job, initargs=job) as pool:
+        pool.map(_fill_text, range(len(sentences)),
+                 chunksize=max(1, len(sentences) // (4 * workers)))
     return table
 
 

@@ -125,7 +125,7 @@ class StreamedOutputs:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_atoms"] = None  # a cache of up to 2 GiB never travels (e.g. to a Ray worker)
+        state["_atoms"] = None  # a cache of up to 1 GiB never travels (e.g. to a Ray worker)
         return state
 
     def rows(self, start: int, stop: int, texts=None, chunk: int = 1024) -> np.ndarray:
