@@ -64,7 +64,6 @@ class CorpusFeatures:
     row: torch.Tensor  # [C] int64 global query row of each cell
     row_cells: torch.Tensor  # [R] cells per query row (i + 1 for row i)
     text_cells: torch.Tensor  # [S] cells per text
-    first: torch.Tensor  # [C, 1] float32: 1 where the cell is key 0
     lengths: torch.Tensor  # [S] float32 tokens per text (a text's IoU needs n)
     first_cell: torch.Tensor  # [R] int64 the cell of each row's key 0
     text: torch.Tensor  # [C] int64 the text of each cell
@@ -81,8 +80,6 @@ def corpus_features(sentences: Sequence, names: Sequence[str] = FEATURE_NAMES,
     scale = values.abs().amax(dim=0).clamp_min(1.0)  # binary features keep scale 1
     row_cells = torch.from_numpy(np.concatenate(row_cells))
     starts = torch.cumsum(row_cells, 0) - row_cells
-    first = torch.zeros(len(values), 1)
-    first[starts] = 1.0
     lengths = torch.tensor([s.n for s in sentences], dtype=torch.float32)
     text_cells = (lengths * (lengths + 1) / 2).long()
     return CorpusFeatures(
@@ -91,7 +88,6 @@ def corpus_features(sentences: Sequence, names: Sequence[str] = FEATURE_NAMES,
         row=torch.repeat_interleave(torch.arange(len(row_cells)), row_cells).to(device),
         row_cells=row_cells.to(device),
         text_cells=text_cells.to(device),
-        first=first.to(device),
         lengths=lengths.to(device),
         first_cell=starts.to(device),
         text=torch.repeat_interleave(torch.arange(len(text_cells)), text_cells).to(device),
@@ -104,7 +100,9 @@ def model_cells(weights: torch.Tensor, share: torch.Tensor, data: CorpusFeatures
     peak = torch.segment_reduce(score.detach(), "max", lengths=data.row_cells)  # [R, H]
     e = torch.exp(score - peak[data.row])
     total = torch.zeros_like(peak).index_add_(0, data.row, e)
-    return (1.0 - share) * (e / total[data.row]) + share * data.first
+    pred = (1.0 - share) * (e / total[data.row])
+    pred[data.first_cell] += share  # the sink share goes to key 0 of every row
+    return pred
 
 
 def text_iou(pred: torch.Tensor, attn: torch.Tensor, data: CorpusFeatures) -> torch.Tensor:
@@ -131,7 +129,7 @@ class _MeanIoU(torch.autograd.Function):
         prob = score.sub_(peak.index_select(0, data.row)).exp_()  # in place: scores not needed again
         total = torch.zeros_like(peak).index_add_(0, data.row, prob)
         prob.div_(total.index_select(0, data.row))  # [C, H] softmax of each query row
-        pred = prob * (1.0 - share)  # (1 - s) prob + s at key 0, added as model_cells does
+        pred = prob * (1.0 - share)  # (1 - s) prob + s at key 0, as model_cells adds it
         pred[data.first_cell] += share
         diff = pred.sub_(attn)  # [C, H] pred - attn
         distance = diff.new_zeros(len(data.text_cells), n_heads).index_add_(0, data.text,
@@ -207,7 +205,7 @@ def fit_rows(attn: torch.Tensor, data: CorpusFeatures, settings: FitSettings,
     device = attn.device
     weights = torch.zeros(n_heads, n_features, device=device)
     if settings.initial_share is None:  # half the mean first-token share, as the fixed share
-        share = attn[data.first[:, 0] > 0].mean(dim=0).clamp(0.02, 0.9) * 0.5
+        share = attn[data.first_cell].mean(dim=0).clamp(0.02, 0.9) * 0.5
     else:
         share = torch.full((n_heads,), settings.initial_share, device=device)
     logit = torch.logit(share)

