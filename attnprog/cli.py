@@ -1,4 +1,5 @@
-"""The `attnprog` command: options in, engine and synth calls out."""
+"""The `attnprog` command: each command parses its options into one config or call, hands off
+to the engine, and prints. Commands are listed in pipeline order, `run` (all of them) first."""
 
 from __future__ import annotations
 
@@ -15,17 +16,67 @@ app = typer.Typer(
     help="Explain attention heads with executable programs.",
 )
 
-
-# Commands are added below, one function each; keep them thin.
-
 ORDER_HELP = ("which heads are replaced first: 'iou' (best fit first), 'cost' (cheapest first by "
               "each head's ΔNLL replaced alone, measured on selection texts) or 'both', side by side")
 COST_METHOD_HELP = ("how head costs are measured: 'exact' (a forward pass per head), 'fisher' "
                     "(second-order estimate, all heads at once), 'taylor', 'linear' or 'auto' "
                     "(exact on CUDA, fisher on CPU)")
+DEVICE_HELP = "auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ..."
+MODEL_HELP = "built-in name, checkpoint dir, .gguf file or hub id"
+CORPUS_HELP = "'builtin', a .txt or .jsonl file, or hf:NAME"
+HEADS_HELP = "heads as 18.3, 18.* (a layer), *.3 (a head in every layer), comma-separated, or all"
 
 
-@app.command()
+def example(command: str) -> str:
+    """The line every command's --help ends with."""
+    return f"Example: {command}"
+
+
+@app.command(epilog=example("attnprog run --out runs/demo"))
+def run(
+    out: Path = typer.Option(Path("runs/demo"), help="run directory (re-running resumes it)"),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    corpus: str = typer.Option("builtin", help=CORPUS_HELP),
+    text_field: str = typer.Option("text", help="field holding the text in a .jsonl corpus"),
+    limit: int = typer.Option(0, help="use only the first N texts (0: all)"),
+    max_tokens: int = typer.Option(128, help="truncate texts to this many tokens"),
+    candidates: int = typer.Option(5000, help="generator programs added to the golden library"),
+    fraction: float = typer.Option(0.25, help="largest share of heads replaced in the sweep"),
+    qa: bool = typer.Option(True, help="score the built-in QA sample in the sweep"),
+    order: str = typer.Option("both", help=ORDER_HELP),
+    cost_method: str = typer.Option("auto", help=COST_METHOD_HELP),
+    batch_size: int = typer.Option(8),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    fit: bool = typer.Option(True, help="fit one program per head (synthesis split) and rank it too"),
+    fit_terms: int = typer.Option(12, help="features per fitted program"),
+    ray: str = typer.Option("", "--ray", help="evaluate, rank and sweep on a Ray cluster: its "
+                            "address (HOST:PORT, ray://HOST:10001) or 'auto' (this machine's)"),
+    heads: str = typer.Option("", help=f"heads to explain: {HEADS_HELP} (default: all)"),
+    seed: int = typer.Option(0, help="seed of the random baselines"),
+    library_size: int = typer.Option(1000, help="most programs in the greedy library"),
+    force: str = typer.Option(None, help="redo this stage and every later one: extract, pool, "
+                              "llm, fit, evaluate, rank, library, costs, sweep or report"),
+    report: bool = typer.Option(True, help="write report.html at the end"),
+    llm_base_url: str = typer.Option("", help="LLM stage: OpenAI-compatible endpoint "
+                                     "(default $OPENAI_BASE_URL); the key comes from $OPENAI_API_KEY"),
+    llm_model: str = typer.Option("", help="LLM stage: model name; setting it turns the stage on"),
+    llm_heads: str = typer.Option("all", help=f"LLM stage: {HEADS_HELP}"),
+    llm_n: int = typer.Option(4, help="LLM stage: hypotheses per head"),
+    llm_rounds: int = typer.Option(1, help="LLM stage: refinement rounds per head"),
+    llm_max_tokens_total: int = typer.Option(0, help="LLM stage: token cap (0: none)"),
+) -> None:
+    """Run the whole pipeline, from extraction to the report; a re-run resumes it.
+
+    Stages: extract, pool, llm (with --llm-model), fit, evaluate, rank, library, costs (with
+    the cost order), sweep, report. Each is reused when its inputs did not change.
+    """
+    from attnprog.engine.run.config import RunConfig
+    from attnprog.engine.run.pipeline import run_pipeline
+
+    run_pipeline(RunConfig.from_cli(locals()), echo=typer.echo, force=force)
+
+
+@app.command(epilog=example("attnprog models"))
 def models() -> None:
     """List the built-in model names and whether each is ready locally."""
     from attnprog.engine.models import BUILTIN_MODELS, builtin_status
@@ -34,106 +85,53 @@ def models() -> None:
         typer.echo(f"{name:14s} {builtin_status(name)}\n{'':14s} {builtin.description}")
 
 
-@app.command()
+@app.command(epilog=example("attnprog extract --model smollm2-135m --limit 20 "
+                            "--out runs/attention.safetensors"))
 def extract(
-    model: str = typer.Option("smollm2-135m", help="built-in name, checkpoint dir, .gguf file or hub id"),
-    corpus: str = typer.Option("builtin", help="'builtin', a .txt or .jsonl file, or hf:NAME"),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    corpus: str = typer.Option("builtin", help=CORPUS_HELP),
     out: Path = typer.Option(Path("runs/attention.safetensors"), help="where to save the store"),
     text_field: str = typer.Option("text", help="field holding the text in a .jsonl corpus"),
     limit: int = typer.Option(0, help="use only the first N texts (0: all)"),
     max_tokens: int = typer.Option(256, help="truncate texts to this many tokens"),
     batch_size: int = typer.Option(8),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("float32", help="model dtype: float32, float16 or bfloat16"),
     reuse: bool = typer.Option(True, help="reuse --out when it holds the same model and corpus"),
 ) -> None:
     """Extract every head's attention on a corpus and save the store."""
-
     from attnprog.engine.corpus import load_corpus
     from attnprog.engine.extract import extract_or_load
     from attnprog.engine.models import load_model
 
-    torch_dtype = _dtype(dtype)
     texts = load_corpus(corpus, text_field=text_field)
-    if limit:
-        texts = texts.take(limit)
-    lm, tokenizer = load_model(model, device=device, dtype=torch_dtype)
-    store, reused = extract_or_load(
-        lm, tokenizer, texts, out, reuse=reuse, batch_size=batch_size, max_tokens=max_tokens
-    )
-    verb = "reused" if reused else "wrote"
+    texts = texts.take(limit) if limit else texts
+    lm, tokenizer = load_model(model, device=device, dtype=_dtype(dtype))
+    store, reused = extract_or_load(lm, tokenizer, texts, out, reuse=reuse,
+                                    batch_size=batch_size, max_tokens=max_tokens)
     typer.echo(
-        f"{verb} {out}: {store.n_layers} layers x {store.n_heads} heads = {store.n_rows} heads, "
-        f"{store.n_texts} texts, {int(store.lengths.sum())} tokens, {store.n_cells} causal cells"
+        f"{'reused' if reused else 'wrote'} {out}: {store.n_layers} layers x {store.n_heads} heads "
+        f"= {store.n_rows} heads, {store.n_texts} texts, {int(store.lengths.sum())} tokens, "
+        f"{store.n_cells} causal cells"
     )
 
 
-@app.command()
-def replace(
-    store: Path = typer.Option(..., help="attention store from `attnprog extract`"),
-    table: Path = typer.Option(..., help="IoU table from `attnprog rank` (same store)"),
-    fraction: float = typer.Option(
-        1.0, help="largest share of heads to replace; the sweep runs the standard fractions "
-        "0, 5, 10, 25, 50, 100 % up to it, plus this value when it is not one of them"
-    ),
-    qa: Path = typer.Option(None, help="multiple-choice JSONL (context/choices/label, HellaSwag, "
-                            "PIQA or ARC fields); default: the built-in sample"),
-    no_qa: bool = typer.Option(False, "--no-qa", help="skip the QA columns"),
-    model: str = typer.Option(None, help="model to run (default: the store's model)"),
-    split: str = typer.Option("heldout", help="texts of the store to measure perplexity on"),
-    batch_size: int = typer.Option(8),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
-    seed: int = typer.Option(0, help="seed of the random-program baseline"),
-    order: str = typer.Option("both", help=ORDER_HELP),
-    cost_method: str = typer.Option("auto", help=COST_METHOD_HELP),
-) -> None:
-    """Replace heads by their best-fit programs and print the perplexity and QA sweep table."""
-    from attnprog.engine.models import load_model
-    from attnprog.engine.rank import IoUTable
-    from attnprog.engine.store import AttentionStore
-    from attnprog.engine.sweep import (
-        fractions_up_to,
-        load_qa,
-        orders_from_option,
-        perplexity_sweep,
-    )
-
-    orders = orders_from_option(order)
-    if not 0.0 <= fraction <= 1.0:
-        raise AttnProgError(f"--fraction must be between 0 and 1, got {fraction}")
-    attention = AttentionStore.load(store)
-    ious = IoUTable.load(table)
-    spec = model or str(attention.meta.get("model_id", "")).split("@")[0]
-    if not spec:
-        raise AttnProgError(f"{store} does not say which model made it: pass --model")
-    lm, tokenizer = load_model(spec, device=device)
-    items = None if no_qa else load_qa(qa)
-    result = perplexity_sweep(
-        lm, attention, ious, fractions=fractions_up_to(fraction), split=split,
-        orders=orders, cost_method=cost_method,
-        qa_items=items, tokenizer=tokenizer, qa_source=str(qa or "built-in sample"),
-        seed=seed, batch_size=batch_size,
-    )
-    typer.echo(result.to_text())
-
-
-@app.command()
+@app.command(epilog=example("attnprog generate --candidates 2000 --out runs/pool.jsonl"))
 def generate(
     out: Path = typer.Option(Path("runs/pool.jsonl"), help="where to write the pool (JSON lines)"),
     candidates: int = typer.Option(5000, help="distinct generator programs (0: golden library only)"),
     golden: bool = typer.Option(True, help="include the hand-written golden library"),
 ) -> None:
     """Write a program pool: the golden library plus the built-in generator's candidates."""
-    from attnprog.engine.pipeline import build_pool
+    from attnprog.engine.pool import build_pool
     from attnprog.synth.program import save_pool
 
     pool = build_pool(candidates, golden=golden)
     save_pool(pool, out)
-    families = len({p.family for p in pool})
-    typer.echo(f"wrote {out}: {len(pool)} programs in {families} families")
+    typer.echo(f"wrote {out}: {len(pool)} programs in {len({p.family for p in pool})} families")
 
 
-@app.command()
+@app.command(epilog=example("attnprog check my_program.py"))
 def check(
     path: Path = typer.Argument(..., help="a .py file: one program, or a library in the paper's layout"),
     name: str = typer.Option("", help="entry point (default: inferred)"),
@@ -141,7 +139,7 @@ def check(
 ) -> None:
     """Validate programs in the sandbox and say what is wrong with each, if anything."""
     from attnprog.errors import ProgramError
-    from attnprog.synth.program import check_file
+    from attnprog.synth.runtime.validate import check_file
 
     results = check_file(path, name=name or None, unsafe=unsafe)
     if len(results) == 1:
@@ -158,10 +156,35 @@ def check(
         raise ProgramError(f"{path}: {failed} of {len(results)} programs failed the check")
 
 
-@app.command()
+@app.command(epilog=example("attnprog serve --model smollm2-135m --port 8000"))
+def serve(
+    model: str = typer.Option("smollm2-135m", help="built-in name or checkpoint directory"),
+    port: int = typer.Option(8000, help="port on 127.0.0.1 (0: any free one)"),
+) -> None:
+    """Serve a model offline on loopback with `transformers serve`, for `synthesize --base-url`."""
+    import signal
+    import time
+
+    from attnprog.engine.models import BUILTIN_MODELS, builtin_checkpoint
+    from attnprog.synth.llm.server import local_server
+
+    checkpoint = builtin_checkpoint(model) if model in BUILTIN_MODELS else Path(model).expanduser()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the server too
+    typer.echo(f"starting transformers serve for {checkpoint} ...")
+    with local_server(checkpoint, port=port) as (base_url, name):
+        typer.echo(f"serving at {base_url}\n  --base-url {base_url} --model {name}\n(Ctrl-C stops it)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command(epilog=example("attnprog synthesize --store runs/attention.safetensors --heads 5.* "
+                            "--model qwen --base-url http://127.0.0.1:8000/v1"))
 def synthesize(
     store: Path = typer.Option(..., help="attention store from `attnprog extract`"),
-    heads: str = typer.Option(..., help="LAYER.HEAD list, e.g. 18.7,20.3, or all"),
+    heads: str = typer.Option(..., help=HEADS_HELP),
     model: str = typer.Option(..., help="model name the endpoint serves"),
     base_url: str = typer.Option("", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, "
                                  "else OpenAI)"),
@@ -188,7 +211,7 @@ def synthesize(
 ) -> None:
     """Ask an LLM for programs explaining heads; add the valid ones to a pool."""
     from attnprog.engine.store import AttentionStore
-    from attnprog.engine.synthesis import head_tasks, parse_heads, report_path, synthesize_into_pool
+    from attnprog.engine.synthesis import head_tasks, parse_heads, synthesize_into_pool
     from attnprog.synth.llm.client import LLMSettings
     from attnprog.synth.llm.synthesiser import SynthesisOptions, head_prompt
 
@@ -200,11 +223,16 @@ def synthesize(
     options = SynthesisOptions(n=n, rounds=rounds, attempts=attempts, summary_format=summary,
                                summary_tokens=summary_tokens)
     if print_prompt:
-        task = head_tasks(attention, chosen[:1], texts)[0]
-        for message in head_prompt(task, options):
+        for message in head_prompt(head_tasks(attention, chosen[:1], texts)[0], options):
             typer.echo(f"--- {message['role']} ---\n{message['content']}\n")
         return
     added, report = synthesize_into_pool(attention, chosen, settings, options, out, n_texts=texts)
+    _print_synthesis(chosen, added, report, out)
+
+
+def _print_synthesis(chosen, added, report, out: Path) -> None:
+    from attnprog.engine.synthesis import report_path
+
     usage = report.usage
     failed = sum(1 for h in report.heads for c in h["candidates"] if not c["ok"])
     typer.echo(f"{len(chosen)} heads: {len(added)} new programs added to {out}; {failed} failed "
@@ -217,123 +245,8 @@ def synthesize(
             typer.echo(f"  {head['label']}: stopped early: {head['error']}")
 
 
-@app.command()
-def serve(
-    model: str = typer.Option("smollm2-135m", help="built-in name or checkpoint directory"),
-    port: int = typer.Option(8000, help="port on 127.0.0.1 (0: any free one)"),
-) -> None:
-    """Serve a model offline on loopback with `transformers serve`, for `synthesize --base-url`."""
-    import signal
-    import time
-
-    from attnprog.engine.llm_server import local_server
-    from attnprog.engine.models import BUILTIN_MODELS, builtin_checkpoint
-
-    checkpoint = builtin_checkpoint(model) if model in BUILTIN_MODELS else Path(model).expanduser()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the server too
-    typer.echo(f"starting transformers serve for {checkpoint} ...")
-    with local_server(checkpoint, port=port) as (base_url, name):
-        typer.echo(f"serving at {base_url}\n  --base-url {base_url} --model {name}\n(Ctrl-C stops it)")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-
-
-@app.command()
-def show(
-    table: Path = typer.Option(..., help="IoU table from `attnprog rank` or `attnprog run`"),
-    head: str = typer.Argument(..., help="LAYER.HEAD, e.g. 18.8"),
-    top: int = typer.Option(3, help="how many of the head's best programs to print"),
-) -> None:
-    """Print a head's best programs, with their IoU, as readable source."""
-    from attnprog.engine.rank import IoUTable
-
-    layer, _, head_index = head.partition(".")
-    if not (layer.isdigit() and head_index.isdigit()):
-        raise AttnProgError(f"head {head!r} is not LAYER.HEAD, e.g. 18.8")
-    ious = IoUTable.load(table)
-    layer_no, head_no = int(layer), int(head_index)
-    if layer_no >= ious.n_layers or head_no >= ious.n_heads:
-        raise AttnProgError(f"the model has {ious.n_layers} layers x {ious.n_heads} heads; "
-                            f"L{layer_no} H{head_no} is out of range")
-    column = layer_no * ious.n_heads + head_no
-    values, indices = ious.topk(top)
-    for rank_no, (iou, index) in enumerate(zip(values[column].tolist(), indices[column].tolist()), 1):
-        program = ious.programs[index]
-        typer.echo(f"# {rank_no}. L{layer_no} H{head_no}: IoU {iou:.3f} on {ious.split}, "
-                   f"family {program.family}, hash {program.hash}")
-        if program.provenance.get("generator") == "llm":
-            typer.echo("# provenance: " + ", ".join(
-                f"{key} {program.provenance.get(key)}" for key in
-                ("model", "request_id", "round", "parent", "head") if key in program.provenance))
-        typer.echo(program.source.rstrip() + "\n")
-
-
-@app.command()
-def run(
-    out: Path = typer.Option(Path("runs/demo"), help="run directory (re-running resumes it)"),
-    model: str = typer.Option("smollm2-135m", help="built-in name, checkpoint dir, .gguf file or hub id"),
-    corpus: str = typer.Option("builtin", help="'builtin', a .txt or .jsonl file, or hf:NAME"),
-    text_field: str = typer.Option("text", help="field holding the text in a .jsonl corpus"),
-    limit: int = typer.Option(0, help="use only the first N texts (0: all)"),
-    max_tokens: int = typer.Option(128, help="truncate texts to this many tokens"),
-    candidates: int = typer.Option(5000, help="generator programs added to the golden library"),
-    fraction: float = typer.Option(0.25, help="largest share of heads replaced in the sweep"),
-    qa: bool = typer.Option(True, help="score the built-in QA sample in the sweep"),
-    order: str = typer.Option("both", help=ORDER_HELP),
-    cost_method: str = typer.Option("auto", help=COST_METHOD_HELP),
-    batch_size: int = typer.Option(8),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
-    fit: bool = typer.Option(True, help="fit one program per head (synthesis split) and rank it too"),
-    fit_terms: int = typer.Option(12, help="features per fitted program"),
-    ray: str = typer.Option("", "--ray", help="evaluate, rank and sweep on a Ray cluster: its "
-                            "address (HOST:PORT, ray://HOST:10001) or 'auto' (this machine's)"),
-    heads: str = typer.Option("", help="heads to explain, e.g. '18.*,20.3' (default: all)"),
-    seed: int = typer.Option(0, help="seed of the random baselines"),
-    library_size: int = typer.Option(1000, help="most programs in the greedy library"),
-    force: str = typer.Option(None, help="redo this stage and every later one: extract, pool, "
-                              "evaluate, rank, library, sweep or report"),
-    report: bool = typer.Option(True, help="write report.html at the end"),
-    llm_base_url: str = typer.Option("", help="LLM stage: OpenAI-compatible endpoint "
-                                     "(default $OPENAI_BASE_URL); the key comes from $OPENAI_API_KEY"),
-    llm_model: str = typer.Option("", help="LLM stage: model name; setting it turns the stage on"),
-    llm_heads: str = typer.Option("all", help="LLM stage: heads to synthesise for (18.7,20.3 or all)"),
-    llm_n: int = typer.Option(4, help="LLM stage: hypotheses per head"),
-    llm_rounds: int = typer.Option(1, help="LLM stage: refinement rounds per head"),
-    llm_max_tokens_total: int = typer.Option(0, help="LLM stage: token cap (0: none)"),
-) -> None:
-    """Run the whole pipeline: extract, generate, evaluate, rank, select a library, replace
-    heads, write the report."""
-    from attnprog.engine.pipeline import RunConfig, run_pipeline
-
-    run_pipeline(RunConfig(
-        out=str(out), model=model, corpus=corpus, text_field=text_field, limit=limit,
-        max_tokens=max_tokens, n_candidates=candidates, fraction=fraction, qa=qa,
-        order=order, cost_method=cost_method, batch_size=batch_size, device=device, ray=ray,
-        heads=heads, seed=seed,
-        library_size=library_size, report=report, llm_base_url=llm_base_url,
-        llm_model=llm_model, llm_heads=llm_heads, llm_n=llm_n, llm_rounds=llm_rounds,
-        llm_max_tokens_total=llm_max_tokens_total, fit=fit, fit_terms=fit_terms,
-    ), echo=typer.echo, force=force)
-
-
-@app.command("report")
-def report_command(
-    run_dir: Path = typer.Argument(..., help="a run directory written by `attnprog run`"),
-    out: Path = typer.Option(None, help="where to write the page (default: RUN_DIR/report.html)"),
-    texts: int = typer.Option(2, help="held-out texts drawn per head"),
-    tokens: int = typer.Option(24, help="tokens per heatmap axis"),
-) -> None:
-    """Rebuild a run's self-contained HTML report (summary, IoU grid, curves, every head)."""
-    from attnprog.engine.report import write_report
-
-    path = write_report(run_dir, out=out, texts=texts, tokens=tokens)
-    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
-
-
-@app.command("rank")
+@app.command("rank", epilog=example("attnprog rank --store runs/attention.safetensors "
+                                    "--pool runs/pool.jsonl --out runs/iou_table.safetensors"))
 def rank_command(
     store: Path = typer.Option(..., help="attention store written by `attnprog extract`"),
     pool: Path = typer.Option(None, help="program pool (.jsonl) to evaluate on the store's texts"),
@@ -343,7 +256,7 @@ def rank_command(
     heldout: str = typer.Option("heldout", help="split the best fits are measured on ('' skips)"),
     top: int = typer.Option(10, help="print this many heads, best fits first"),
     per_text: bool = typer.Option(False, help="also keep per-text IoU in the table"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     impl: str = typer.Option("auto", help="sum-min path: auto, triton, numba or torch"),
     memory_mb: int = typer.Option(512, help="working memory per program chunk, MiB"),
     ray: str = typer.Option("", "--ray", help="evaluate and rank on a Ray cluster, heads sharded "
@@ -352,68 +265,156 @@ def rank_command(
     """Score every program against every head; write the IoU table and print best fits."""
     import time
 
-    import torch
-
-    from attnprog.engine.pipeline import evaluate_pool, rank_table, ranking_subset
-    from attnprog.engine.store import AttentionStore
-    from attnprog.synth.program import load_pool
-    from attnprog.synth.runtime.outputs import ProgramOutputs
+    from attnprog.engine.pool import rank_table
 
     if (pool is None) == (outputs is None):
         raise AttnProgError("pass exactly one of --pool (programs to evaluate) or --outputs")
-    if ray:  # reach the cluster before reading a large store
-        from attnprog.engine.distributed.cluster import connect, describe
-
-        connect(ray)
-        typer.echo(describe())
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    attention = AttentionStore.load(store, device=device)
-    if outputs is not None:
-        program_outputs = ProgramOutputs.load(outputs)
-        # outputs may cover every text of the store or only the ranked splits
-        if len(program_outputs.offsets) != attention.n_texts + 1:
-            attention = ranking_subset(attention, split, heldout)
-    else:
-        attention = ranking_subset(attention, split, heldout)
-        programs = load_pool(pool)
-        typer.echo(f"evaluating {len(programs)} programs on {attention.n_texts} texts")
-        program_outputs = evaluate_pool(attention, programs, ray=ray)
-
+    _connect(ray)  # reach the cluster before reading a large store
+    attention, program_outputs = _store_and_outputs(store, pool, outputs, split, heldout, device, ray)
     start = time.perf_counter()
     table = rank_table(attention, program_outputs, split=split, heldout=heldout, per_text=per_text,
                        impl=impl, memory_budget=memory_mb << 20, progress=True, ray=ray)
     seconds = time.perf_counter() - start
     table.save(out)
     n_failed = int(program_outputs.failed.all(axis=1).sum())
-    typer.echo(
-        f"ranked {table.n_programs} programs x {table.iou.shape[1]} heads on the {split} split "
-        f"in {seconds:.1f} s ({table.meta['impl']}); {n_failed} programs failed on every text; "
-        f"wrote {out}"
-    )
+    typer.echo(f"ranked {table.n_programs} programs x {table.iou.shape[1]} heads on the {split} "
+               f"split in {seconds:.1f} s ({table.meta['impl']}); {n_failed} programs failed on "
+               f"every text; wrote {out}")
+    _print_best_fits(table, top, split, heldout)
+
+
+def _store_and_outputs(store: Path, pool, outputs, split: str, heldout: str, device: str, ray: str):
+    """The store (on ``device``) and the program outputs ``rank`` scores it against."""
+    from attnprog.engine.models import resolve_device
+    from attnprog.engine.pool import evaluate_pool, ranking_subset
+    from attnprog.engine.store import AttentionStore
+    from attnprog.synth.program import load_pool
+    from attnprog.synth.runtime.outputs import ProgramOutputs
+
+    attention = AttentionStore.load(store, device=resolve_device(device))
+    if outputs is not None:
+        program_outputs = ProgramOutputs.load(outputs)
+        # outputs may cover every text of the store or only the ranked splits
+        if len(program_outputs.offsets) != attention.n_texts + 1:
+            attention = ranking_subset(attention, split, heldout)
+        return attention, program_outputs
+    attention = ranking_subset(attention, split, heldout)
+    programs = load_pool(pool)
+    typer.echo(f"evaluating {len(programs)} programs on {attention.n_texts} texts")
+    return attention, evaluate_pool(attention, programs, ray=ray)
+
+
+def _print_best_fits(table, top: int, split: str, heldout: str) -> None:
+    """The best-fitting heads, then the best head of each program family."""
+    from attnprog.engine.heads import head_label
+
     fits = sorted(table.best_fits(), key=lambda fit: -fit.reported_iou)
     held = f"IoU {heldout}" if table.heldout_iou is not None else ""
     header = f"{'head':>7}  {'IoU ' + split:>14}  {held:>12}  program (#index family: name)"
 
-    def show(fit) -> str:
+    def line(fit) -> str:
         held_iou = "" if fit.heldout_iou is None else f"{fit.heldout_iou:.3f}"
-        return (f"{f'L{fit.layer}H{fit.head}':>7}  {fit.iou:>14.3f}  {held_iou:>12}  "
+        label = head_label(fit.layer * table.n_heads + fit.head, table.n_heads)
+        return (f"{label:>7}  {fit.iou:>14.3f}  {held_iou:>12}  "
                 f"#{fit.program_index} {fit.family}: {fit.name}")
 
     typer.echo(f"\nthe {min(top, len(fits))} heads with the best fits\n{header}")
     for fit in fits[:top]:
-        typer.echo(show(fit))
+        typer.echo(line(fit))
     families = {}
     for fit in fits:  # fits are sorted, so the first head seen per family is its best
         families.setdefault(fit.family, fit)
     typer.echo(f"\nthe best head for each program family (among heads it fits best)\n{header}")
     for fit in families.values():
-        typer.echo(show(fit))
+        typer.echo(line(fit))
 
 
-@app.command("bench")
+@app.command(epilog=example("attnprog show --table runs/demo/iou_table.safetensors 18.3"))
+def show(
+    table: Path = typer.Option(..., help="IoU table from `attnprog rank` or `attnprog run`"),
+    head: str = typer.Argument(..., help="one head: LAYER.HEAD (e.g. 18.3) or L18.H3"),
+    top: int = typer.Option(3, help="how many of the head's best programs to print"),
+) -> None:
+    """Print a head's best programs, with their IoU, as readable source."""
+    from attnprog.engine.heads import head_label, parse_heads
+    from attnprog.engine.rank import IoUTable
+
+    ious = IoUTable.load(table)
+    chosen = parse_heads(head, ious.n_layers, ious.n_heads)
+    if len(chosen) != 1:
+        raise AttnProgError(f"show takes one head (e.g. 18.3), not {head!r}")
+    head_index, label = chosen[0], head_label(chosen[0], ious.n_heads)
+    values, indices = ious.topk(top)
+    for number, (iou, index) in enumerate(zip(values[head_index].tolist(),
+                                               indices[head_index].tolist()), 1):
+        program = ious.programs[index]
+        typer.echo(f"# {number}. {label}: IoU {iou:.3f} on {ious.split}, "
+                   f"family {program.family}, hash {program.hash}")
+        if program.provenance.get("generator") == "llm":
+            typer.echo("# provenance: " + ", ".join(
+                f"{key} {program.provenance.get(key)}" for key in
+                ("model", "request_id", "round", "parent", "head") if key in program.provenance))
+        typer.echo(program.source.rstrip() + "\n")
+
+
+@app.command(epilog=example("attnprog replace --store runs/demo/attention.safetensors "
+                            "--table runs/demo/iou_table.safetensors --fraction 0.25"))
+def replace(
+    store: Path = typer.Option(..., help="attention store from `attnprog extract`"),
+    table: Path = typer.Option(..., help="IoU table from `attnprog rank` (same store)"),
+    fraction: float = typer.Option(
+        1.0, help="largest share of heads to replace; the sweep runs the standard fractions "
+        "0, 5, 10, 25, 50, 100 % up to it, plus this value when it is not one of them"
+    ),
+    qa: Path = typer.Option(None, help="multiple-choice JSONL (context/choices/label, HellaSwag, "
+                            "PIQA or ARC fields); default: the built-in sample"),
+    no_qa: bool = typer.Option(False, "--no-qa", help="skip the QA columns"),
+    model: str = typer.Option(None, help="model to run (default: the store's model)"),
+    split: str = typer.Option("heldout", help="texts of the store to measure perplexity on"),
+    batch_size: int = typer.Option(8),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    seed: int = typer.Option(0, help="seed of the random-program baseline"),
+    order: str = typer.Option("both", help=ORDER_HELP),
+    cost_method: str = typer.Option("auto", help=COST_METHOD_HELP),
+) -> None:
+    """Replace heads by their best-fit programs and print the perplexity and QA sweep table."""
+    from attnprog.engine.models import load_model
+    from attnprog.engine.qa import load_qa
+    from attnprog.engine.rank import IoUTable
+    from attnprog.engine.store import AttentionStore
+    from attnprog.engine.sweep import fractions_up_to, orders_from_option, perplexity_sweep
+
+    orders, fractions = orders_from_option(order), fractions_up_to(fraction)
+    attention, ious = AttentionStore.load(store), IoUTable.load(table)
+    spec = model or str(attention.meta.get("model_id", "")).split("@")[0]
+    if not spec:
+        raise AttnProgError(f"{store} does not say which model made it: pass --model")
+    lm, tokenizer = load_model(spec, device=device)
+    result = perplexity_sweep(
+        lm, attention, ious, fractions=fractions, split=split, orders=orders,
+        cost_method=cost_method, qa_items=None if no_qa else load_qa(qa), tokenizer=tokenizer,
+        qa_source=str(qa or "built-in sample"), seed=seed, batch_size=batch_size,
+    )
+    typer.echo(result.to_text())
+
+
+@app.command("report", epilog=example("attnprog report runs/demo"))
+def report_command(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `attnprog run`"),
+    out: Path = typer.Option(None, help="where to write the page (default: RUN_DIR/report.html)"),
+    texts: int = typer.Option(2, help="held-out texts drawn per head"),
+    tokens: int = typer.Option(24, help="tokens per heatmap axis"),
+) -> None:
+    """Rebuild a run's self-contained HTML report (summary, IoU grid, curves, every head)."""
+    from attnprog.engine.run.report import write_report
+
+    path = write_report(run_dir, out=out, texts=texts, tokens=tokens)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command("bench", epilog=example("attnprog bench --full"))
 def bench_command(
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     full: bool = typer.Option(False, help="all 9 shapes P x H instead of 3"),
     texts: int = typer.Option(0, help="texts of 64 tokens per shape (0: 32 on GPU, 4 on CPU)"),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16 inputs"),
@@ -421,22 +422,28 @@ def bench_command(
 ) -> None:
     """Time the ranking kernel against torch broadcasting and the authors' numpy loop, and on
     a GPU the head-replacement kernel per layer against SDPA and eager attention."""
-    from attnprog.engine.bench import run_override_bench, run_rank_bench
-
-    device = None if device == "auto" else device
-    run_rank_bench(device, quick=not full, n_texts=texts or None, dtype=_dtype(dtype))
     import torch
 
-    on_gpu = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
-    if override and on_gpu:  # on a CPU both paths are SDPA plus a matmul: nothing to compare
+    from attnprog.engine.models import resolve_device
+    from attnprog.kernels.bench import run_override_bench, run_rank_bench
+
+    device = resolve_device(device)
+    run_rank_bench(device, quick=not full, n_texts=texts or None, dtype=_dtype(dtype))
+    if override and device.startswith("cuda"):  # on a CPU both paths are SDPA plus a matmul
         half = _dtype(dtype) if _dtype(dtype) != torch.float32 else torch.float16
         run_override_bench(device, dtype=half)
 
 
+def _connect(ray: str) -> None:
+    if ray:
+        from attnprog.engine.distributed.cluster import connect, describe
+
+        connect(ray)
+        typer.echo(describe())
+
+
 def _dtype(name: str):
     import torch
-
-    from attnprog.errors import AttnProgError
 
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
              "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

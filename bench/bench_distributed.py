@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from attnprog.engine.bench import make_bench_data
 from attnprog.engine.rank import rank
 from attnprog.engine.store import AttentionStore
+from attnprog.kernels.bench import make_bench_data
 from attnprog.synth.features import Sentence
 from attnprog.synth.program import Program
 from attnprog.synth.runtime.outputs import ProgramOutputs

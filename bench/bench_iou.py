@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from attnprog.engine.bench import (
+from attnprog.kernels.bench import (
     H_SIZES,
     HEADER,
     P_SIZES,

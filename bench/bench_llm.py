@@ -22,8 +22,8 @@ import pytest
 
 pytest.importorskip("fastapi", reason="needs transformers[serving] (make setup installs it)")
 
-from attnprog.engine.llm_server import local_server  # noqa: E402
 from attnprog.synth.llm.client import ChatClient, LLMSettings  # noqa: E402
+from attnprog.synth.llm.server import local_server  # noqa: E402
 
 PROMPTS = [f"Write a Python function that returns the {k}th square number." for k in range(2, 6)]
 figures: dict[str, dict] = {}
@@ -75,13 +75,15 @@ def synthesis(server):
     from attnprog.engine.extract import extract_attention
     from attnprog.engine.models import load_model
     from attnprog.engine.synthesis import head_tasks
+    from attnprog.kernels.iou import pair_iou
     from attnprog.synth.llm.synthesiser import Synthesiser, SynthesisOptions
 
     model, tokenizer = load_model("smollm2-135m")
     store = extract_attention(model, tokenizer, builtin_corpus().take(24), max_tokens=24, progress=False)
     tasks = head_tasks(store, [(0, 0), (3, 1)], n_texts=1)
     chat = client(server, concurrency=1, max_tokens=96)
-    worker = Synthesiser(chat, SynthesisOptions(n=2, rounds=0, attempts=2, summary_tokens=250))
+    worker = Synthesiser(chat, SynthesisOptions(n=2, rounds=0, attempts=2, summary_tokens=250),
+                         score=pair_iou)
     return worker, tasks
 
 
@@ -107,7 +109,8 @@ synthesis_candidates: list = []
 
 
 def test_validation_only(benchmark):
-    from attnprog.synth.program import Program, validate
+    from attnprog.synth.program import Program
+    from attnprog.synth.runtime.validate import validate
 
     programs = [Program(c.source or "x = 1\n") for c in synthesis_candidates if c.source]
     if not programs:

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 import torch
 
+from attnprog.engine.batching import make_batch
 from attnprog.engine.models import load_model
-from attnprog.engine.replace import make_batch, replace_heads
+from attnprog.engine.replace import replace_heads
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -131,7 +132,7 @@ def test_side_by_side_ratios(benchmark, setup):
 def test_override_per_layer(benchmark, dtype):
     """One layer four ways (SDPA, fused 0 % and 25 % flagged, eager overwrite), GPU time;
     the same table `attnprog bench` prints."""
-    from attnprog.engine.bench import run_override_bench
+    from attnprog.kernels.bench import run_override_bench
 
     rows = benchmark.pedantic(run_override_bench, args=("cuda", getattr(torch, dtype)),
                               rounds=1, iterations=1)

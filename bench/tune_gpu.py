@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from attnprog.engine.bench import hardware_bound, make_bench_data
 from attnprog.kernels import iou
+from attnprog.kernels.bench import hardware_bound, make_bench_data
 from attnprog.kernels.override import override_attention_triton
 
 SHAPES = ((256, 144), (1024, 270), (4096, 704))
@@ -139,7 +139,7 @@ def time_rank_stage(store_path: str, pool_path: str) -> None:
     import time
 
     from attnprog.engine import rank as rank_mod
-    from attnprog.engine.pipeline import rank_table
+    from attnprog.engine.pool import rank_table
     from attnprog.engine.store import AttentionStore
     from attnprog.synth.generator.specs import is_generated
     from attnprog.synth.program import load_pool

@@ -8,16 +8,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from attnprog.engine.batching import batches_by_length
 from attnprog.engine.corpus import Corpus, TokenizedCorpus, tokenize_corpus
 from attnprog.engine.models import attention_shape, context_size, model_id
 from attnprog.engine.store import AttentionStore, packed_offsets_tensor
 from attnprog.errors import ModelError, StoreError
-
-
-def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Text indices grouped by similar length, so padding stays small."""
-    order = sorted(range(len(lengths)), key=lambda s: lengths[s])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def default_max_tokens(model, cap: int = 256) -> int:
@@ -63,7 +58,7 @@ def extract_attention(
                               device=store_device)
     tril = {}  # n -> (rows, cols) of the causal cells, on the model's device
 
-    batches = _batches(lengths, batch_size)
+    batches = batches_by_length(lengths, batch_size)
     for batch in tqdm(batches, desc="extract", unit="batch", disable=None if progress else True):
         width = max(lengths[s] for s in batch)
         input_ids = torch.zeros(len(batch), width, dtype=torch.long)

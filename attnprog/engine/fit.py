@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from attnprog.engine.heads import head_label
 from attnprog.engine.store import AttentionStore
+from attnprog.kernels.iou import iou_from_l1, iou_from_l1_grad, segment_iou
 from attnprog.synth.features import attach_syntax
 from attnprog.synth.fitted import (
     FEATURE_NAMES,
@@ -106,19 +108,20 @@ def model_cells(weights: torch.Tensor, share: torch.Tensor, data: CorpusFeatures
 
 
 def text_iou(pred: torch.Tensor, attn: torch.Tensor, data: CorpusFeatures) -> torch.Tensor:
-    """Soft IoU per text and head, [S, H], through the L1 identity (rows sum to 1)."""
-    distance = torch.segment_reduce((pred - attn).abs(), "sum", lengths=data.text_cells)
-    n = data.lengths[:, None]
-    return (n - distance / 2) / (n + distance / 2)
+    """Soft IoU per text and head, [S, H]: the kernels' :func:`segment_iou` on [C, H]."""
+    offsets = torch.cat([data.text_cells.new_zeros(1), torch.cumsum(data.text_cells, 0)])
+    return segment_iou(pred, attn, offsets)
 
 
 class _MeanIoU(torch.autograd.Function):
     """``text_iou(model_cells(weights, share, data), attn, data).mean(0)`` [H], with its
     gradient written out: about half the passes over [C, H] that autograd makes, in the
-    fit's inner loop. Values and gradients equal autograd's to float rounding."""
+    fit's inner loop. Values and gradients equal autograd's to float rounding. The IoU is
+    the kernels' :func:`iou_from_l1` of ΣÂ + ΣA (``attn_sums`` [S, H] plus n: every row of the
+    model sums to 1) and the L1 distance, its derivative :func:`iou_from_l1_grad`."""
 
     @staticmethod
-    def forward(ctx, weights, share, attn, data):
+    def forward(ctx, weights, share, attn, attn_sums, data):
         # scatter/index_add/index_select rather than segment_reduce and x[index]: 3-6x faster
         # on the CPU, the same maxima, sums in another order
         n_rows, n_heads = len(data.row_cells), weights.shape[0]
@@ -134,19 +137,18 @@ class _MeanIoU(torch.autograd.Function):
         diff = pred.sub_(attn)  # [C, H] pred - attn
         distance = diff.new_zeros(len(data.text_cells), n_heads).index_add_(0, data.text,
                                                                             diff.abs())
-        n = data.lengths[:, None]
-        iou = (n - distance / 2) / (n + distance / 2)
-        ctx.save_for_backward(prob, diff, distance, share)
+        total = attn_sums + data.lengths[:, None]  # ΣA + ΣÂ per text and head
+        iou = iou_from_l1(total, distance)
+        ctx.save_for_backward(prob, diff, distance, total, share)
         ctx.data = data
         return iou.mean(dim=0)
 
     @staticmethod
     def backward(ctx, grad_iou):
-        prob, diff, distance, share = ctx.saved_tensors
+        prob, diff, distance, total, share = ctx.saved_tensors
         data = ctx.data
-        n = data.lengths[:, None]
-        # d IoU / d distance = -n / (n + distance / 2)^2, per text and head; mean over texts
-        grad_distance = grad_iou / len(n) * (-n / (n + distance / 2) ** 2)  # [S, H]
+        # d IoU / d distance per text and head (ΣÂ is n whatever the weights); mean over texts
+        grad_distance = grad_iou / len(distance) * iou_from_l1_grad(total, distance)  # [S, H]
         grad_pred = diff.sign().mul_(grad_distance.index_select(0, data.text))  # [C, H]
         grad_share = (grad_pred.index_select(0, data.first_cell).sum(dim=0)
                       - (grad_pred * prob).sum(dim=0))
@@ -154,13 +156,21 @@ class _MeanIoU(torch.autograd.Function):
         row_dot = prob.new_zeros(len(data.row_cells), prob.shape[1])
         row_dot.index_add_(0, data.row, grad_prob * prob)  # [R, H] Σ_row g · p
         grad_score = grad_prob.sub_(row_dot.index_select(0, data.row)).mul_(prob)  # softmax backward
-        return grad_score.T @ data.values, grad_share, None, None
+        return grad_score.T @ data.values, grad_share, None, None, None
+
+
+def attention_sums(attn: torch.Tensor, data: CorpusFeatures) -> torch.Tensor:
+    """ΣA per text and head of ``attn`` [C, H]: [S, H]."""
+    return attn.new_zeros(len(data.text_cells), attn.shape[1]).index_add_(0, data.text, attn)
 
 
 def mean_iou(weights: torch.Tensor, share: torch.Tensor, attn: torch.Tensor,
-             data: CorpusFeatures) -> torch.Tensor:
-    """Mean soft IoU over texts of the fitted model against ``attn`` [C, H]: [H], differentiable."""
-    return _MeanIoU.apply(weights, share, attn, data)
+             data: CorpusFeatures, attn_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean soft IoU over texts of the fitted model against ``attn`` [C, H]: [H], differentiable.
+    ``attn_sums``: :func:`attention_sums` of ``attn``, when already computed."""
+    if attn_sums is None:
+        attn_sums = attention_sums(attn, data)
+    return _MeanIoU.apply(weights, share, attn, attn_sums, data)
 
 
 def _optimise(weights, logit, mask, attn, data, steps, lr, penalty):
@@ -176,6 +186,7 @@ def _optimise(weights, logit, mask, attn, data, steps, lr, penalty):
     logit = logit.clone().requires_grad_(True)
     best = torch.full((weights.shape[0],), -torch.inf, device=weights.device)
     best_weights, best_logit = weights.detach().clone(), logit.detach().clone()
+    attn_sums = attention_sums(attn, data)  # fixed during the steps
     opt = torch.optim.Adam([weights, logit], lr=lr)
     # the step size falls to 0 along a cosine: Adam's steps of ~lr would keep the weights
     # jittering around the optimum
@@ -183,7 +194,7 @@ def _optimise(weights, logit, mask, attn, data, steps, lr, penalty):
         opt, lambda k: 0.5 * (1.0 + math.cos(math.pi * min(k, steps) / max(steps, 1))))
     for _ in range(steps + 1):
         opt.zero_grad(set_to_none=True)
-        iou = mean_iou(weights * mask, torch.sigmoid(logit), attn, data)
+        iou = mean_iou(weights * mask, torch.sigmoid(logit), attn, data, attn_sums)
         better = iou.detach() > best
         best = torch.where(better, iou.detach(), best)
         best_weights[better], best_logit[better] = weights.detach()[better], logit.detach()[better]
@@ -306,15 +317,9 @@ def fit_scores(fits: Sequence[dict], store: AttentionStore, split: str,
     texts = store.split_indices(split)
     rows = list(range(store.n_rows)) if rows is None else list(rows)
     sub = store.subset(texts)
-    values = torch.from_numpy(evaluate_fits(fits, sub.sentences()))
-    attn = sub.attn_packed[rows].float().cpu()
-    scores = np.zeros(len(fits))
-    for t in range(sub.n_texts):
-        a, b = int(sub.offsets[t]), int(sub.offsets[t + 1])
-        low = torch.minimum(values[:, a:b], attn[:, a:b]).sum(dim=1)
-        high = torch.maximum(values[:, a:b], attn[:, a:b]).sum(dim=1)
-        scores += (low / high).numpy()
-    return scores / sub.n_texts
+    values = torch.from_numpy(evaluate_fits(fits, sub.sentences()))  # [P, C]
+    attn = sub.attn_packed[rows].float().cpu()  # [P, C]: each fit's own head
+    return segment_iou(values.T, attn.T, sub.offsets).double().mean(dim=0).numpy()
 
 
 def fitted_programs(store: AttentionStore, split: str = "synthesis",
@@ -324,41 +329,10 @@ def fitted_programs(store: AttentionStore, split: str = "synthesis",
     scores = fit_scores(fits, store, split)
     model_id = store.meta.get("model_id", "")
     return [
-        program_from_fit(fit, head=f"L{layer}.H{head}", model_id=model_id, split=split, score=score)
-        for row, (fit, score) in enumerate(zip(fits, scores, strict=True))
-        for layer, head in [store.head_of(row)]
+        program_from_fit(fit, head=head_label(head_index, store.n_heads), model_id=model_id, split=split,
+                         score=score)
+        for head_index, (fit, score) in enumerate(zip(fits, scores, strict=True))
     ]
 
 
 FIT_VERSION = "2"  # bump when the fitter changes what it produces
-
-
-def fit_stage(store: AttentionStore, config, ledger, out, echo) -> tuple[list[Program], str, bool]:
-    """The pipeline's fit stage: fitted programs for every head (read back when the run
-    directory has them for the same store and settings), the key ranking depends on, and
-    whether they were read back."""
-    import time
-    from pathlib import Path
-
-    from attnprog.synth.program import load_pool, save_pool
-
-    path = Path(out) / "fitted.jsonl"
-    key = f"|fit=v{FIT_VERSION},terms={config.fit_terms}"
-    stage_key = f"{store.meta.get('model_id')}|{store.meta.get('corpus_hash')}{key}"
-    if ledger.done("fit", stage_key, path):
-        programs = load_pool(path)
-        echo(f"  reused {path}: {len(programs)} fitted programs")
-        return programs, key, True
-    if "synthesis" not in store.splits:
-        echo("  no texts in the synthesis split: nothing to fit on (use more texts)")
-        return [], "", False
-    settings = FitSettings(max_terms=config.fit_terms, device=config.device)
-    start = time.perf_counter()
-    programs = fitted_programs(store, "synthesis", settings)
-    save_pool(programs, path)
-    ledger.record("fit", stage_key)
-    scores = [p.provenance["split_iou"] for p in programs]
-    echo(f"  fitted {len(programs)} heads on {store.splits.count('synthesis')} synthesis texts in "
-         f"{time.perf_counter() - start:.0f} s (mean IoU there {np.mean(scores):.3f}); "
-         f"wrote {path}")
-    return programs, key, False

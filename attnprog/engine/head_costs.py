@@ -28,11 +28,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from attnprog.engine.batching import batches_by_length, make_batch, pad_token_id
+from attnprog.engine.nll import token_logprobs
 from attnprog.engine.replace import (
     _STATE_ATTR,
     OutputsRow,
-    make_batch,
-    pad_token_id,
+    best_fit,
+    n_texts_of,
+    outputs_for,
     replace_heads,
 )
 from attnprog.errors import AttnProgError, StoreError
@@ -110,20 +113,18 @@ def head_costs(
     split's texts, or None (the best fits run here). ``resume``: a file where the exact
     method keeps finished heads, so an interrupted measurement continues.
     """
-    from attnprog.engine.sweep import _best_fit, _n_texts, _outputs_for, token_logprobs
-
     method = resolve_method(method, model)
     texts = store.split_indices(split) if split in store.splits else []
     if not texts:
         raise StoreError(f"the store has no {split!r} texts to measure head costs on: "
                          "use more texts, or replace heads in IoU order (--order iou)")
-    _, best_index = _best_fit(table)
+    _, best_index = best_fit(table)
     if len(best_index) != store.n_layers * store.n_heads:
         raise StoreError(f"the IoU table has {len(best_index)} heads, the store "
                          f"{store.n_layers} x {store.n_heads}: rank programs against this store")
     needed = sorted({int(p) for p in best_index})
-    whole_store = outputs is not None and _n_texts(outputs) == store.n_texts
-    outputs, row_of = _outputs_for(
+    whole_store = outputs is not None and n_texts_of(outputs) == store.n_texts
+    outputs, row_of = outputs_for(
         table, needed, outputs, lambda: store.sentences(texts),
         store.n_texts if whole_store else len(texts), progress,
     )
@@ -187,8 +188,6 @@ def _gradient_costs(model, token_ids, sources, corpus_indices, n_heads, batch_si
     (``samples`` backward passes): E[(g_sampled·Δz)²] = Δzᵀ F Δz per text, since sampled
     labels' gradients have mean zero and are independent across texts.
     """
-    from attnprog.engine.sweep import _batches_by_length
-
     device = next(model.parameters()).device
     lengths = [len(ids) for ids in token_ids]
     first = torch.zeros(len(sources), dtype=torch.float64)
@@ -210,7 +209,7 @@ def _gradient_costs(model, token_ids, sources, corpus_indices, n_heads, batch_si
     hook = embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
     try:
         with replace_heads(model, sources, impl="torch") as replacement:
-            for texts in tqdm(_batches_by_length(lengths, batch_size), desc="head costs",
+            for texts in tqdm(batches_by_length(lengths, batch_size), desc="head costs",
                               unit="batch", disable=None if progress else True):
                 batch = make_batch([token_ids[s] for s in texts], pad_id=pad_id,
                                    indices=[corpus_indices[s] for s in texts], device=device)

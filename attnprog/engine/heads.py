@@ -1,33 +1,57 @@
-"""Head subsets: ``18.*,20.3`` names every head of layer 18 and head 3 of layer 20."""
+"""The one head vocabulary: ``parse_heads`` reads a head spec, ``head_label`` writes a head.
+
+A head is ``head_index = layer * n_heads + head`` wherever it is an index, and ``L18.H3`` wherever
+people read it (files, pages, messages, prompts). A spec is comma-separated items: ``18.3`` (one
+head), ``18.*`` (every head of layer 18), ``*.3`` (head 3 of every layer), or ``all``; labels
+(``L18.H3``) are accepted as items too, so a head copied from a report can be passed back.
+"""
 
 from __future__ import annotations
 
 from attnprog.errors import AttnProgError
 
+SPEC_HELP = "heads as 18.3, 18.* (a layer), *.3 (a head in every layer), comma-separated, or all"
+
 
 def parse_heads(spec: str | None, n_layers: int, n_heads: int) -> list[int]:
-    """Rows (layer * n_heads + head) named by ``spec``, sorted; every row when empty or None.
+    """The head indices (layer * n_heads + head) named by ``spec``, sorted, without repeats.
 
-    Items are ``L.H``, ``L.*`` (a whole layer) or ``*.H`` (one head in every layer).
+    Every head when ``spec`` is empty, None, ``all`` or ``*``.
     """
-    if not spec or spec.strip() in ("*", "all"):
+    if spec is None or spec.strip().lower() in ("", "all", "*"):
         return list(range(n_layers * n_heads))
-    rows: set[int] = set()
-    for item in (part.strip() for part in spec.split(",")):
-        layer, dot, head = item.partition(".")
-        if not dot or not all(p == "*" or p.isdigit() for p in (layer, head)):
-            raise AttnProgError(f"head {item!r} is not LAYER.HEAD, LAYER.* or *.HEAD (e.g. 18.*,20.3)")
-        layers = range(n_layers) if layer == "*" else [int(layer)]
-        heads = range(n_heads) if head == "*" else [int(head)]
-        for number in layers:
-            for index in heads:
-                if number >= n_layers or index >= n_heads:
-                    raise AttnProgError(f"the model has {n_layers} layers x {n_heads} heads; "
-                                        f"{item!r} is out of range")
-                rows.add(number * n_heads + index)
-    return sorted(rows)
+    items = [part.strip() for part in spec.split(",") if part.strip()]
+    if not items:
+        raise AttnProgError(f"no heads in {spec!r}: write {SPEC_HELP}")
+    head_indices: set[int] = set()
+    for item in items:
+        layers, heads = _item_ranges(item, n_layers, n_heads)
+        head_indices.update(layer * n_heads + head for layer in layers for head in heads)
+    return sorted(head_indices)
 
 
-def head_name(row: int, n_heads: int) -> str:
-    """``L.H`` for a row of the attention store."""
-    return f"{row // n_heads}.{row % n_heads}"
+def _item_ranges(item: str, n_layers: int, n_heads: int) -> tuple[range | list[int], range | list[int]]:
+    """The layers and the heads one spec item names, checked against the model's shape."""
+    if item.lower() == "all":
+        return range(n_layers), range(n_heads)
+    layer, dot, head = item.partition(".")
+    layer, head = layer.removeprefix("L").removeprefix("l"), head.removeprefix("H").removeprefix("h")
+    if not dot or not all(part == "*" or part.isdigit() for part in (layer, head)):
+        raise AttnProgError(f"head {item!r} is not LAYER.HEAD, LAYER.* or *.HEAD: write {SPEC_HELP} "
+                            "(e.g. 18.*,20.3)")
+    if (layer != "*" and int(layer) >= n_layers) or (head != "*" and int(head) >= n_heads):
+        raise AttnProgError(f"head {item!r} is out of range: the model has {n_layers} layers x "
+                            f"{n_heads} heads (layers 0-{n_layers - 1}, heads 0-{n_heads - 1})")
+    layers = range(n_layers) if layer == "*" else [int(layer)]
+    heads = range(n_heads) if head == "*" else [int(head)]
+    return layers, heads
+
+
+def head_label(head_index: int, n_heads: int) -> str:
+    """``L18.H3``: how a head (``head_index = layer * n_heads + head``) is written for people."""
+    return head_label_of(*divmod(int(head_index), n_heads))
+
+
+def head_label_of(layer: int, head: int) -> str:
+    """``L18.H3`` for head ``head`` of layer ``layer``."""
+    return f"L{layer}.H{head}"

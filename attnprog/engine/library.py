@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attnprog.engine.heads import head_name
+from attnprog.engine.heads import head_label
 from attnprog.errors import StoreError
 from attnprog.synth.program import Program
 from attnprog.synth.runtime.outputs import ProgramOutputs
@@ -95,8 +95,8 @@ class Library:
     indices: list[int]  # programs of the table, in the order added
     programs: list[Program]
     gains: list[float]
-    heads: list[int]  # rows (layer * n_heads + head) the library was chosen for
-    n_heads: int  # heads per layer, to name rows
+    heads: list[int]  # head indices (layer * n_heads + head) the library was chosen for
+    n_heads: int  # heads per layer, to label heads
     curve_selection: list[float]  # mean selection IoU over heads with the first k programs
     curve_heldout: list[float]  # the same on held-out texts
     assignment: list[int]  # per head (in ``heads`` order): position in ``indices`` it uses
@@ -122,8 +122,8 @@ class Library:
         return record
 
     def heads_using(self, position: int) -> list[str]:
-        """Names (``L.H``) of the heads that use the library's ``position``-th program."""
-        return [head_name(self.heads[h], self.n_heads) for h, k in enumerate(self.assignment)
+        """Labels (``L18.H3``) of the heads that use the library's ``position``-th program."""
+        return [head_label(self.heads[h], self.n_heads) for h, k in enumerate(self.assignment)
                 if k == position]
 
     def save(self, path: str | Path) -> Path:

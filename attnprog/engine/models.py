@@ -196,6 +196,13 @@ def _from_pretrained(source: str, *, gguf_file=None, local_only: bool, dtype, at
     return model, tokenizer
 
 
+def resolve_device(device: str | torch.device = "auto") -> str:
+    """``"auto"``: CUDA when a GPU is present, else the CPU; any other device as given."""
+    if str(device) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     device: str | torch.device = "cpu",
@@ -206,8 +213,9 @@ def load_model(
 
     Extraction needs ``attn_implementation="eager"`` (the default) to see the probabilities.
     Nothing is downloaded when HF_HUB_OFFLINE=1; hub ids then must be in the local HF cache.
+    ``device="auto"`` picks CUDA when present.
     """
-    path = Path(spec).expanduser()
+    path, device = Path(spec).expanduser(), resolve_device(device)
     if spec in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[spec]
         if builtin.package is None:

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from attnprog.errors import ModelError
+from attnprog.engine.batching import Batch, make_batch, pad_token_id
+from attnprog.engine.heads import head_label_of
+from attnprog.errors import ModelError, StoreError
 from attnprog.kernels.override import (
     override_attention,
     override_attention_reference,
@@ -140,50 +142,6 @@ def register() -> None:
 
 
 # --- batches and matrix sources ---------------------------------------------------------------
-
-
-@dataclass
-class Batch:
-    """Right-padded token ids of B texts, and what sources need to build their matrices.
-
-    input_ids, attention_mask [B, n]; lengths [B]; ``sentences`` for Program sources;
-    ``indices`` are the texts' positions in the corpus an ``OutputsRow`` was evaluated on.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    lengths: list[int]
-    sentences: list | None = None
-    indices: list[int] | None = None
-
-    @property
-    def size(self) -> int:
-        return len(self.lengths)
-
-    @property
-    def width(self) -> int:
-        return int(self.input_ids.shape[1])
-
-
-def make_batch(
-    token_ids: Sequence[Sequence[int]],
-    *,
-    pad_id: int = 0,
-    sentences: list | None = None,
-    indices: list[int] | None = None,
-    device: str | torch.device = "cpu",
-) -> Batch:
-    """Left-aligned, right-padded batch from token id lists."""
-    lengths = [len(ids) for ids in token_ids]
-    if not lengths or min(lengths) == 0:
-        raise ModelError("a batch needs at least one text and every text at least one token")
-    width = max(lengths)
-    input_ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(lengths), width), dtype=torch.long)
-    for b, ids in enumerate(token_ids):
-        input_ids[b, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
-        attention_mask[b, : len(ids)] = 1
-    return Batch(input_ids.to(device), attention_mask.to(device), lengths, sentences, indices)
 
 
 @dataclass(frozen=True)
@@ -305,8 +263,8 @@ class HeadReplacement:
             layer, head = key
             if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
                 raise ModelError(
-                    f"head {key} does not exist: the model has {self.n_layers} layers x "
-                    f"{self.n_heads} heads"
+                    f"head {head_label_of(layer, head)} does not exist: the model has "
+                    f"{self.n_layers} layers x {self.n_heads} heads"
                 )
 
     # --- Π for one batch ---------------------------------------------------------------------
@@ -331,7 +289,7 @@ class HeadReplacement:
                 fixed = torch.as_tensor(source).detach().cpu().float().numpy().copy()
                 if fixed.shape != (batch.size, batch.width, batch.width):
                     raise ModelError(
-                        f"fixed matrices for head {key} are {fixed.shape}, the batch needs "
+                        f"fixed matrices for head {head_label_of(*key)} are {fixed.shape}, the batch needs "
                         f"{(batch.size, batch.width, batch.width)}"
                     )
                 matrices[key] = fixed
@@ -418,15 +376,6 @@ class HeadReplacement:
         return self.forward(self.batch_from_texts(texts))
 
 
-def pad_token_id(tokenizer) -> int:
-    """Any valid id works for padding (masked out); prefer pad, then eos, then 0."""
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None) if tokenizer is not None else None
-        if isinstance(value, int):
-            return value
-    return 0
-
-
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -458,3 +407,48 @@ def replace_heads(
         replacement.clear()
         model.set_attn_implementation(previous)
 
+
+# --- best fits and the outputs replaced heads read ---------------------------------------------
+
+
+def best_fit(table) -> tuple[np.ndarray, np.ndarray]:
+    """(best IoU [H], best program index [H]) as numpy."""
+    if hasattr(table, "best"):
+        best_iou, best_index = table.best()
+    else:
+        best_iou, best_index = torch.as_tensor(table.iou).max(0)
+    return (torch.as_tensor(best_iou).float().cpu().numpy(),
+            torch.as_tensor(best_index).long().cpu().numpy())
+
+
+def evaluate_needed(programs, sentences, progress: bool):
+    """Run ``programs`` on ``sentences`` in the sandbox (only those a sweep needs)."""
+    from attnprog.synth.runtime.evaluate import evaluate_programs
+
+    return evaluate_programs(programs, sentences, progress=progress)
+
+
+def n_texts_of(outputs) -> int:
+    """Texts that program outputs cover."""
+    return len(outputs.offsets) - 1
+
+
+def outputs_for(table, needed, outputs, sentences, n_texts: int, progress: bool = False):
+    """(ProgramOutputs, program index -> row): given ones cover all programs, else run needed.
+
+    ``sentences`` is called only when the programs must run; given outputs must cover
+    ``n_texts`` texts.
+    """
+    if outputs is not None:
+        if n_texts_of(outputs) != n_texts:
+            raise StoreError(f"program outputs cover {n_texts_of(outputs)} texts, expected "
+                             f"{n_texts}: evaluate them on the same texts")
+        if outputs.n_programs != len(table.programs):
+            raise StoreError(f"program outputs hold {outputs.n_programs} programs, the IoU "
+                             f"table {len(table.programs)}: evaluate the table's programs")
+        # only the rows the sweep uses, so streamed outputs compute just those
+        return outputs.select(needed), {p: row for row, p in enumerate(needed)}
+    if not needed:
+        return None, {}
+    evaluated = evaluate_needed([table.programs[p] for p in needed], sentences(), progress)
+    return evaluated, {p: row for row, p in enumerate(needed)}

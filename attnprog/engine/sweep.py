@@ -11,23 +11,24 @@ tokens given the context.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from attnprog.engine.replace import OutputsRow, make_batch, pad_token_id, replace_heads
-from attnprog.errors import AttnProgError, CorpusError, ModelError, StoreError
+from attnprog.engine.batching import pad_token_id
+from attnprog.engine.head_costs import head_costs
+from attnprog.engine.heads import head_label
+from attnprog.engine.nll import perplexity, token_logprobs
+from attnprog.engine.qa import QAItem, qa_accuracy, qa_predictions, tokenise_qa
+from attnprog.engine.replace import OutputsRow, best_fit, n_texts_of, outputs_for
+from attnprog.errors import AttnProgError, ModelError, StoreError
 
 STANDARD_FRACTIONS = (0.0, 0.05, 0.10, 0.25, 0.50, 1.0)
 CONDITIONS = ("programs", "uniform", "random")
-QA_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "qa_sample.jsonl"
 
 
 def fractions_up_to(limit: float) -> list[float]:
@@ -38,190 +39,6 @@ def fractions_up_to(limit: float) -> list[float]:
     if not any(abs(f - limit) < 1e-9 for f in chosen):
         chosen.append(limit)
     return chosen
-
-
-# --- token log-probabilities through (possibly) replaced heads -------------------------------
-
-
-def _batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda s: lengths[s])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-@torch.no_grad()
-def token_logprobs(
-    model,
-    token_ids: Sequence[Sequence[int]],
-    heads: dict | None = None,
-    *,
-    batch_size: int = 8,
-    impl: str = "auto",
-    pad_id: int = 0,
-    corpus_indices: Sequence[int] | None = None,
-    progress: bool = False,
-    desc: str = "forward",
-) -> list[np.ndarray]:
-    """log p(token t | tokens < t) for t = 1..n-1 of every text: one float64 array per text.
-
-    ``heads`` maps (layer, head) to a source. ``OutputsRow`` sources were evaluated on these
-    texts in this order, or on a corpus where text i sits at ``corpus_indices[i]``.
-    """
-    device = next(model.parameters()).device
-    lengths = [len(ids) for ids in token_ids]
-    result: list[np.ndarray] = [np.zeros(0)] * len(token_ids)
-    with replace_heads(model, heads or {}, impl=impl) as replacement:
-        for texts in tqdm(_batches_by_length(lengths, batch_size), desc=desc, unit="batch",
-                          disable=None if progress else True, leave=False):
-            indices = texts if corpus_indices is None else [corpus_indices[s] for s in texts]
-            batch = make_batch([token_ids[s] for s in texts], pad_id=pad_id, indices=indices,
-                               device=device)
-            logits = replacement.forward(batch).logits[:, :-1]  # [B, n - 1, V]
-            targets = batch.input_ids[:, 1:]  # padding targets are scored, then dropped
-            logp = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                    reduction="none").view(targets.shape)
-            logp = logp.double().cpu().numpy()  # one transfer per batch
-            for b, s in enumerate(texts):
-                result[s] = logp[b, : lengths[s] - 1]
-    return result
-
-
-def perplexity(logprobs: Sequence[np.ndarray]) -> float:
-    """exp of the mean negative log-likelihood over all predicted tokens."""
-    total = sum(float(lp.sum()) for lp in logprobs)
-    count = sum(len(lp) for lp in logprobs)
-    if count == 0:
-        raise CorpusError("no tokens to score: every text has a single token")
-    return math.exp(-total / count)
-
-
-# --- multiple-choice QA -------------------------------------------------------------------------
-
-
-@dataclass
-class QAItem:
-    """One question: the context, its candidate completions, the index of the right one."""
-
-    context: str
-    choices: list[str]
-    label: int
-
-
-def _join(context: str, choice: str) -> str:
-    """Context and choice as one text: a space between them unless one side has whitespace."""
-    if not context or context[-1].isspace() or choice[:1].isspace():
-        return context + choice
-    return context + " " + choice
-
-
-def _item_from_record(record: dict) -> QAItem:
-    """Map generic, HellaSwag, PIQA and ARC field names to a QAItem."""
-    if "choices" in record and "context" in record:  # attnprog's own format
-        choices = [str(c) for c in record["choices"]]
-        return QAItem(str(record["context"]), choices, int(record["label"]))
-    if "endings" in record:  # HellaSwag
-        context = record.get("ctx") or (record["ctx_a"] + " " + record.get("ctx_b", "")).strip()
-        return QAItem(context, [str(e) for e in record["endings"]], int(record["label"]))
-    if "goal" in record and "sol1" in record:  # PIQA
-        return QAItem(record["goal"], [record["sol1"], record["sol2"]], int(record["label"]))
-    if "answerKey" in record:  # ARC: {"question": {"stem", "choices": [{text, label}]}} or flat
-        question = record["question"]
-        if isinstance(question, dict):
-            stem = question["stem"]
-            texts = [c["text"] for c in question["choices"]]
-            labels = [c["label"] for c in question["choices"]]
-        else:
-            stem, texts, labels = question, record["choices"]["text"], record["choices"]["label"]
-        return QAItem(f"Question: {stem}\nAnswer:", [str(t) for t in texts],
-                      labels.index(record["answerKey"]))
-    raise KeyError(
-        "no known fields (context/choices/label, ctx/endings, goal/sol1/sol2, answerKey)"
-    )
-
-
-def load_qa(path: str | Path | None = None) -> list[QAItem]:
-    """Read a JSONL of questions (attnprog, HellaSwag, PIQA or ARC fields).
-
-    ``path=None`` reads the built-in sample.
-    """
-    if path is None:
-        text = QA_SAMPLE.read_text(encoding="utf-8")
-        name = "built-in QA sample"
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise CorpusError(f"no QA file at {path}")
-        text, name = path.read_text(encoding="utf-8"), str(path)
-    items = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = _item_from_record(json.loads(line))
-        except (ValueError, KeyError, TypeError, IndexError) as err:
-            raise CorpusError(
-                f"{name}:{line_no} is not a QA record ({type(err).__name__}: {err}); expected "
-                '{"context": str, "choices": [str, ...], "label": int}'
-            ) from err
-        if len(item.choices) < 2 or not 0 <= item.label < len(item.choices):
-            raise CorpusError(
-                f"{name}:{line_no}: needs >= 2 choices and a label indexing one of them"
-            )
-        items.append(item)
-    if not items:
-        raise CorpusError(f"{name} holds no questions")
-    return items
-
-
-@dataclass
-class QAText:
-    """One (question, choice) pair tokenised: ids, the Sentence programs see, completion start."""
-
-    question: int
-    choice: int
-    ids: list[int]
-    sentence: object
-    completion_start: int  # first token whose text reaches into the choice
-
-
-def tokenise_qa(items: Sequence[QAItem], tokenizer, max_tokens: int = 512) -> list[QAText]:
-    """Every choice appended to its context, tokenised once with character offsets.
-
-    A pair longer than ``max_tokens`` loses tokens from the start of its context, never
-    from its completion.
-    """
-    from attnprog.synth.features import sentence_from_ids
-
-    fast = bool(getattr(tokenizer, "is_fast", False))  # slow tokenizers: spans are aligned
-    pieces: dict[int, str] = {}  # decoded pieces, shared by all pairs
-    pairs = []
-    for q, item in enumerate(items):
-        for c, choice in enumerate(item.choices):
-            text = _join(item.context, choice)
-            encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=fast)
-            ids = list(encoded["input_ids"])[-max_tokens:]
-            spans = encoded["offset_mapping"][-len(ids):] if fast else None
-            sentence = sentence_from_ids(text, ids, tokenizer, offsets=spans, pieces=pieces)
-            boundary = len(text) - len(choice)
-            # completion = tokens ending inside the choice; position 0 is never predicted
-            start = next(
-                (t for t, (_, end) in enumerate(sentence.offsets) if end > boundary), len(ids)
-            )
-            pairs.append(QAText(q, c, ids, sentence, max(start, 1)))
-    return pairs
-
-
-def qa_predictions(items: Sequence[QAItem], pairs: Sequence[QAText], logprobs) -> np.ndarray:
-    """argmax over choices of the mean completion log-prob; [questions] int."""
-    scores = [np.full(len(item.choices), -np.inf) for item in items]
-    for pair, logp in zip(pairs, logprobs, strict=True):
-        completion = logp[pair.completion_start - 1 :]  # logp[t-1] scores token t
-        if len(completion):
-            scores[pair.question][pair.choice] = float(completion.mean())
-    return np.array([int(np.argmax(s)) for s in scores])
-
-
-def qa_accuracy(items: Sequence[QAItem], predictions: np.ndarray) -> float:
-    return float(np.mean([p == item.label for p, item in zip(predictions, items, strict=True)]))
 
 
 # --- the sweep -------------------------------------------------------------------------------
@@ -246,7 +63,7 @@ class SweepResult:
     same with fractions as strings ("0", "0.05", ...) under "ppl_increase", beside
     "mean_iou" {order: {fraction: IoU or null}}, "n_heads" {fraction: count},
     "perplexity" {order: {fraction: {condition: ppl}}}, "qa_accuracy" (same shape, when QA
-    ran), "heads" {order: ["L<layer>H<head>", ...] in replacement order} and "head_costs"
+    ran), "heads" {order: ["L18.H3", ...] in replacement order} and "head_costs"
     (how the cost order was measured, when it ran).
     """
 
@@ -302,8 +119,8 @@ class SweepResult:
             data["qa_accuracy"] = {o: by_fraction(o, lambda r: dict(r.qa_accuracy))
                                    for o in orders}
         if self.orders and self.n_heads_per_layer:
-            data["heads"] = {o: [f"L{h // self.n_heads_per_layer}H{h % self.n_heads_per_layer}"
-                                 for h in rows] for o, rows in self.orders.items()}
+            data["heads"] = {o: [head_label(h, self.n_heads_per_layer) for h in head_indices]
+                             for o, head_indices in self.orders.items()}
         if self.cost_info:
             data["head_costs"] = dict(self.cost_info)
         return data
@@ -368,22 +185,6 @@ def orders_from_option(option: str) -> tuple[str, ...]:
     return (option,)
 
 
-def _best_fit(table) -> tuple[np.ndarray, np.ndarray]:
-    """(best IoU [H], best program index [H]) as numpy."""
-    if hasattr(table, "best"):
-        best_iou, best_index = table.best()
-    else:
-        best_iou, best_index = torch.as_tensor(table.iou).max(0)
-    return (torch.as_tensor(best_iou).float().cpu().numpy(),
-            torch.as_tensor(best_index).long().cpu().numpy())
-
-
-def _evaluate(programs, sentences, progress: bool):
-    from attnprog.synth.runtime.evaluate import evaluate_programs
-
-    return evaluate_programs(programs, sentences, progress=progress)
-
-
 def perplexity_sweep(
     model,
     store,
@@ -417,7 +218,7 @@ def perplexity_sweep(
     then shares of them.
     """
     n_layers, n_heads = store.n_layers, store.n_heads
-    best_iou, best_index = _best_fit(table)
+    best_iou, best_index = best_fit(table)
     if len(best_iou) != n_layers * n_heads:
         raise StoreError(f"the IoU table has {len(best_iou)} heads, the store "
                          f"{n_layers} x {n_heads}: rank programs against this store")
@@ -427,8 +228,6 @@ def perplexity_sweep(
             head_orders[name] = np.argsort(-best_iou, kind="stable")  # best fit first
         elif name == "cost":
             if costs is None:
-                from attnprog.engine.head_costs import head_costs
-
                 costs = head_costs(model, store, table, split=cost_split, outputs=outputs,
                                    method=cost_method, tokenizer=tokenizer,
                                    batch_size=batch_size, impl=impl, progress=progress)
@@ -460,9 +259,9 @@ def perplexity_sweep(
     token_ids = [store.token_ids(s) for s in texts]
     pad_id = pad_token_id(tokenizer)
     # outputs on the whole store are addressed by store index, on the split by position
-    whole_store = outputs is not None and _n_texts(outputs) == store.n_texts
+    whole_store = outputs is not None and n_texts_of(outputs) == store.n_texts
     corpus_indices = texts if whole_store else None
-    outputs, row_of = _outputs_for(
+    outputs, row_of = outputs_for(
         table, needed, outputs, lambda: store.sentences(texts),
         store.n_texts if whole_store else len(texts), progress,
     )
@@ -483,7 +282,7 @@ def perplexity_sweep(
         if tokenizer is None:
             raise ModelError("QA scoring needs the model's tokenizer: pass tokenizer=")
         qa_pairs = tokenise_qa(qa_items, tokenizer)
-        qa_outputs, qa_row_of = _outputs_for(
+        qa_outputs, qa_row_of = outputs_for(
             table, needed, qa_outputs, lambda: [p.sentence for p in qa_pairs], len(qa_pairs),
             progress,
         )
@@ -541,26 +340,3 @@ def perplexity_sweep(
     )
 
 
-def _n_texts(outputs) -> int:
-    return len(outputs.offsets) - 1
-
-
-def _outputs_for(table, needed, outputs, sentences, n_texts: int, progress: bool = False):
-    """(ProgramOutputs, program index -> row): given ones cover all programs, else run needed.
-
-    ``sentences`` is called only when the programs must run; given outputs must cover
-    ``n_texts`` texts.
-    """
-    if outputs is not None:
-        if _n_texts(outputs) != n_texts:
-            raise StoreError(f"program outputs cover {_n_texts(outputs)} texts, expected "
-                             f"{n_texts}: evaluate them on the same texts")
-        if outputs.n_programs != len(table.programs):
-            raise StoreError(f"program outputs hold {outputs.n_programs} programs, the IoU "
-                             f"table {len(table.programs)}: evaluate the table's programs")
-        # only the rows the sweep uses, so streamed outputs compute just those
-        return outputs.select(needed), {p: row for row, p in enumerate(needed)}
-    if not needed:
-        return None, {}
-    evaluated = _evaluate([table.programs[p] for p in needed], sentences(), progress)
-    return evaluated, {p: row for row, p in enumerate(needed)}

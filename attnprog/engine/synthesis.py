@@ -13,29 +13,21 @@ from pathlib import Path
 
 import numpy as np
 
+from attnprog.engine.heads import head_label_of
+from attnprog.engine.heads import parse_heads as parse_head_indices
 from attnprog.engine.store import AttentionStore
-from attnprog.errors import AttnProgError, StoreError
+from attnprog.errors import StoreError
+from attnprog.kernels.iou import pair_iou
 from attnprog.synth.llm.client import ChatClient, LLMSettings
 from attnprog.synth.llm.synthesiser import HeadResult, HeadTask, Synthesiser, SynthesisOptions
 from attnprog.synth.program import Program, load_pool, save_pool
 
 
 def parse_heads(spec: str, store: AttentionStore) -> list[tuple[int, int]]:
-    """``"all"`` or ``"18.7,20.3"`` as (layer, head) pairs, checked against the store."""
-    if spec.strip() == "all":
-        return [store.head_of(row) for row in range(store.n_rows)]
-    heads = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        layer, _, head = part.partition(".")
-        if not (layer.isdigit() and head.isdigit()):
-            raise AttnProgError(f"head {part!r} is not LAYER.HEAD (e.g. 18.7); pass --heads 18.7,20.3 or all")
-        if int(layer) >= store.n_layers or int(head) >= store.n_heads:
-            raise AttnProgError(f"head {part} is out of range: the store has {store.n_layers} layers x "
-                                f"{store.n_heads} heads")
-        heads.append((int(layer), int(head)))
-    if not heads:
-        raise AttnProgError("no heads given: pass --heads 18.7,20.3 or all")
-    return list(dict.fromkeys(heads))
+    """The heads ``spec`` names (``18.3``, ``18.*``, ``*.3``, ``all``) as (layer, head) pairs of
+    ``store``, in head-index order: ``engine.heads.parse_heads`` on the store's shape."""
+    return [store.head_of(head_index)
+            for head_index in parse_head_indices(spec, store.n_layers, store.n_heads)]
 
 
 def head_tasks(store: AttentionStore, heads, n_texts: int = 4, n_selection: int = 16) -> list[HeadTask]:
@@ -47,13 +39,13 @@ def head_tasks(store: AttentionStore, heads, n_texts: int = 4, n_selection: int 
                                                     store.sentences(synthesis + selection))}
     tasks = []
     for layer, head in heads:
-        row = store.row(layer, head)
+        head_index = store.row(layer, head)
 
-        def examples(indices, row=row):
-            return [(sentences[s], store.dense(row, s).float().cpu().numpy().astype(np.float64))
+        def examples(indices, head_index=head_index):
+            return [(sentences[s], store.dense(head_index, s).float().cpu().numpy().astype(np.float64))
                     for s in indices]
 
-        tasks.append(HeadTask(f"L{layer}H{head}", examples(synthesis), examples(selection)))
+        tasks.append(HeadTask(head_label_of(layer, head), examples(synthesis), examples(selection)))
     return tasks
 
 
@@ -93,7 +85,7 @@ def synthesize_into_pool(store: AttentionStore, heads, settings: LLMSettings, op
     pool_path = Path(pool_path)
     existing = load_pool(pool_path) if pool_path.is_file() and pool_path.stat().st_size else []
     client = client or ChatClient(settings)
-    synthesiser = Synthesiser(client, options)
+    synthesiser = Synthesiser(client, options, score=pair_iou)
     report = SynthesisReport(model=client.model, base_url=client.settings.base_url)
     known = {p.hash for p in existing}
     added: list[Program] = []
@@ -119,13 +111,9 @@ def synthesize_into_pool(store: AttentionStore, heads, settings: LLMSettings, op
     return added, report
 
 
-def llm_stage(store: AttentionStore, config, pool_path: Path, echo, reuse: bool = False) -> list[Program]:
-    """The pipeline's LLM stage: programs for ``config.llm_heads`` written to ``pool_path``
-    (reused when ``reuse``; replies come from the cache on a re-run either way)."""
-    if reuse:
-        programs = load_pool(pool_path) if pool_path.stat().st_size else []
-        echo(f"  reused {pool_path}: {len(programs)} LLM programs")
-        return programs
+def llm_programs(store: AttentionStore, config, pool_path: Path, echo) -> list[Program]:
+    """Programs for ``config.llm_heads`` (the ``llm_*`` settings of a RunConfig), written to a
+    fresh ``pool_path``; replies come from the cache on a re-run."""
     settings = LLMSettings(model=config.llm_model, base_url=config.llm_base_url,
                            max_tokens_total=config.llm_max_tokens_total)
     options = SynthesisOptions(n=config.llm_n, rounds=config.llm_rounds)

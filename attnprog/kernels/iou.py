@@ -45,8 +45,11 @@ stays in L1. Program matrices are mostly zeros (one-hot rows, a few tokens per r
 min(0, a) = 0 for a ≥ 0, so zero program cells are skipped outright.
 
 Inputs must be finite and non-negative (attention and normalised program outputs are);
-callers sanitise failed programs first. This module imports nothing from attnprog.
-Entry points: :func:`sum_min`, :func:`text_sums`, :func:`iou_from_sums`, :func:`soft_iou`.
+callers sanitise failed programs first. This module imports nothing from attnprog but
+kernels.fallback. It is the one definition of soft IoU: the table form above is
+:func:`soft_iou` (:func:`sum_min`, :func:`text_sums`, :func:`iou_from_sums`); one text is
+:func:`pair_iou`, texts of cell-major tensors :func:`segment_iou` (through the L1 identity,
+:func:`iou_from_l1`); the empty-union rule is :func:`iou_ratio`.
 """
 
 from __future__ import annotations
@@ -76,8 +79,13 @@ __all__ = [
     "DeviceLayout",
     "cell_major",
     "device_layout",
+    "iou_from_l1",
+    "iou_from_l1_grad",
     "iou_from_sums",
+    "iou_ratio",
+    "pair_iou",
     "resolve_impl",
+    "segment_iou",
     "soft_iou",
     "sum_min",
     "sum_min_numba",
@@ -111,6 +119,84 @@ def _check(programs: torch.Tensor, attention: torch.Tensor, offsets) -> torch.Te
     if bool((offsets[1:] < offsets[:-1]).any()):
         raise ValueError("offsets must be non-decreasing")
     return offsets
+
+
+# --- the definition, at the scale of one text -------------------------------------------------
+#
+# Everything below computes the same number; these small forms say what it is. The empty-union
+# rule lives in iou_ratio alone: where Σ max(A, Â) is 0 (both matrices all zero) the IoU is 0,
+# and so is a sum that is not a number (a failed program scores 0, never stops a run).
+
+_TINY = 1e-30  # guards the division where the union is empty (that branch is discarded)
+
+
+def iou_ratio(intersection: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+    """Σmin / Σmax from the two sums (any matching shapes): 0 where the union is not > 0 or a
+    sum is NaN, clamped to [0, 1]. Differentiable; in place when no gradient is recorded."""
+    iou = torch.where(union > 0, intersection / union.clamp_min(_TINY),
+                      torch.zeros_like(intersection))
+    if iou.requires_grad:
+        return torch.nan_to_num(iou, nan=0.0).clamp(0.0, 1.0)
+    return torch.nan_to_num_(iou, nan=0.0).clamp_(0.0, 1.0)
+
+
+def pair_iou(predicted, attention) -> float:
+    """Soft IoU of one text, the naive reference: Σ min(A, Â) / Σ max(A, Â) over causal cells.
+
+    Reads ``predicted`` and ``attention`` (numpy or torch, any float dtype), both packed causal
+    cells ``[cells]`` or both ``[n, n]`` matrices, whose cells above the diagonal are ignored.
+    Sums in fp64 on the CPU; returns a float (0 where the union is empty, see :func:`iou_ratio`).
+    """
+    p, a = (torch.tensor(np.asarray(x, dtype=np.float64)) if not isinstance(x, torch.Tensor)
+            else x.detach().cpu().double() for x in (predicted, attention))
+    if p.shape != a.shape or p.ndim not in (1, 2) or (p.ndim == 2 and p.shape[0] != p.shape[1]):
+        raise ValueError(f"expected two [cells] or two [n, n] arrays, got {tuple(p.shape)} and "
+                         f"{tuple(a.shape)}")
+    if p.ndim == 2:  # keep the causal cells (i >= j)
+        causal = torch.ones(p.shape, dtype=torch.bool).tril()
+        p, a = p[causal], a[causal]
+    return float(iou_ratio(torch.minimum(p, a).sum(), torch.maximum(p, a).sum()))
+
+
+def iou_from_l1(total: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    """IoU from ``total`` = ΣA + ΣÂ and the L1 distance ``distance`` = Σ|A − Â| of each text.
+
+    min(a, b) = (a + b − |a − b|) / 2 and max(a, b) = (a + b + |a − b|) / 2, so the IoU is
+    (total − D) / (total + D), with the rule of :func:`iou_ratio`. The form a gradient uses:
+    |a − b| has one kink where min has two branches.
+    """
+    return iou_ratio(total - distance, total + distance)
+
+
+def iou_from_l1_grad(total: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    """d IoU / d distance of :func:`iou_from_l1` at a fixed total: −2 total / (total + D)²,
+    0 where the union is empty."""
+    union = total + distance
+    return torch.where(union > 0, -2.0 * total / union.clamp_min(_TINY) ** 2,
+                       torch.zeros_like(union))
+
+
+def segment_iou(predicted: torch.Tensor, attention: torch.Tensor, offsets) -> torch.Tensor:
+    """Per-text IoU of cell-major tensors: ``predicted``, ``attention`` [C] or [C, H] (cells
+    along dim 0, text s in ``offsets[s]:offsets[s+1]``) -> [S] or [S, H], differentiable.
+
+    One pass of three segment sums (ΣÂ, ΣA, Σ|A − Â|) and :func:`iou_from_l1`; no loop over texts.
+    """
+    if predicted.shape != attention.shape:
+        raise ValueError(f"shapes differ: {tuple(predicted.shape)} and {tuple(attention.shape)}")
+    offsets = torch.as_tensor(offsets, dtype=torch.int64).cpu()
+    if offsets.ndim != 1 or int(offsets[0]) != 0 or int(offsets[-1]) != predicted.shape[0]:
+        raise ValueError(f"offsets must run from 0 to the {predicted.shape[0]} cells")
+    n_texts = offsets.numel() - 1
+    text_of_cell = torch.repeat_interleave(torch.arange(n_texts), offsets[1:] - offsets[:-1])
+    text_of_cell = text_of_cell.to(predicted.device)
+
+    def per_text(values: torch.Tensor) -> torch.Tensor:
+        out = values.new_zeros((n_texts, *values.shape[1:]))
+        return out.index_add(0, text_of_cell, values)
+
+    total = per_text(predicted) + per_text(attention)
+    return iou_from_l1(total, per_text((predicted - attention).abs()))
 
 
 # --- torch reference: chunked broadcasting ----------------------------------------------------
@@ -756,13 +842,11 @@ def text_sums(values: torch.Tensor, offsets) -> torch.Tensor:
 def iou_from_sums(
     sum_min: torch.Tensor, prog_sums: torch.Tensor, attn_sums: torch.Tensor
 ) -> torch.Tensor:
-    """IoU [P, H, S] = M / (ΣÂ + ΣA − M); 0 where the union is empty, clamped to [0, 1].
+    """IoU [P, H, S] = M / (ΣÂ + ΣA − M), with the rule of :func:`iou_ratio`.
 
     sum_min [P, H, S], prog_sums [P, S], attn_sums [H, S].
     """
-    union = prog_sums[:, None, :] + attn_sums[None, :, :] - sum_min
-    iou = torch.where(union > 0, sum_min / union.clamp_min(1e-30), torch.zeros_like(sum_min))
-    return torch.nan_to_num_(iou, nan=0.0).clamp_(0.0, 1.0)
+    return iou_ratio(sum_min, prog_sums[:, None, :] + attn_sums[None, :, :] - sum_min)
 
 
 def soft_iou(

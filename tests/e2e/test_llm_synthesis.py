@@ -19,8 +19,8 @@ N, ATTEMPTS, ROUNDS, TEXTS, SUMMARY_TOKENS, MAX_TOKENS = 2, 2, 1, 1, 250, 96
 def server():
     """`transformers serve` on a free loopback port with the loader's checkpoint directory."""
     pytest.importorskip("fastapi", reason="needs transformers[serving] (make setup installs it)")
-    from attnprog.engine.llm_server import local_server
     from attnprog.engine.models import builtin_checkpoint
+    from attnprog.synth.llm.server import local_server
 
     with local_server(builtin_checkpoint("smollm2-135m")) as (base_url, model):
         yield base_url, model
@@ -83,7 +83,7 @@ def test_requests_were_sent_to_the_server_and_answered(first_run):
     assert client.usage.requests == len(client.sent) >= len(HEADS)
     assert client.usage.cache_hits == 0 and client.usage.retries == 0
     heads = {h["label"]: h for h in first_run["report"].heads}
-    assert set(heads) == {"L0H0", "L3H1"}
+    assert set(heads) == {"L0.H0", "L3.H1"}
     for head in heads.values():
         assert head["candidates"] and all(c["request_id"] for c in head["candidates"])
 
@@ -108,7 +108,7 @@ def test_invalid_programs_were_re_prompted_with_their_error(first_run):
 
 
 def test_valid_programs_joined_the_pool_and_rank_with_the_rest(first_run, store):
-    from attnprog.engine.pipeline import evaluate_pool, rank_table, ranking_subset
+    from attnprog.engine.pool import evaluate_pool, rank_table, ranking_subset
     from attnprog.synth.generator.golden import golden_programs
     from attnprog.synth.program import load_pool
 
@@ -118,7 +118,7 @@ def test_valid_programs_joined_the_pool_and_rank_with_the_rest(first_run, store)
     assert {p.hash for p in llm} == {p.hash for p in first_run["added"]}
     for program in llm:
         assert program.provenance["model"] == first_run["client"].model
-        assert program.provenance["request_id"] and program.provenance["head"] in ("L0H0", "L3H1")
+        assert program.provenance["request_id"] and program.provenance["head"] in ("L0.H0", "L3.H1")
     attention = ranking_subset(store[0], "selection", "heldout")
     table = rank_table(attention, evaluate_pool(attention, pool, progress=False))
     assert table.n_programs == len(pool)
@@ -130,7 +130,7 @@ def test_usage_was_recorded_per_head_and_in_total(first_run):
     usage = first_run["report"].usage
     assert usage["requests"] == first_run["client"].usage.requests
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
-    assert set(usage["per_tag"]) == {"L0H0", "L3H1"}
+    assert set(usage["per_tag"]) == {"L0.H0", "L3.H1"}
     saved = json.loads((first_run["work"] / "pool.llm.json").read_text())
     assert saved["usage"]["total_tokens"] == usage["total_tokens"]
 

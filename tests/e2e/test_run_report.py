@@ -17,7 +17,7 @@ ARTEFACTS = ("manifest.json", "summary.json", "report.html", "config.json", "att
 SUMMARY_KEYS = ("mean_best_fit_iou", "median_best_fit_iou", "share_heads_iou_above_0_5",
                 "share_heads_iou_above_0_75", "library_size", "library_mean_iou", "ppl_increase",
                 "qa_accuracy")
-STAGES = ("extract", "pool", "fit", "evaluate", "rank", "library", "sweep", "report")
+STAGES = ("extract", "pool", "fit", "evaluate", "rank", "library", "costs", "sweep", "report")
 
 
 def run_cli(*args, timeout=600):
@@ -77,7 +77,7 @@ def test_report_dom_holds_the_summary_figures(tiny_run, chromium):
     assert f'id="mean_best_fit_iou">{summary["mean_best_fit_iou"]:.3f}<' in dom
     assert f'id="library_size">{summary["library_size"]}<' in dom
     assert f'id="ppl_increase_0.25_iou">{summary["ppl_increase"]["iou"]["0.25"]["programs"]:+.1f} %<' in dom
-    assert dom.count('class="head"') == 8 and 'href="#L1H3"' in dom
+    assert dom.count('class="head"') == 8 and 'href="#L1.H3"' in dom
 
 
 def test_every_embedded_image_decodes_in_chromium(tiny_run, chromium, tmp_path):

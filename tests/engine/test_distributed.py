@@ -227,7 +227,7 @@ def test_without_ray_the_cli_and_pipeline_never_import_ray(store, outputs, tmp_p
         f" '--outputs', {str(tmp_path / 'outputs.safetensors')!r}, '--out', "
         f"{str(tmp_path / 'table.safetensors')!r}])\n"
         "assert result.exit_code == 0, result.output\n"
-        "import attnprog.engine.pipeline\n"
+        "import attnprog.engine.run.pipeline\n"
         "print('ray imported:', 'ray' in sys.modules)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

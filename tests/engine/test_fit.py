@@ -14,6 +14,7 @@ from attnprog.engine.fit import (
     model_cells,
     text_iou,
 )
+from attnprog.synth.features import attach_syntax
 from attnprog.synth.fitted import evaluate_fits, feature
 
 QUICK = FitSettings(max_terms=5, search_steps=80, refit_steps=80, key_tokens=10, query_tokens=5)
@@ -85,6 +86,7 @@ def test_fits_beat_the_uniform_pattern_on_the_texts_they_were_fitted_on(store, f
 def test_the_torch_model_and_the_numpy_programs_compute_the_same_matrices(store, fits):
     texts = store.split_indices("synthesis")
     sentences = store.sentences(texts)
+    attach_syntax(sentences)  # as fit_store does: a fit may keep a POS feature
     names = sorted({k for f in fits for k in f["weights"]})
     data = corpus_features(sentences, names)
     weights = torch.tensor([[f["weights"].get(k, 0.0) for k in names] for f in fits],
@@ -134,8 +136,8 @@ def test_the_hand_written_gradient_can_be_taken_twice(store):
 
 def test_fitted_programs_run_unchanged_in_the_sandbox_and_reproduce_the_fit(store):
     from attnprog.synth.fitted import evaluate_fitted
-    from attnprog.synth.program import validate_many
     from attnprog.synth.runtime.sandbox import Sandbox
+    from attnprog.synth.runtime.validate import validate_many
 
     programs = fitted_programs(store, settings=QUICK, progress=False)
     assert all(r.ok for r in validate_many(programs))
@@ -156,7 +158,7 @@ def test_no_selection_or_heldout_text_changes_a_fit(store, fits):
 
 
 def test_no_heldout_text_changes_which_program_is_chosen(store):
-    from attnprog.engine.pipeline import evaluate_pool, rank_table
+    from attnprog.engine.pool import evaluate_pool, rank_table
     from attnprog.synth.generator.golden import golden_programs
 
     pool = golden_programs() + fitted_programs(store, settings=QUICK, progress=False)
@@ -178,8 +180,8 @@ def test_the_gpu_path_fits_like_the_cpu_path(store):
 
 
 def test_the_pipeline_fits_every_head_ranks_the_fits_and_resumes(tmp_path):
-    from attnprog.engine.pipeline import RunConfig, run_pipeline
     from attnprog.engine.rank import IoUTable
+    from attnprog.engine.run.pipeline import RunConfig, run_pipeline
 
     config = RunConfig(out=str(tmp_path / "run"), model="tiny-gpt2", limit=30, max_tokens=24,
                        n_candidates=50, fraction=0.25, qa=False, fit_terms=4)
@@ -192,12 +194,12 @@ def test_the_pipeline_fits_every_head_ranks_the_fits_and_resumes(tmp_path):
 
     again: list[str] = []
     run_pipeline(config, echo=again.append)
-    stage = "\n".join(again).split("[2b/7")[1].split("done in")[0]
+    stage = "\n".join(again).split("fit a program to every head]")[1].split("done in")[0]
     assert "reused" in stage and "fitted.jsonl" in stage
 
 
 def test_the_pipeline_without_fitting_adds_no_fitted_programs(tmp_path):
-    from attnprog.engine.pipeline import RunConfig, run_pipeline
+    from attnprog.engine.run.pipeline import RunConfig, run_pipeline
 
     config = RunConfig(out=str(tmp_path / "run"), model="tiny-gpt2", limit=30, max_tokens=24,
                        n_candidates=50, fraction=0.25, qa=False, fit=False)

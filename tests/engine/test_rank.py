@@ -179,7 +179,7 @@ def test_cli_rank_needs_a_pool_or_outputs(tmp_path):
 
 
 def test_bench_reports_rates_and_ratios():
-    from attnprog.engine.bench import format_results, run_rank_bench
+    from attnprog.kernels.bench import format_results, run_rank_bench
 
     rows = run_rank_bench("cpu", shapes=[(20, 10)], kinds=("sparse",), n_texts=2, n=8,
                           verbose=False)

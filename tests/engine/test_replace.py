@@ -6,7 +6,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from attnprog.engine.replace import make_batch, replace_heads
+from attnprog.engine.batching import make_batch
+from attnprog.engine.replace import replace_heads
 from attnprog.errors import ModelError
 
 REFERENCE = "test_eager_overwrite"

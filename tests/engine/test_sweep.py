@@ -1,4 +1,4 @@
-"""engine.sweep: perplexity sweep, QA scoring and QA file loading."""
+"""engine.sweep: the perplexity sweep and its head orders."""
 
 import json
 from dataclasses import dataclass
@@ -10,18 +10,11 @@ import torch
 from attnprog.engine.head_costs import HeadCosts
 from attnprog.engine.store import AttentionStore, packed_offsets_tensor
 from attnprog.engine.sweep import (
-    QAItem,
     fractions_up_to,
-    load_qa,
     orders_from_option,
-    perplexity,
     perplexity_sweep,
-    qa_accuracy,
-    qa_predictions,
-    token_logprobs,
-    tokenise_qa,
 )
-from attnprog.errors import AttnProgError, CorpusError, StoreError
+from attnprog.errors import AttnProgError, StoreError
 from attnprog.layout import causal_offsets, pack
 from attnprog.synth.program import Program, normalise
 from attnprog.synth.runtime.outputs import ProgramOutputs
@@ -100,100 +93,9 @@ def test_outputs_on_the_whole_store_equal_outputs_on_the_split(tiny_gpt2):
     assert a.rows[1].perplexity == pytest.approx(b.rows[1].perplexity, rel=1e-9)
 
 
-def test_perplexity_through_unmodified_replacement_matches_plain_model(tiny_llama):
-    model, _ = tiny_llama
-    ids = [[5, 9, 11, 3, 7], [1, 2]]
-    logprobs = token_logprobs(model, ids)
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids[0]])).logits[0]
-    expected = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[0][1:])[:, None])
-    np.testing.assert_allclose(logprobs[0], expected[:, 0].numpy(), atol=1e-5)
-    assert perplexity(logprobs) > 1.0
-
-
-def test_qa_picks_the_answer_of_a_model_that_learned_it():
-    from attnprog.engine.models import tiny_model
-
-    model, tokenizer = tiny_model("gpt2", seed=3)
-    story = tokenizer("the cat sat on the mat.")["input_ids"]
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(60):
-        loss = model(input_ids=torch.tensor([story]), labels=torch.tensor([story])).loss
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    model.eval()
-
-    items = [QAItem("the cat sat on the", ["dog.", "mat.", "sky."], label=1)]
-    pairs = tokenise_qa(items, tokenizer)
-    predictions = qa_predictions(items, pairs, token_logprobs(model, [p.ids for p in pairs]))
-    assert predictions.tolist() == [1]
-    assert qa_accuracy(items, predictions) == 1.0
-
-
-def test_qa_scores_the_mean_log_prob_of_completion_tokens_only():
-    items = [QAItem("ab", ["c", "dd"], label=1)]
-    pairs = [type("P", (), {"question": 0, "choice": c, "completion_start": 2})() for c in (0, 1)]
-    # context tokens are very unlikely for choice 1, but only completion tokens count
-    logprobs = [np.array([0.0, -3.0]), np.array([-50.0, -1.0, -2.0])]
-    assert qa_predictions(items, pairs, logprobs).tolist() == [1]
-
-
-def test_builtin_qa_sample_loads():
-    items = load_qa()
-    assert 30 <= len(items) <= 40
-    assert all(0 <= item.label < len(item.choices) for item in items)
-
-
-def test_hellaswag_piqa_and_arc_fields_are_mapped(tmp_path):
-    records = [
-        {"ctx": "A man opens a door", "endings": ["and walks in.", "and eats it."], "label": "0"},
-        {"goal": "Dry wet hands", "sol1": "use a towel", "sol2": "use water", "label": 0},
-        {"question": {"stem": "What is hot?", "choices": [{"text": "ice", "label": "A"},
-                                                            {"text": "fire", "label": "B"}]},
-         "answerKey": "B"},
-    ]
-    path = tmp_path / "mixed.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    items = load_qa(path)
-    assert [item.label for item in items] == [0, 0, 1]
-    assert items[2].context == "Question: What is hot?\nAnswer:"
-    assert items[1].choices == ["use a towel", "use water"]
-
-
-def test_malformed_qa_line_is_a_corpus_error_with_its_line(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"context": "x", "choices": ["a", "b"], "label": 0}\n{"context": "y"}\n')
-    with pytest.raises(CorpusError, match="bad.jsonl:2"):
-        load_qa(path)
-
-
 def test_fraction_list_for_the_cli():
     assert fractions_up_to(0.25) == [0.0, 0.05, 0.10, 0.25]
     assert fractions_up_to(0.3) == [0.0, 0.05, 0.10, 0.25, 0.3]
-
-
-def test_batched_log_probs_equal_one_text_at_a_time(tiny_gpt2):
-    # texts of 1, 3 and 6 tokens in one padded batch: each keeps exactly its n - 1 values
-    model, _ = tiny_gpt2
-    ids = [[4], [8, 1, 9], [3, 5, 7, 2, 6, 10]]
-    together = token_logprobs(model, ids, batch_size=3)
-    for text, got in zip(ids, together, strict=True):
-        (alone,) = token_logprobs(model, [text], batch_size=1)
-        assert got.shape == (len(text) - 1,)
-        np.testing.assert_allclose(got, alone, atol=1e-5)
-
-
-def test_long_qa_pairs_keep_their_completion(tiny_gpt2):
-    # a context longer than max_tokens loses its start, never the choice being scored
-    _, tokenizer = tiny_gpt2
-    items = [QAItem("a " * 40 + "the cat sat on the", ["mat.", "sky."], label=0)]
-    pairs = tokenise_qa(items, tokenizer, max_tokens=16)
-    for pair, choice in zip(pairs, items[0].choices, strict=True):
-        assert len(pair.ids) <= 16 and pair.completion_start < len(pair.ids)
-        assert pair.sentence.ids == pair.ids
-        assert tokenizer.decode(pair.ids[pair.completion_start:]).strip().endswith(choice)
 
 
 def test_fraction_out_of_range_is_a_user_error():
@@ -224,7 +126,7 @@ def test_cost_order_replaces_the_cheapest_heads_first(tiny_gpt2):
                               orders=("cost",), costs=costs, progress=False)
     assert result.orders["cost"] == [1, 3, 6, 5]  # the 4 cheapest heads (50 %), cheapest first
     assert np.all(np.diff(costs.costs[result.orders["cost"]]) >= 0)
-    assert result.to_json()["heads"]["cost"] == ["L0H1", "L0H3", "L1H2", "L1H1"]
+    assert result.to_json()["heads"]["cost"] == ["L0.H1", "L0.H3", "L1.H2", "L1.H1"]
 
 
 def test_both_orders_appear_side_by_side_in_text_and_json(tiny_gpt2):

@@ -28,7 +28,7 @@ def store(tiny_gpt2, builtin_corpus):
 
 
 def unreachable(tmp_path, **extra) -> LLMSettings:
-    from attnprog.engine.llm_server import free_port
+    from attnprog.synth.llm.server import free_port
 
     return LLMSettings(model="m", base_url=f"http://127.0.0.1:{free_port()}/v1", retries=0,
                        cache_dir=str(tmp_path / "cache"), **extra)
@@ -45,7 +45,7 @@ def record_replies(store, heads, settings, options, text=PREVIOUS):
 
 
 def test_heads_are_parsed_from_a_list_or_all(store):
-    assert parse_heads("1.2, 0.3", store) == [(1, 2), (0, 3)]
+    assert parse_heads("1.2, 0.3", store) == [(0, 3), (1, 2)]
     assert len(parse_heads("all", store)) == store.n_rows
 
 
@@ -59,7 +59,7 @@ def test_bad_heads_are_refused(store, spec, message):
 
 def test_a_task_holds_the_heads_attention_on_synthesis_and_selection_texts(store):
     (task,) = head_tasks(store, [(1, 2)], n_texts=3)
-    assert task.label == "L1H2" and len(task.synthesis) == 3
+    assert task.label == "L1.H2" and len(task.synthesis) == 3
     first = store.split_indices("synthesis")[0]
     sentence, attention = task.synthesis[0]
     assert sentence.text == store.texts[first]
@@ -77,7 +77,7 @@ def test_recorded_replies_fill_the_pool_without_a_request(store, tmp_path):
     assert len(load_pool(pool)) == len(golden_programs()) + 1
     assert report.usage["requests"] == 0 and report.usage["cache_hits"] == 2
     saved = json.loads(report_path(pool).read_text())
-    assert {h["label"] for h in saved["heads"]} == {"L0H1", "L1H2"}
+    assert {h["label"] for h in saved["heads"]} == {"L0.H1", "L1.H2"}
 
 
 def test_an_unreachable_endpoint_keeps_the_existing_pool(store, tmp_path):
@@ -96,7 +96,7 @@ def test_print_prompt_shows_the_prompt_and_sends_nothing(store, tmp_path):
     result = CliRunner().invoke(app, ["synthesize", "--store", str(path), "--heads", "1.2", "--model", "m",
                                       "--base-url", unreachable(tmp_path).base_url, "--print-prompt"])
     assert result.exit_code == 0, result.output
-    assert "--- system ---" in result.output and "head L1H2" in result.output
+    assert "--- system ---" in result.output and "head L1.H2" in result.output
     assert "Write 4 distinct hypotheses" in result.output
 
 
@@ -118,7 +118,7 @@ def test_the_cli_reports_an_unreachable_endpoint_in_one_line(store, tmp_path):
 def test_the_pipeline_adds_llm_programs_as_a_stage(tmp_path, monkeypatch):
     from attnprog.engine.corpus import builtin_corpus
     from attnprog.engine.models import load_model
-    from attnprog.engine.pipeline import RunConfig, run_pipeline
+    from attnprog.engine.run.pipeline import RunConfig, run_pipeline
 
     monkeypatch.setenv("ATTNPROG_CACHE_DIR", str(tmp_path / "cache"))
     config = RunConfig(out=str(tmp_path / "run"), model="tiny-gpt2", limit=30, max_tokens=24,

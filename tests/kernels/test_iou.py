@@ -11,7 +11,11 @@ import torch
 from attnprog.kernels import iou as iou_mod
 from attnprog.kernels.iou import (
     device_layout,
+    iou_from_l1,
+    iou_from_l1_grad,
     iou_from_sums,
+    pair_iou,
+    segment_iou,
     soft_iou,
     sum_min,
     sum_min_numba,
@@ -19,7 +23,7 @@ from attnprog.kernels.iou import (
     sum_min_triton,
     text_sums,
 )
-from attnprog.layout import causal_offsets, pack
+from attnprog.layout import causal_offsets, pack, unpack
 from tests.kernels.conftest import assert_close_scaled
 
 CUDA = torch.cuda.is_available()
@@ -158,6 +162,63 @@ def test_empty_union_gives_zero_not_nan():
 def test_nan_sum_min_gives_zero():
     m = torch.full((1, 1, 1), float("nan"))
     assert iou_from_sums(m, torch.ones(1, 1), torch.ones(1, 1)).item() == 0.0
+
+
+def test_pair_iou_agrees_with_the_table_on_random_data(ragged):
+    programs, attention, offsets = ragged
+    table = soft_iou(programs, attention, offsets, impl="torch")
+    for p, h, s in [(0, 0, 0), (3, 5, 2), (36, 20, 5), (10, 7, 4)]:
+        a, b = int(offsets[s]), int(offsets[s + 1])
+        got = pair_iou(programs[p, a:b], attention[h, a:b])
+        assert got == pytest.approx(float(table[p, h, s]), rel=1e-5, abs=1e-6)
+
+
+def test_pair_iou_reads_square_matrices_like_their_packed_cells(ragged):
+    programs, attention, offsets = ragged
+    a, b = int(offsets[2]), int(offsets[3])  # the 20-token text
+    square = [unpack(x[a:b].numpy(), 20) for x in (programs[4], attention[9])]
+    assert pair_iou(*square) == pytest.approx(pair_iou(programs[4, a:b], attention[9, a:b]))
+
+
+def test_pair_iou_counts_only_causal_cells():
+    previous = np.eye(5, k=-1)
+    previous[0, 0] = 1.0
+    assert pair_iou(previous, previous + np.triu(np.ones((5, 5)), k=1)) == pytest.approx(1.0)
+
+
+def test_pair_iou_takes_numpy_and_torch_alike():
+    rng = np.random.default_rng(0)
+    x, y = rng.random(10), rng.random(10)
+    assert pair_iou(torch.from_numpy(x).float(), torch.from_numpy(y)) == pytest.approx(
+        pair_iou(x, y), rel=1e-6)
+
+
+def test_pair_iou_of_an_empty_union_is_the_tables_value():
+    offsets = torch.from_numpy(causal_offsets([3]))
+    zeros = torch.zeros(1, 6)
+    assert pair_iou(np.zeros((3, 3)), np.zeros((3, 3))) == soft_iou(zeros, zeros, offsets).item() == 0.0
+
+
+def test_segment_iou_agrees_with_the_table_on_random_data(ragged):
+    programs, attention, offsets = ragged
+    table = soft_iou(programs[:21], attention, offsets, impl="torch")  # [21, 21, S]
+    own = table[torch.arange(21), torch.arange(21)].T  # [S, 21]: program h against head h
+    got = segment_iou(programs[:21].T, attention.T, offsets)
+    torch.testing.assert_close(got, own, rtol=1e-5, atol=1e-6)
+
+
+def test_segment_iou_of_an_empty_union_or_text_is_zero():
+    offsets = torch.tensor([0, 3, 3, 6])  # the second text has no cells
+    predicted = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.5, 0.5])
+    attention = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.5, 0.5])
+    assert segment_iou(predicted, attention, offsets).tolist() == [0.0, 0.0, 1.0]
+
+
+def test_the_l1_gradient_is_autograds():
+    total = torch.tensor([2.0, 6.0, 0.0])
+    distance = torch.tensor([0.5, 3.0, 0.0], requires_grad=True)
+    iou_from_l1(total, distance).sum().backward()
+    torch.testing.assert_close(iou_from_l1_grad(total, distance.detach()), distance.grad)
 
 
 def test_text_sums_sum_each_text(ragged):

@@ -9,8 +9,8 @@ from attnprog.errors import ProgramError
 from attnprog.layout import tril_index
 from attnprog.synth import fitted
 from attnprog.synth.features import Sentence, probe_sentences
-from attnprog.synth.program import validate
 from attnprog.synth.runtime.sandbox import Sandbox
+from attnprog.synth.runtime.validate import validate
 
 FIT = {
     "share": 0.42,

@@ -13,7 +13,7 @@ import ast
 import re
 from dataclasses import dataclass
 
-from attnprog.synth.program import entry_point
+from attnprog.synth.policy import entry_point
 
 _FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([\w+-]*)[^\n]*$", re.MULTILINE)
 _CODE_LANGS = {"", "python", "py", "python3", "numpy"}

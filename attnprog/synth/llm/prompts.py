@@ -11,7 +11,7 @@ import dataclasses
 import inspect
 
 from attnprog.synth.features import Sentence
-from attnprog.synth.program import allowed_imports
+from attnprog.synth.policy import allowed_imports
 
 EXAMPLE_FAMILIES = ("previous", "first", "punctuation")  # golden programs shown as examples
 _SKIP = {"copy", "warm_features", "from_text"}

@@ -1,23 +1,24 @@
 """Scoring candidates against one head, and the evidence a refinement prompt shows.
 
-Programs run through the public entry point ``evaluate_programs`` (sandboxed, cached);
-IoU per text is the paper's Σ min / Σ max over causal cells, computed here in numpy since
-a refinement round scores a handful of programs on one head, not the whole pool.
+Programs run through the public entry point ``evaluate_programs`` (sandboxed, cached). The
+IoU of one text is handed in as ``score`` (the engine passes ``attnprog.kernels.iou.pair_iou``,
+the one definition): synth imports neither kernels nor engine.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from attnprog.layout import pack, unpack
+from attnprog.layout import unpack
 from attnprog.synth.features import Sentence
 from attnprog.synth.llm.summaries import edge_text, escape_token
 from attnprog.synth.program import Program
 
 Example = tuple[Sentence, np.ndarray]  # a text and the head's n x n attention on it
+Score = Callable[[np.ndarray, np.ndarray], float]  # IoU of (program, head) n x n matrices
 _sandbox_lock = threading.Lock()  # evaluate_programs shares one sandbox; heads run in threads
 
 
@@ -33,24 +34,22 @@ def program_matrices(program: Program, sentences: Sequence[Sentence]) -> tuple[l
     return dense, np.asarray(outputs.failed[0], dtype=bool)
 
 
-def iou(predicted: np.ndarray, attention: np.ndarray) -> float:
-    """Soft IoU of two n x n matrices over the causal cells: Σ min / Σ max."""
-    p, a = pack(np.asarray(predicted, np.float64)), pack(np.asarray(attention, np.float64))
-    union = np.maximum(p, a).sum()
-    return float(np.minimum(p, a).sum() / union) if union > 0 else 0.0
+def _scores(dense: Sequence[np.ndarray], failed: np.ndarray, examples: Sequence[Example],
+            score: Score) -> np.ndarray:
+    """``score`` of each output against its example's attention [S]; 0 where the program failed."""
+    return np.array([0.0 if failed[k] else float(score(d, a))
+                     for k, (d, (_, a)) in enumerate(zip(dense, examples))], dtype=np.float64)
 
 
-def per_text_iou(program: Program, examples: Sequence[Example]) -> np.ndarray:
-    """IoU of ``program`` on each example (0 where it failed)."""
+def per_text_iou(program: Program, examples: Sequence[Example], score: Score) -> np.ndarray:
+    """IoU of ``program`` on each example by ``score`` (0 where it failed)."""
     dense, failed = program_matrices(program, [s for s, _ in examples])
-    scores = np.array([iou(d, a) for d, (_, a) in zip(dense, examples)])
-    scores[failed] = 0.0
-    return scores
+    return _scores(dense, failed, examples, score)
 
 
-def mean_iou(program: Program, examples: Sequence[Example]) -> float:
+def mean_iou(program: Program, examples: Sequence[Example], score: Score) -> float:
     """Mean IoU of ``program`` over ``examples`` (the selection texts decide refinements)."""
-    return float(per_text_iou(program, examples).mean()) if examples else 0.0
+    return float(per_text_iou(program, examples, score).mean()) if examples else 0.0
 
 
 def edge_errors(sentence: Sentence, predicted: np.ndarray, attention: np.ndarray, k: int = 5) -> str:
@@ -69,10 +68,12 @@ def edge_errors(sentence: Sentence, predicted: np.ndarray, attention: np.ndarray
     return "\n".join(lines)
 
 
-def refinement_evidence(program: Program, examples: Sequence[Example]) -> tuple[str, str]:
-    """(best text, worst text) of ``program`` on ``examples``, each with its IoU and edge errors."""
+def refinement_evidence(program: Program, examples: Sequence[Example],
+                        score: Score) -> tuple[str, str]:
+    """(best text, worst text) of ``program`` on ``examples``, each with its IoU by ``score``
+    and its edge errors."""
     dense, failed = program_matrices(program, [s for s, _ in examples])
-    scores = np.array([0.0 if failed[k] else iou(d, a) for k, (d, (_, a)) in enumerate(zip(dense, examples))])
+    scores = _scores(dense, failed, examples, score)
     order = np.argsort(-scores, kind="stable")
 
     def show(k: int) -> str:

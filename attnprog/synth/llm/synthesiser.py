@@ -19,9 +19,10 @@ from attnprog.errors import LLMError
 from attnprog.synth.llm.client import BudgetExhausted, ChatClient, Reply, RequestRejected
 from attnprog.synth.llm.parsing import ParsedProgram, parse_reply
 from attnprog.synth.llm.prompts import refinement_messages, repair_messages, synthesis_messages
-from attnprog.synth.llm.refinement import Example, mean_iou, refinement_evidence
+from attnprog.synth.llm.refinement import Example, Score, mean_iou, refinement_evidence
 from attnprog.synth.llm.summaries import summarise_head
-from attnprog.synth.program import Program, validate
+from attnprog.synth.program import Program
+from attnprog.synth.runtime.validate import validate
 
 FAMILY = "llm"
 
@@ -30,7 +31,7 @@ FAMILY = "llm"
 class HeadTask:
     """One head to explain: its label, the texts the LLM sees and the texts that judge refinements."""
 
-    label: str  # e.g. "L18H7"
+    label: str  # e.g. "L18.H7", written by the caller (engine.heads.head_label)
     synthesis: list[Example]
     selection: list[Example]
 
@@ -83,11 +84,15 @@ def head_prompt(task: HeadTask, options: SynthesisOptions) -> list[dict]:
 
 
 class Synthesiser:
-    """Writes programs for heads through a :class:`ChatClient`."""
+    """Writes programs for heads through a :class:`ChatClient`; ``score`` is the IoU of one
+    text, (program, head) n x n matrices -> float, that judges refinements (the engine passes
+    ``attnprog.kernels.iou.pair_iou``)."""
 
-    def __init__(self, client: ChatClient, options: SynthesisOptions | None = None):
+    def __init__(self, client: ChatClient, options: SynthesisOptions | None = None, *,
+                 score: Score):
         self.client = client
         self.options = options or SynthesisOptions()
+        self.score = score
 
     # --- one head --------------------------------------------------------------------------
     def synthesise_head(self, task: HeadTask) -> HeadResult:
@@ -141,16 +146,16 @@ class Synthesiser:
 
     def _refine(self, result: HeadResult, task: HeadTask, round_no: int) -> None:
         """One refinement round: a minimal change to the best program, kept only if it scores better."""
-        scored = [(mean_iou(p, task.selection), p) for p in result.programs]
+        scored = [(mean_iou(p, task.selection, self.score), p) for p in result.programs]
         score, parent = max(scored, key=lambda pair: pair[0])
-        best, worst = refinement_evidence(parent, task.synthesis)
+        best, worst = refinement_evidence(parent, task.synthesis, self.score)
         messages = refinement_messages(parent.source, task.label, score, best, worst)
         reply = self._ask(messages, task.label)
         parsed = parse_reply(reply.text, reply.truncated, self.client.settings.max_tokens)[0]
         child = self._settle(result, messages, reply, parsed, round_no, hypothesis=0, parent=parent.hash)
         if child is None or any(p.hash == child.hash for p in result.programs):
             return
-        child_score = mean_iou(child, task.selection)
+        child_score = mean_iou(child, task.selection, self.score)
         if child_score > score:
             result.programs.append(child)
         else:

@@ -17,7 +17,8 @@ import numpy as np
 from attnprog.errors import CorpusError
 from attnprog.layout import causal_offsets, text_cells
 from attnprog.synth.features import Sentence, attach_syntax
-from attnprog.synth.program import Program, check_source
+from attnprog.synth.policy import check_source
+from attnprog.synth.program import Program
 from attnprog.synth.runtime.cache import OutputCache
 from attnprog.synth.runtime.cache import corpus_hash as hash_corpus
 from attnprog.synth.runtime.outputs import ProgramOutputs

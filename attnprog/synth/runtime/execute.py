@@ -16,7 +16,8 @@ import numpy as np
 from attnprog.errors import ProgramError
 from attnprog.layout import causal_offsets
 from attnprog.synth.features import Sentence
-from attnprog.synth.program import Program, entry_point, normalise_packed
+from attnprog.synth.policy import entry_point
+from attnprog.synth.program import Program, normalise_packed
 from attnprog.synth.runtime.paper_form import adapt_paper_form
 
 _MAX_REASON = 300
@@ -73,7 +74,7 @@ def escape(text: str) -> str:
 
 def compile_program(source: str, name: str, tokenizer=None) -> Callable[[Sentence], object]:
     """Execute ``source`` and return its entry point as ``f(s) -> matrix``: the function
-    ``name``, else the one :func:`~attnprog.synth.program.entry_point` infers. Paper-form
+    ``name``, else the one :func:`~attnprog.synth.policy.entry_point` infers. Paper-form
     functions get ``tokenizer`` (the model's, when given) or a per-sentence stand-in.
 
     Raises ProgramError when the source does not compile or defines no such function.

@@ -14,6 +14,7 @@ import numpy as np
 
 from attnprog.errors import ProgramError
 from attnprog.synth.features import Sentence
+from attnprog.synth.program import Program
 
 
 class Encoding(dict):
@@ -189,8 +190,6 @@ def read_source(path) -> str:
 def library_programs(text: str, origin: str = "", family: str = "paper") -> list:
     """The paper-form programs in a library file's ``text`` (see :func:`load_paper_library`)."""
     import ast
-
-    from attnprog.synth.program import Program
 
     try:
         tree = ast.parse(text)

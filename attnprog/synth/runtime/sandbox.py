@@ -33,6 +33,7 @@ import numpy as np
 from attnprog.errors import SandboxError
 from attnprog.layout import causal_offsets
 from attnprog.synth.features import Sentence
+from attnprog.synth.policy import entry_node
 from attnprog.synth.program import Program
 from attnprog.synth.runtime.execute import ProgramResult
 from attnprog.synth.runtime.isolation import (
@@ -594,9 +595,7 @@ def modules_needed(programs: Sequence[Program], with_tokenizer: bool = False) ->
 
 
 def _is_paper_form(tree: ast.Module, name: str) -> bool:
-    from attnprog.synth.program import _entry_node
-
-    entry = _entry_node(tree, name)
+    entry = entry_node(tree, name)
     if entry is None:
         return False
     args = entry.args

@@ -67,7 +67,7 @@ def test_a_server_that_keeps_failing_gives_up_with_one_message(scripted, tmp_pat
 
 
 def test_an_unreachable_endpoint_says_to_check_the_server(tmp_path):
-    from attnprog.engine.llm_server import free_port
+    from attnprog.synth.llm.server import free_port
 
     client = client_for(f"http://127.0.0.1:{free_port()}/v1", tmp_path, retries=1)
     with pytest.raises(LLMError, match="could not reach the LLM endpoint .* is the server running"):

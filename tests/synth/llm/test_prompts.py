@@ -10,7 +10,9 @@ from attnprog.synth.llm.prompts import (
     synthesis_messages,
     system_message,
 )
-from attnprog.synth.program import Program, allowed_imports, validate
+from attnprog.synth.policy import allowed_imports
+from attnprog.synth.program import Program
+from attnprog.synth.runtime.validate import validate
 
 
 def test_every_field_and_public_property_of_sentence_is_described():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from attnprog.errors import LLMError
+from attnprog.kernels.iou import pair_iou
 from attnprog.synth.features import Sentence
 from attnprog.synth.llm.client import ChatClient, LLMSettings
 from attnprog.synth.llm.synthesiser import HeadTask, Synthesiser, SynthesisOptions
@@ -36,7 +37,8 @@ def previous_token_task(label: str = "L1H2") -> HeadTask:
 def synthesiser(scripted, tmp_path, n=1, rounds=0, attempts=3, **settings):
     client = ChatClient(LLMSettings(model="scripted-model", base_url=scripted.base_url, retries=0,
                                     cache_dir=str(tmp_path / "cache"), **settings), sleep=lambda s: None)
-    return Synthesiser(client, SynthesisOptions(n=n, rounds=rounds, attempts=attempts, summary_tokens=400))
+    return Synthesiser(client, SynthesisOptions(n=n, rounds=rounds, attempts=attempts, summary_tokens=400),
+                       score=pair_iou)
 
 
 def test_a_valid_program_is_kept_with_its_provenance(scripted, chat, tmp_path):

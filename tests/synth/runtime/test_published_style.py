@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from attnprog.synth.features import sentences_from_texts
-from attnprog.synth.program import check_source
+from attnprog.synth.policy import check_source
 from attnprog.synth.runtime.execute import run_trusted
 from attnprog.synth.runtime.paper_form import library_programs
 from attnprog.synth.runtime.sandbox import Sandbox

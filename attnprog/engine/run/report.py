@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from attnprog.engine.rundir import PAPER
+from attnprog.engine.heads import head_label, head_label_of
+from attnprog.engine.run import rundir
+from attnprog.engine.run.rundir import PAPER
 from attnprog.errors import StoreError
 
 HEATMAP_TOKENS = 24  # tokens shown per heatmap axis: the matrix's top-left block, exact rows
@@ -331,9 +333,10 @@ def render_html(*, summary: dict, manifest: dict, library: dict | None, sweep_fi
                 parts.append("<td style='background:#eee'></td>")
                 continue
             background, colour = _colour(info["heldout_iou"])
+            label = head_label_of(layer, head)
             parts.append(
-                f"<td style='background:{background};color:{colour}' title='L{layer} H{head}: "
-                f"{e(info['family'])}, IoU {info['heldout_iou']:.3f}'><a href='#L{layer}H{head}'>"
+                f"<td style='background:{background};color:{colour}' title='{label}: "
+                f"{e(info['family'])}, IoU {info['heldout_iou']:.3f}'><a href='#{label}'>"
                 f"{e(info['family'][:10])}<br>{info['heldout_iou']:.2f}</a></td>")
         parts.append("</tr>")
     parts.append("</table>")
@@ -362,9 +365,9 @@ def render_html(*, summary: dict, manifest: dict, library: dict | None, sweep_fi
 
     parts.append("<h2 id='heads'>Every head</h2>")
     for info in heads:
-        layer, head = divmod(info["row"], n_heads)
+        label = head_label(info["row"], n_heads)
         parts.append(
-            f"<div class='head' id='L{layer}H{head}'><h3>L{layer} H{head}: {e(info['family'])}, "
+            f"<div class='head' id='{label}'><h3>{label}: {e(info['family'])}, "
             f"IoU {info['heldout_iou']:.3f} held-out ({info['selection_iou']:.3f} selection)</h3>"
             f"<p class='sub'>best fit <code>{e(info['name'])}</code> ({e(info['hash'])})"
             + (f"; in the library it uses #{info['library_position'] + 1} "
@@ -387,17 +390,17 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, store=None,
     from attnprog.engine.store import AttentionStore
 
     run_dir = Path(run_dir)
-    if not (run_dir / "iou_table.safetensors").is_file():
+    if not (run_dir / rundir.TABLE).is_file():
         raise StoreError(f"{run_dir} holds no finished run (no iou_table.safetensors): "
                          f"run `attnprog run --out {run_dir}` first")
-    table = IoUTable.load(run_dir / "iou_table.safetensors")
+    table = IoUTable.load(run_dir / rundir.TABLE)
     if store is None:
-        store = AttentionStore.load(run_dir / "attention.safetensors")
-    summary = _read_json(run_dir / "summary.json", {})
-    manifest = _read_json(run_dir / "manifest.json", {})
-    library = _read_json(run_dir / "library.json")
-    sweep = _read_json(run_dir / "sweep.json")
-    sweep_text = (run_dir / "sweep.txt").read_text() if (run_dir / "sweep.txt").is_file() else ""
+        store = AttentionStore.load(run_dir / rundir.STORE)
+    summary = _read_json(run_dir / rundir.SUMMARY, {})
+    manifest = _read_json(run_dir / rundir.MANIFEST, {})
+    library = _read_json(run_dir / rundir.LIBRARY)
+    sweep = _read_json(run_dir / rundir.SWEEP)
+    sweep_text = (run_dir / rundir.SWEEP_TEXT).read_text() if (run_dir / rundir.SWEEP_TEXT).is_file() else ""
 
     rows = table.meta.get("heads") or (library or {}).get("heads") or list(range(table.iou.shape[1]))
     best_iou, best_index = table.best()
@@ -419,8 +422,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, store=None,
     if chosen:
         panels = head_panels(store, {h["row"]: h["program"] for h in heads}, chosen, tokens)
         for info in tqdm(heads, desc="report", unit="head", disable=None if progress else True):
-            layer, head = divmod(info["row"], table.n_heads)
-            info["heatmaps"] = head_heatmaps(panels[info["row"]], f"L{layer} H{head}")
+            info["heatmaps"] = head_heatmaps(panels[info["row"]], head_label(info["row"], table.n_heads))
     best_fit_mean = summary.get("mean_best_fit_iou")
     curves = sweep_curves(sweep)
     page = render_html(
@@ -429,7 +431,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, store=None,
         library_figure=library_curve_figure(library, best_fit_mean) if library else None,
         heads=heads, n_layers=table.n_layers, n_heads=table.n_heads, sweep_text=sweep_text,
     )
-    path = Path(out) if out else run_dir / "report.html"
+    path = Path(out) if out else run_dir / rundir.REPORT
     tmp = path.with_suffix(".html.partial")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attnprog.engine.bench import hardware_bound, run_override_bench
+from attnprog.kernels.bench import hardware_bound, run_override_bench
 
 
 def test_cpu_has_no_gpu_bound():

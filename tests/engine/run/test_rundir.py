@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from attnprog.cli import app
-from attnprog.engine.rundir import check_run_dir
+from attnprog.engine.run.rundir import check_run_dir
 from attnprog.errors import StoreError
 
 
@@ -49,3 +49,41 @@ def test_run_into_a_checkpoint_folder_stops_before_writing_anything(tmp_path):
     assert isinstance(result.exception, StoreError) and "not a run directory" in str(result.exception)
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
     assert json.loads((tmp_path / "config.json").read_text()) == checkpoint
+
+
+# --- the ledger (stages.json) ------------------------------------------------------------------
+
+
+def test_a_version_1_ledger_is_read_with_its_keys(tmp_path):
+    from attnprog.engine.run.rundir import Ledger
+
+    (tmp_path / "stages.json").write_text(json.dumps({"pool": "candidates=100"}))
+    (tmp_path / "pool.jsonl").write_text("")
+    ledger = Ledger(tmp_path, ("extract", "pool"))
+    assert ledger.version == 1 and ledger.done("pool", "candidates=100", [tmp_path / "pool.jsonl"])
+
+
+def test_the_ledger_is_written_with_its_version(tmp_path):
+    from attnprog.engine.run.rundir import LEDGER_VERSION, Ledger
+
+    Ledger(tmp_path, ("pool",)).record("pool", "candidates=100")
+    saved = json.loads((tmp_path / "stages.json").read_text())
+    assert saved == {"version": LEDGER_VERSION, "pool": "candidates=100"}
+
+
+def test_a_changed_input_is_named_in_one_line(tmp_path):
+    from attnprog.engine.run.rundir import Ledger
+
+    ledger = Ledger(tmp_path, ("rank",))
+    ledger.record("rank", "model|corpus|candidates=100")
+    why = ledger.why("rank", "model|corpus|candidates=200", [])
+    assert why == "redoing rank: its inputs changed (candidates=100 -> candidates=200)"
+
+
+def test_a_missing_file_is_named(tmp_path):
+    from attnprog.engine.run.rundir import Ledger
+
+    ledger = Ledger(tmp_path, ("library",))
+    ledger.record("library", "k")
+    assert ledger.why("library", "k", [tmp_path / "library.json"]) == "redoing library: library.json missing"
+    assert ledger.why("sweep", "k", []) == ""  # never finished here: nothing to explain

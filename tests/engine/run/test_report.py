@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 
-from attnprog.engine.report import CELL_PX, head_heatmaps, render_html, sweep_curves
+from attnprog.engine.run.report import CELL_PX, head_heatmaps, render_html, sweep_curves
 from attnprog.synth.program import Program
 
 ONE_ORDER = {"0": {"programs": 0.0, "uniform": 0.0}, "0.25": {"programs": 12.5, "uniform": 300.0},
@@ -55,12 +55,12 @@ def test_summary_figures_stand_beside_the_papers():
 def test_every_grid_cell_links_to_its_heads_section():
     html = page()
     for layer, head in ((0, 0), (0, 1), (1, 0), (1, 1)):
-        assert f"href='#L{layer}H{head}'" in html and f"id='L{layer}H{head}'" in html
+        assert f"href='#L{layer}.H{head}'" in html and f"id='L{layer}.H{head}'" in html
 
 
 def test_heads_outside_the_explained_subset_are_blank_grid_cells():
     html = page(heads=heads_2x2(rows=(3,)))
-    assert html.count("class='head'") == 1 and "href='#L0H0'" not in html
+    assert html.count("class='head'") == 1 and "href='#L0.H0'" not in html
 
 
 def test_program_source_is_escaped():

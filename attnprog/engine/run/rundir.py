@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attnprog.errors import StoreError
+from attnprog.errors import AttnProgError, StoreError
 
 PACKAGES = ("attnprog", "torch", "transformers", "numpy", "numba", "triton", "safetensors",
             "matplotlib", "spacy", "tqdm", "typer")
@@ -30,11 +30,32 @@ PAPER = {"best_fit_iou": {"GPT-2": 0.69, "Llama-3.2-1B": 0.74, "Llama-3.1-8B": 0
          "ppl_increase_at_25_percent": 16.0}  # "Explaining Attention with Program Synthesis"
 
 
-RUN_MARKERS = ("manifest.json", "stages.json")  # files only a run directory holds
+# --- every file of a run directory, named once -------------------------------------------------
+
+CONFIG = "config.json"  # the RunConfig
+MANIFEST = "manifest.json"  # how the run was made: stages, timings, packages, device
+LEDGER = "stages.json"  # the inputs each finished stage was made from
+SUMMARY = "summary.json"  # the headline figures under plain keys
+STORE = "attention.safetensors"  # every head's attention (AttentionStore)
+POOL = "pool.jsonl"  # golden library + generator programs
+LLM_POOL = "llm_pool.jsonl"  # programs from the LLM stage
+FITTED = "fitted.jsonl"  # one fitted program per head
+TABLE = "iou_table.safetensors"  # IoU of every program against every head (IoUTable)
+LIBRARY = "library.json"  # the greedy library
+COSTS = "head_costs.json"  # each head's cost replaced alone (HeadCosts)
+COSTS_PARTIAL = "head_costs.partial.json"  # exact costs finished so far
+SWEEP_TEXT = "sweep.txt"  # the sweep's table as printed
+SWEEP = "sweep.json"  # {order: {fraction: {condition: % increase}}}
+SWEEP_DETAIL = "sweep_detail.json"  # everything the sweep measured
+REPORT = "report.html"  # the self-contained report
+
+RUN_FILES = (MANIFEST, SUMMARY, REPORT, CONFIG, STORE, POOL, LLM_POOL, FITTED, TABLE, LIBRARY,
+             COSTS, SWEEP_TEXT, SWEEP, SWEEP_DETAIL, LEDGER)
+RUN_MARKERS = (MANIFEST, LEDGER)  # files only a run directory holds
 # what the single-stage commands (extract, generate, synthesize, rank) write and a run reads
-# back or redoes; "*.partial" files are what an interrupted one leaves
-STAGE_FILES = ("attention.safetensors", "pool.jsonl", "llm_pool.jsonl", "fitted.jsonl",
-               "iou_table.safetensors", "pool.llm.json", "llm_pool.llm.json")
+# back or redoes (with the synthesis reports beside the pools); "*.partial" files are what an
+# interrupted one leaves
+STAGE_FILES = (STORE, POOL, LLM_POOL, FITTED, TABLE, "pool.llm.json", "llm_pool.llm.json")
 
 
 def _stage_file(name: str) -> bool:
@@ -211,3 +232,55 @@ def headline(best_fit_iou, library=None, sweep: dict | None = None, detail: dict
         "paper": PAPER,
     }
     return figures
+
+
+# --- the ledger ------------------------------------------------------------------------------
+
+LEDGER_VERSION = 2  # 2: a "version" entry beside the stage keys; 1 (no entry) holds the same keys
+
+
+class Ledger:
+    """``stages.json``: the key (what its result depends on) of every finished stage.
+
+    A stage whose key and files are unchanged is read back; otherwise it runs, and ``why``
+    says in one line what changed. Keys of a version-1 ledger are read as they are.
+    """
+
+    def __init__(self, out: Path, stages: Sequence[str]) -> None:
+        self.path = Path(out) / LEDGER
+        self.stages = tuple(stages)
+        saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.version = saved.pop("version", 1)
+        self.keys: dict[str, str] = saved
+
+    def done(self, stage: str, key: str, files: Sequence[Path]) -> bool:
+        return self.keys.get(stage) == key and all(path.is_file() for path in files)
+
+    def why(self, stage: str, key: str, files: Sequence[Path]) -> str:
+        """Why ``stage`` runs again ("" when it never finished here)."""
+        old = self.keys.get(stage)
+        if old is None:
+            return ""
+        if old != key:
+            before, now = old.split("|"), key.split("|")
+            gone = [part for part in before if part not in now]
+            new = [part for part in now if part not in before]
+            return f"redoing {stage}: its inputs changed ({', '.join(gone)} -> {', '.join(new)})"
+        missing = [path.name for path in files if not path.is_file()]
+        return f"redoing {stage}: {', '.join(missing)} missing" if missing else ""
+
+    def record(self, stage: str, key: str) -> None:
+        self.keys[stage] = key
+        self._write()
+
+    def forget_from(self, stage: str) -> None:
+        """Drop ``stage`` and every stage after it, so the next run redoes them."""
+        known = list(self.stages) + [name for name in self.keys if name not in self.stages]
+        if stage not in known:
+            raise AttnProgError(f"--force {stage!r}: no such stage; use one of {', '.join(known)}")
+        for name in known[known.index(stage):]:
+            self.keys.pop(name, None)
+        self._write()
+
+    def _write(self) -> None:
+        self.path.write_text(json.dumps({"version": LEDGER_VERSION, **self.keys}, indent=2))

@@ -1,0 +1,97 @@
+"""Sandboxed validation: validate(), validate_many() and check_file()."""
+
+import os
+
+import pytest
+
+from attnprog.synth.program import Program
+from attnprog.synth.runtime.validate import check_file, validate, validate_many
+
+NATIVE = """
+import numpy as np
+
+def program(s):
+    out = np.zeros((s.n, s.n))
+    out[:, 0] = 1.0
+    return out
+"""
+
+
+def program(body: str, name: str = "program") -> Program:
+    return Program(source=body.strip() + "\n", name=name)
+
+
+# --- validate (runs in the sandbox) -------------------------------------------------------------
+def test_validate_accepts_a_good_native_program():
+    result = validate(program(NATIVE))
+    assert result.ok and result.reason == "" and bool(result)
+
+
+def test_validate_accepts_the_papers_form():
+    source = """
+import numpy as np
+
+def previous_token(sentence: str, tokenizer):
+    toks = tokenizer([sentence], return_tensors="pt")
+    n = len(toks.input_ids[0])
+    out = np.zeros((n, n))
+    out[0, 0] = 1
+    for i in range(1, n):
+        out[i, i - 1] = 1
+    return "Previous token", out
+"""
+    assert validate(program(source, name="previous_token")).ok
+
+
+def test_validate_rejects_the_wrong_shape_with_the_expected_one():
+    result = validate(program("import numpy as np\ndef program(s):\n    return np.ones((3, 4))\n"))
+    assert not result.ok
+    assert "on probe text 0" in result.reason and "shape (3, 4), expected (8, 8)" in result.reason
+
+
+def test_validate_reports_an_exception_with_its_program_line():
+    source = "def program(s):\n    x = 1\n    return s.tokens[1000]\n"
+    result = validate(program(source))
+    assert "raised IndexError" in result.reason and "(line 3)" in result.reason
+
+
+def test_validate_rejects_statically_before_running():
+    result = validate(program("import os\n" + NATIVE))
+    assert not result.ok and "import of `os`" in result.reason
+
+
+def test_validate_many_judges_each_program():
+    results = validate_many([program(NATIVE), program("def program(s):\n    return 'x'\n")])
+    assert [r.ok for r in results] == [True, False]
+    assert "returned str" in results[1].reason
+
+
+def test_check_file_checks_every_program_of_a_library_in_the_papers_layout(tmp_path):
+    library = tmp_path / "lib.py"
+    library.write_text(
+        "import numpy as np\nfrom transformers import PreTrainedTokenizerBase\n\n"
+        "def _n(sentence, tokenizer):\n    return len(tokenizer(sentence)['input_ids'])\n\n"
+        "def first(sentence: str, tokenizer: PreTrainedTokenizerBase):\n"
+        "    m = np.zeros((_n(sentence, tokenizer),) * 2)\n    m[:, 0] = 1\n    return 'first', m\n\n"
+        "def broken(sentence: str, tokenizer: PreTrainedTokenizerBase):\n"
+        "    raise ValueError('\\x1b[2K\\rok')\n"
+    )
+    results = dict(check_file(library))
+    assert results["first"] == ""
+    assert "ValueError: \\x1b[2K\\rok" in results["broken"] and "\x1b" not in results["broken"]
+
+
+def test_check_file_reports_a_file_that_is_not_utf8_in_one_line(tmp_path):
+    from attnprog.errors import ProgramError
+    path = tmp_path / "latin1.py"
+    path.write_bytes("# caf\xe9\ndef program(s):\n    return None\n".encode("latin-1"))
+    with pytest.raises(ProgramError, match=r"is not UTF-8 text \(byte 5\); save it as UTF-8"):
+        check_file(path)
+
+
+def test_check_file_unsafe_leaves_the_environment_alone(tmp_path, monkeypatch):
+    monkeypatch.delenv("ATTNPROG_UNSAFE_SANDBOX", raising=False)
+    path = tmp_path / "one.py"
+    path.write_text(NATIVE)
+    assert check_file(path, unsafe=True) == [("program", "")]
+    assert "ATTNPROG_UNSAFE_SANDBOX" not in os.environ

@@ -1,0 +1,47 @@
+"""The command line: every device option defaults to auto, every --help ends with an example,
+commands are listed in pipeline order, and options fill one RunConfig."""
+
+import torch
+import typer
+from typer.testing import CliRunner
+
+from attnprog.cli import app
+from attnprog.engine.models import resolve_device
+from attnprog.engine.run.config import RunConfig
+
+COMMANDS = typer.main.get_command(app).commands
+
+
+def test_every_device_option_defaults_to_auto():
+    defaults = {name: param.default for name, command in COMMANDS.items()
+                for param in command.params if param.name == "device"}
+    assert set(defaults) >= {"run", "extract", "replace", "rank", "bench"}
+    assert set(defaults.values()) == {"auto"}
+
+
+def test_run_help_shows_device_defaulting_to_auto():
+    result = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    line = next(line for line in result.output.splitlines() if "--device" in line)
+    assert line.rstrip(" │").endswith("[default: auto]")
+
+
+def test_auto_picks_cuda_only_when_a_gpu_is_present():
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+
+
+def test_every_help_ends_with_a_runnable_example():
+    for name, command in COMMANDS.items():
+        assert (command.epilog or "").startswith(f"Example: attnprog {name}"), name
+
+
+def test_commands_are_listed_in_pipeline_order():
+    listed = list(COMMANDS)
+    assert listed[0] == "run"
+    pipeline = ["extract", "generate", "synthesize", "rank", "show", "replace", "report"]
+    assert [name for name in listed if name in pipeline] == pipeline
+
+
+def test_run_options_fill_one_config():
+    config = RunConfig.from_cli({"out": "runs/x", "candidates": 7, "force": "rank", "device": "auto"})
+    assert config.out == "runs/x" and config.n_candidates == 7 and config.device == "auto"
