@@ -37,20 +37,8 @@ def extract_attention(
     Texts are batched by length with right padding and an attention mask; the model runs with
     eager attention in ``dtype`` on ``device``; the packed fp32 result lives on ``store_device``.
     """
-    if getattr(model.config, "_attn_implementation", "eager") != "eager":
-        raise ModelError("extraction needs eager attention: load the model with "
-                         "attn_implementation='eager' (load_model does by default)")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    if dtype is not None:
-        model.to(dtype=dtype)
-    model.to(device)
-    if isinstance(corpus, Corpus):
-        limit = min(max_tokens or default_max_tokens(model), context_size(model))
-        corpus = tokenize_corpus(corpus, tokenizer, max_tokens=limit)
-    elif max(corpus.lengths) > context_size(model):
-        raise ModelError(f"a text has {max(corpus.lengths)} tokens, more than the model's "
-                         f"context of {context_size(model)}: tokenise with a smaller max_tokens")
-
+    device = _place_model(model, device, dtype)
+    corpus = _tokenised(corpus, tokenizer, model, max_tokens)
     n_layers, n_heads, n_kv_heads = attention_shape(model)
     lengths = corpus.lengths
     offsets = packed_offsets_tensor(lengths)
@@ -60,17 +48,7 @@ def extract_attention(
 
     batches = batches_by_length(lengths, batch_size)
     for batch in tqdm(batches, desc="extract", unit="batch", disable=None if progress else True):
-        width = max(lengths[s] for s in batch)
-        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-        attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for b, s in enumerate(batch):
-            input_ids[b, : lengths[s]] = torch.tensor(corpus.ids[s])
-            attention_mask[b, : lengths[s]] = 1
-        out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                    output_attentions=True, use_cache=False)
-        if out.attentions is None or any(a is None for a in out.attentions):
-            raise ModelError("the model returned no attention probabilities; it needs eager attention")
-        attn = torch.stack(out.attentions, dim=1)  # [B, L, H, width, width]
+        attn = _batch_attention(model, corpus, batch, device)  # [B, L, H, width, width]
         for b, s in enumerate(batch):
             n = lengths[s]
             if n not in tril:
@@ -79,7 +57,61 @@ def extract_attention(
             cells = attn[b, :, :, rows, cols].reshape(n_layers * n_heads, -1)  # [L*H, n(n+1)/2]
             attn_packed[:, int(offsets[s]) : int(offsets[s + 1])] = cells.float().to(store_device)
 
-    meta = {
+    return AttentionStore(
+        attn_packed=attn_packed,
+        offsets=offsets,
+        lengths=torch.tensor(lengths, dtype=torch.int64),
+        ids_packed=torch.tensor([i for ids in corpus.ids for i in ids], dtype=torch.int64),
+        texts=list(corpus.texts),
+        tokens=[list(t) for t in corpus.tokens],
+        spans=[list(s) for s in corpus.spans],
+        splits=list(corpus.splits),
+        meta=_store_meta(model, tokenizer, corpus),
+    )
+
+
+def _place_model(model, device, dtype) -> torch.device:
+    """Check the model runs eager attention, move it to ``device`` and ``dtype``; its device."""
+    if getattr(model.config, "_attn_implementation", "eager") != "eager":
+        raise ModelError("extraction needs eager attention: load the model with "
+                         "attn_implementation='eager' (load_model does by default)")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.to(device)
+    return device
+
+
+def _tokenised(corpus: Corpus | TokenizedCorpus, tokenizer, model, max_tokens) -> TokenizedCorpus:
+    """The corpus tokenised to fit the model's context (a tokenised one is only checked)."""
+    if isinstance(corpus, Corpus):
+        limit = min(max_tokens or default_max_tokens(model), context_size(model))
+        return tokenize_corpus(corpus, tokenizer, max_tokens=limit)
+    if max(corpus.lengths) > context_size(model):
+        raise ModelError(f"a text has {max(corpus.lengths)} tokens, more than the model's "
+                         f"context of {context_size(model)}: tokenise with a smaller max_tokens")
+    return corpus
+
+
+def _batch_attention(model, corpus: TokenizedCorpus, batch: list[int], device) -> torch.Tensor:
+    """[B, L, H, width, width] attention on one batch of texts, right-padded to the longest."""
+    lengths = corpus.lengths
+    width = max(lengths[s] for s in batch)
+    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for b, s in enumerate(batch):
+        input_ids[b, : lengths[s]] = torch.tensor(corpus.ids[s])
+        attention_mask[b, : lengths[s]] = 1
+    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                output_attentions=True, use_cache=False)
+    if out.attentions is None or any(a is None for a in out.attentions):
+        raise ModelError("the model returned no attention probabilities; it needs eager attention")
+    return torch.stack(out.attentions, dim=1)
+
+
+def _store_meta(model, tokenizer, corpus: TokenizedCorpus) -> dict:
+    n_layers, n_heads, n_kv_heads = attention_shape(model)
+    return {
         "model_id": model_id(model),
         "model_type": model.config.model_type,
         "tokenizer_id": corpus.tokenizer_id,
@@ -92,17 +124,6 @@ def extract_attention(
         "bos_token_id": getattr(tokenizer, "bos_token_id", None),
         "truncated_texts": len(corpus.truncated),
     }
-    return AttentionStore(
-        attn_packed=attn_packed,
-        offsets=offsets,
-        lengths=torch.tensor(lengths, dtype=torch.int64),
-        ids_packed=torch.tensor([i for ids in corpus.ids for i in ids], dtype=torch.int64),
-        texts=list(corpus.texts),
-        tokens=[list(t) for t in corpus.tokens],
-        spans=[list(s) for s in corpus.spans],
-        splits=list(corpus.splits),
-        meta=meta,
-    )
 
 
 def store_matches(store_path: Path, model, corpus: Corpus, max_tokens: int, dtype: str) -> bool:

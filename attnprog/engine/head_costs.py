@@ -118,6 +118,36 @@ def head_costs(
     if not texts:
         raise StoreError(f"the store has no {split!r} texts to measure head costs on: "
                          "use more texts, or replace heads in IoU order (--order iou)")
+    sources, corpus_indices = _best_fit_sources(store, table, texts, outputs, progress)
+    token_ids = [store.token_ids(s) for s in texts]
+    pad_id = pad_token_id(tokenizer)
+    n_tokens = sum(len(ids) - 1 for ids in token_ids)
+    if n_tokens == 0:
+        raise StoreError(f"the {split!r} texts have no tokens to predict")
+
+    def nll_sum(heads: dict) -> float:
+        logprobs = token_logprobs(model, token_ids, heads, batch_size=batch_size, impl=impl,
+                                  pad_id=pad_id, corpus_indices=corpus_indices)
+        return -sum(float(lp.sum()) for lp in logprobs)
+
+    if method == "exact":
+        base = nll_sum({})
+        costs = _exact_costs(sources, nll_sum, base, n_tokens, store.n_heads, resume, progress)
+        return HeadCosts(costs, method, split, list(texts), n_tokens, base / n_tokens, {})
+    first, second, base = _gradient_costs(
+        model, token_ids, sources, corpus_indices, store.n_heads, batch_size, pad_id,
+        samples=0 if method == "linear" else samples, first_order=method != "fisher",
+        progress=progress,
+    )
+    terms = {} if method == "fisher" else {"linear": first / n_tokens}
+    if method != "linear":
+        terms["fisher"] = second / n_tokens
+    costs = terms["linear"] + terms["fisher"] if method == "taylor" else terms[method]
+    return HeadCosts(costs, method, split, list(texts), n_tokens, base / n_tokens, terms)
+
+
+def _best_fit_sources(store, table, texts, outputs, progress) -> tuple[dict, list[int]]:
+    """({(layer, head): its best fit's OutputsRow}, the texts' indices into those outputs)."""
     _, best_index = best_fit(table)
     if len(best_index) != store.n_layers * store.n_heads:
         raise StoreError(f"the IoU table has {len(best_index)} heads, the store "
@@ -131,32 +161,7 @@ def head_costs(
     corpus_indices = texts if whole_store else list(range(len(texts)))
     sources = {divmod(h, store.n_heads): OutputsRow(outputs, row_of[int(p)])
                for h, p in enumerate(best_index)}
-    token_ids = [store.token_ids(s) for s in texts]
-    pad_id = pad_token_id(tokenizer)
-    n_tokens = sum(len(ids) - 1 for ids in token_ids)
-    if n_tokens == 0:
-        raise StoreError(f"the {split!r} texts have no tokens to predict")
-
-    def nll_sum(heads: dict) -> float:
-        logprobs = token_logprobs(model, token_ids, heads, batch_size=batch_size, impl=impl,
-                                  pad_id=pad_id, corpus_indices=corpus_indices)
-        return -sum(float(lp.sum()) for lp in logprobs)
-
-    terms = {}
-    if method != "exact":
-        first, second, base = _gradient_costs(
-            model, token_ids, sources, corpus_indices, store.n_heads, batch_size, pad_id,
-            samples=0 if method == "linear" else samples, first_order=method != "fisher",
-            progress=progress,
-        )
-        terms = {} if method == "fisher" else {"linear": first / n_tokens}
-        if method != "linear":
-            terms["fisher"] = second / n_tokens
-        costs = terms["linear"] + terms["fisher"] if method == "taylor" else terms[method]
-    else:
-        base = nll_sum({})
-        costs = _exact_costs(sources, nll_sum, base, n_tokens, store.n_heads, resume, progress)
-    return HeadCosts(costs, method, split, list(texts), n_tokens, base / n_tokens, terms)
+    return sources, corpus_indices
 
 
 def _exact_costs(sources, nll_sum, base, n_tokens, n_heads, resume, progress) -> np.ndarray:
@@ -194,16 +199,6 @@ def _gradient_costs(model, token_ids, sources, corpus_indices, n_heads, batch_si
     second = torch.zeros(len(sources), dtype=torch.float64)
     total_nll = 0.0
     generator = torch.Generator(device=device).manual_seed(0)  # the same estimate every run
-
-    def head_change(grads, records, layers):
-        """[B, L*H] per-text g·Δz of every replaced head."""
-        per_text = torch.zeros(len(grads[0]), len(sources), dtype=torch.float64)
-        for layer, grad in zip(layers, grads, strict=True):
-            _, heads, delta = records[layer][0]
-            change = (grad[:, heads].float() * delta).sum(dim=(2, 3))  # [B, F]
-            per_text[:, layer * n_heads + heads.cpu()] = change.double().cpu()
-        return per_text
-
     embeddings = model.get_input_embeddings()
     # the graph must reach back to the embeddings, so gradients flow through every layer
     hook = embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
@@ -213,34 +208,51 @@ def _gradient_costs(model, token_ids, sources, corpus_indices, n_heads, batch_si
                               unit="batch", disable=None if progress else True):
                 batch = make_batch([token_ids[s] for s in texts], pad_id=pad_id,
                                    indices=[corpus_indices[s] for s in texts], device=device)
-                replacement.prepare(batch)
-                records = {}
-                for layer, module in replacement.modules.items():
-                    getattr(module, _STATE_ATTR).probe = records.setdefault(layer, [])
-                try:
-                    with torch.enable_grad():
-                        logits = model(input_ids=batch.input_ids,
-                                       attention_mask=batch.attention_mask, use_cache=False).logits
-                        logits = logits[:, :-1].flatten(0, 1).float()
-                        real = batch.attention_mask[:, 1:].flatten().to(logits.dtype)
-                        layers = sorted(records)
-                        outs = [records[layer][0][0] for layer in layers]
-                        loss = (F.cross_entropy(logits, batch.input_ids[:, 1:].flatten(),
-                                                reduction="none") * real).sum()
-                        total_nll += float(loss.detach())
-                        if first_order:
-                            grads = torch.autograd.grad(loss, outs, retain_graph=samples > 0)
-                            first += head_change(grads, records, layers).sum(0)
-                        for k in range(samples):
-                            sampled = torch.multinomial(torch.softmax(logits.detach(), -1), 1,
-                                                        generator=generator)[:, 0]
-                            loss = (F.cross_entropy(logits, sampled, reduction="none")
-                                    * real).sum()
-                            grads = torch.autograd.grad(loss, outs,
-                                                        retain_graph=k < samples - 1)
-                            second += 0.5 * head_change(grads, records, layers).pow(2).sum(0)
-                finally:
-                    replacement.clear()
+                total_nll += _add_batch_terms(model, replacement, batch, n_heads, samples,
+                                              first_order, generator, first, second)
     finally:
         hook.remove()
     return first.numpy(), second.numpy() / max(samples, 1), total_nll
+
+
+def _add_batch_terms(model, replacement, batch, n_heads, samples, first_order, generator,
+                     first, second) -> float:
+    """Add one batch's Taylor terms into ``first`` and ``second`` [L*H]; return its summed NLL."""
+    replacement.prepare(batch)
+    records = {}  # layer -> [(output, replaced heads, Δz)], filled during the forward pass
+    for layer, module in replacement.modules.items():
+        getattr(module, _STATE_ATTR).probe = records.setdefault(layer, [])
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=batch.input_ids,
+                           attention_mask=batch.attention_mask, use_cache=False).logits
+            logits = logits[:, :-1].flatten(0, 1).float()
+            real = batch.attention_mask[:, 1:].flatten().to(logits.dtype)
+            layers = sorted(records)
+            outs = [records[layer][0][0] for layer in layers]
+            loss = (F.cross_entropy(logits, batch.input_ids[:, 1:].flatten(),
+                                    reduction="none") * real).sum()
+            nll = float(loss.detach())
+            if first_order:
+                grads = torch.autograd.grad(loss, outs, retain_graph=samples > 0)
+                first += _head_change(grads, records, layers, n_heads, len(first)).sum(0)
+            for k in range(samples):
+                sampled = torch.multinomial(torch.softmax(logits.detach(), -1), 1,
+                                            generator=generator)[:, 0]
+                loss = (F.cross_entropy(logits, sampled, reduction="none") * real).sum()
+                grads = torch.autograd.grad(loss, outs, retain_graph=k < samples - 1)
+                change = _head_change(grads, records, layers, n_heads, len(second))
+                second += 0.5 * change.pow(2).sum(0)
+            return nll
+    finally:
+        replacement.clear()
+
+
+def _head_change(grads, records, layers, n_heads, n_rows) -> torch.Tensor:
+    """[B, L*H] per-text g·Δz of every replaced head."""
+    per_text = torch.zeros(len(grads[0]), n_rows, dtype=torch.float64)
+    for layer, grad in zip(layers, grads, strict=True):
+        _, heads, delta = records[layer][0]
+        change = (grad[:, heads].float() * delta).sum(dim=(2, 3))  # [B, F]
+        per_text[:, layer * n_heads + heads.cpu()] = change.double().cpu()
+    return per_text

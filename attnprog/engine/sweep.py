@@ -217,26 +217,93 @@ def perplexity_sweep(
     tokenised QA texts). ``heads`` (rows) limits replacement to those heads; fractions are
     then shares of them.
     """
-    n_layers, n_heads = store.n_layers, store.n_heads
     best_iou, best_index = best_fit(table)
+    _check_table_fits(best_iou, store)
+    measure_costs = lambda: head_costs(model, store, table, split=cost_split, outputs=outputs,
+                                       method=cost_method, tokenizer=tokenizer,
+                                       batch_size=batch_size, impl=impl, progress=progress)
+    head_orders, costs = _head_orders(orders, best_iou, costs, measure_costs, store, split)
+    plan = _plan(head_orders, heads, fractions, table, best_iou, best_index, seed, store.n_heads)
+
+    texts, needed = store.split_indices(split), plan.needed()
+    outputs, row_of, corpus_indices = _text_outputs(store, table, texts, needed, outputs, progress)
+    qa_pairs, qa_outputs, qa_row_of = _qa_outputs(qa_items, tokenizer, table, needed, qa_outputs,
+                                                  progress)
+    scorer = _Scorer(model, [store.token_ids(s) for s in texts], outputs, row_of, corpus_indices,
+                     pad_token_id(tokenizer), batch_size, impl, progress,
+                     qa_items, qa_pairs, qa_outputs, qa_row_of)
+
+    base_lp, base_acc = scorer.run(lambda _: {}, "unmodified")
+    base = perplexity(base_lp)
+    steps = [(name, fraction) for name in plan.head_orders for fraction in fractions]
+    rows = [_sweep_row(plan, scorer, name, fraction, base, base_acc)
+            for name, fraction in tqdm(steps, desc="sweep", unit="fraction",
+                                       disable=None if progress else True)]
+    return _sweep_result(model, store, texts, base_lp, base, base_acc, rows, plan, costs,
+                         qa_items, qa_source)
+
+
+def _check_table_fits(best_iou, store) -> None:
+    n_layers, n_heads = store.n_layers, store.n_heads
     if len(best_iou) != n_layers * n_heads:
         raise StoreError(f"the IoU table has {len(best_iou)} heads, the store "
                          f"{n_layers} x {n_heads}: rank programs against this store")
+
+
+def _head_orders(names, best_iou, costs, measure_costs, store, split):
+    """({order: head rows in replacement order}, the HeadCosts the cost order used or None)."""
     head_orders = {}
-    for name in orders:
+    for name in names:
         if name == "iou":
             head_orders[name] = np.argsort(-best_iou, kind="stable")  # best fit first
         elif name == "cost":
             if costs is None:
-                costs = head_costs(model, store, table, split=cost_split, outputs=outputs,
-                                   method=cost_method, tokenizer=tokenizer,
-                                   batch_size=batch_size, impl=impl, progress=progress)
+                costs = measure_costs()
+            # the texts that choose the heads must not be the texts the sweep reports on
             if costs.split == split or set(costs.texts) & set(store.split_indices(split)):
                 raise StoreError(f"head costs were measured on the {split!r} texts the sweep "
                                  "reports on: measure them on another split (selection)")
             head_orders[name] = costs.order()  # cheapest first
         else:
             orders_from_option(name)  # raises with the valid names
+    return head_orders, costs
+
+
+@dataclass
+class _Plan:
+    """Which heads each order replaces at each fraction, and the programs they get."""
+
+    head_orders: dict[str, np.ndarray]  # order -> head rows, in replacement order
+    counts: dict[float, int]  # fraction -> heads replaced
+    iou: np.ndarray  # head row -> best-fit IoU as reported (held-out when the table has it)
+    best_index: np.ndarray  # head row -> its best-fit program
+    random_index: np.ndarray  # head row -> the random baseline's program
+    n_heads: int  # per layer
+
+    @property
+    def most(self) -> int:
+        return max(self.counts.values(), default=0)
+
+    def needed(self) -> list[int]:
+        """The only programs that ever run: best fits and random picks of the replaced heads."""
+        replaced = {int(h) for order in self.head_orders.values() for h in order[: self.most]}
+        return sorted({int(self.best_index[h]) for h in replaced}
+                      | {int(self.random_index[h]) for h in replaced})
+
+    def sources(self, order, condition: str, count: int, row_map) -> dict:
+        """replace_heads' sources: the first ``count`` heads of ``order`` under ``condition``."""
+        heads = {}
+        for h in order[:count]:
+            key = divmod(int(h), self.n_heads)
+            if condition == "uniform":
+                heads[key] = "uniform"
+            else:
+                program = self.best_index[h] if condition == "programs" else self.random_index[h]
+                heads[key] = OutputsRow(row_map[0], row_map[1][int(program)])
+        return heads
+
+
+def _plan(head_orders, heads, fractions, table, best_iou, best_index, seed, n_heads) -> _Plan:
     if heads is not None:  # only these heads are replaced, each order keeps its sequence
         chosen = np.asarray(list(heads), dtype=np.int64)
         head_orders = {name: order[np.isin(order, chosen)] for name, order in head_orders.items()}
@@ -247,81 +314,88 @@ def perplexity_sweep(
     reported_iou = best_iou if heldout is None else torch.as_tensor(heldout).float().cpu().numpy()
     n_candidates = len(next(iter(head_orders.values())))  # every order holds the same heads
     counts = {f: int(round(f * n_candidates)) for f in fractions}
-    most = max(counts.values(), default=0)
-    replaced = {int(h) for order in head_orders.values() for h in order[:most]}
-    n_programs = len(table.programs)
-    random_index = np.random.default_rng(seed).integers(0, n_programs, size=len(best_iou))
+    random_index = np.random.default_rng(seed).integers(0, len(table.programs), size=len(best_iou))
+    return _Plan(head_orders, counts, reported_iou, best_index, random_index, n_heads)
 
-    # the only programs that ever run: best fits and random picks of the replaced heads
-    needed = sorted({int(best_index[h]) for h in replaced} | {int(random_index[h]) for h in replaced})
 
-    texts = store.split_indices(split)
-    token_ids = [store.token_ids(s) for s in texts]
-    pad_id = pad_token_id(tokenizer)
+def _text_outputs(store, table, texts, needed, outputs, progress):
+    """(outputs, program -> row, corpus indices for token_logprobs) on the sweep's texts."""
     # outputs on the whole store are addressed by store index, on the split by position
     whole_store = outputs is not None and n_texts_of(outputs) == store.n_texts
-    corpus_indices = texts if whole_store else None
     outputs, row_of = outputs_for(
         table, needed, outputs, lambda: store.sentences(texts),
         store.n_texts if whole_store else len(texts), progress,
     )
+    return outputs, row_of, texts if whole_store else None
 
-    def sources(order, condition: str, count: int, row_map) -> dict:
-        heads = {}
-        for h in order[:count]:
-            key = divmod(int(h), n_heads)
-            if condition == "uniform":
-                heads[key] = "uniform"
-            else:
-                program = best_index[h] if condition == "programs" else random_index[h]
-                heads[key] = OutputsRow(row_map[0], row_map[1][int(program)])
-        return heads
 
-    qa_pairs = None
-    if qa_items:
-        if tokenizer is None:
-            raise ModelError("QA scoring needs the model's tokenizer: pass tokenizer=")
-        qa_pairs = tokenise_qa(qa_items, tokenizer)
-        qa_outputs, qa_row_of = outputs_for(
-            table, needed, qa_outputs, lambda: [p.sentence for p in qa_pairs], len(qa_pairs),
-            progress,
-        )
+def _qa_outputs(qa_items, tokenizer, table, needed, qa_outputs, progress):
+    """(tokenised QA pairs, outputs on them, program -> row), or Nones without QA items."""
+    if not qa_items:
+        return None, qa_outputs, None
+    if tokenizer is None:
+        raise ModelError("QA scoring needs the model's tokenizer: pass tokenizer=")
+    qa_pairs = tokenise_qa(qa_items, tokenizer)
+    qa_outputs, qa_row_of = outputs_for(
+        table, needed, qa_outputs, lambda: [p.sentence for p in qa_pairs], len(qa_pairs), progress,
+    )
+    return qa_pairs, qa_outputs, qa_row_of
 
-    def run(heads_for, desc):
-        lp = token_logprobs(model, token_ids, heads_for((outputs, row_of)), batch_size=batch_size,
-                            impl=impl, pad_id=pad_id, corpus_indices=corpus_indices,
-                            progress=progress, desc=desc)
-        acc = None
-        if qa_pairs is not None:
-            qa_heads = heads_for((qa_outputs, qa_row_of))
-            # QA texts are short: bigger batches, fewer forward passes
-            qa_lp = token_logprobs(model, [p.ids for p in qa_pairs], qa_heads,
-                                   batch_size=4 * batch_size, impl=impl, pad_id=pad_id,
-                                   progress=progress, desc=desc + " QA")
-            acc = qa_accuracy(qa_items, qa_predictions(qa_items, qa_pairs, qa_lp))
-        return lp, acc
 
-    base_lp, base_acc = run(lambda _: {}, "unmodified")
-    base = perplexity(base_lp)
-    rows = []
-    steps = [(name, fraction) for name in head_orders for fraction in fractions]
-    for name, fraction in tqdm(steps, desc="sweep", unit="fraction",
-                               disable=None if progress else True):
-        order, count = head_orders[name], counts[fraction]
-        ppl, acc = {}, {}
-        for condition in CONDITIONS:
-            if count == 0:  # nothing replaced: the unmodified run, exactly
-                ppl[condition], acc[condition] = base, base_acc
-                continue
-            lp, acc[condition] = run(lambda m, o=order, c=condition, k=count: sources(o, c, k, m),
-                                     f"{name} {100 * fraction:g}% {condition}")
-            ppl[condition] = perplexity(lp)
-        mean_iou = float(reported_iou[order[:count]].mean()) if count else float("nan")
-        rows.append(SweepRow(fraction, count, mean_iou, ppl, acc if qa_pairs is not None else {},
-                             order=name))
+@dataclass
+class _Scorer:
+    """Runs the model on the sweep's texts (and QA pairs) with some heads replaced."""
 
+    model: object
+    token_ids: list
+    outputs: object
+    row_of: dict
+    corpus_indices: list[int] | None
+    pad_id: int | None
+    batch_size: int
+    impl: str
+    progress: bool
+    qa_items: Sequence[QAItem] | None
+    qa_pairs: list | None
+    qa_outputs: object
+    qa_row_of: dict | None
+
+    def run(self, heads_for, desc: str):
+        """(token log-probs, QA accuracy or None) with ``heads_for((outputs, row_of))`` replaced."""
+        lp = token_logprobs(self.model, self.token_ids, heads_for((self.outputs, self.row_of)),
+                            batch_size=self.batch_size, impl=self.impl, pad_id=self.pad_id,
+                            corpus_indices=self.corpus_indices, progress=self.progress, desc=desc)
+        if self.qa_pairs is None:
+            return lp, None
+        qa_heads = heads_for((self.qa_outputs, self.qa_row_of))
+        # QA texts are short: bigger batches, fewer forward passes
+        qa_lp = token_logprobs(self.model, [p.ids for p in self.qa_pairs], qa_heads,
+                               batch_size=4 * self.batch_size, impl=self.impl, pad_id=self.pad_id,
+                               progress=self.progress, desc=desc + " QA")
+        return lp, qa_accuracy(self.qa_items, qa_predictions(self.qa_items, self.qa_pairs, qa_lp))
+
+
+def _sweep_row(plan: _Plan, scorer: _Scorer, name: str, fraction: float, base: float,
+               base_acc: float | None) -> SweepRow:
+    """Every condition with the first heads of order ``name`` replaced, ``fraction`` of them."""
+    order, count = plan.head_orders[name], plan.counts[fraction]
+    ppl, acc = {}, {}
+    for condition in CONDITIONS:
+        if count == 0:  # nothing replaced: the unmodified run, exactly
+            ppl[condition], acc[condition] = base, base_acc
+            continue
+        lp, acc[condition] = scorer.run(lambda m, c=condition: plan.sources(order, c, count, m),
+                                        f"{name} {100 * fraction:g}% {condition}")
+        ppl[condition] = perplexity(lp)
+    mean_iou = float(plan.iou[order[:count]].mean()) if count else float("nan")
+    return SweepRow(fraction, count, mean_iou, ppl, acc if scorer.qa_pairs is not None else {},
+                    order=name)
+
+
+def _sweep_result(model, store, texts, base_lp, base, base_acc, rows, plan: _Plan, costs,
+                  qa_items, qa_source) -> SweepResult:
     cost_info = {}
-    if "cost" in head_orders:
+    if "cost" in plan.head_orders:
         cost_info = {"method": costs.method, "split": costs.split, "texts": list(costs.texts),
                      "n_tokens": costs.n_tokens,
                      "costs": [float(c) for c in costs.costs]}
@@ -334,9 +408,8 @@ def perplexity_sweep(
         base_qa_accuracy=base_acc,
         n_questions=len(qa_items or []),
         qa_source=qa_source,
-        orders={name: [int(h) for h in order[:most]] for name, order in head_orders.items()},
-        n_heads_per_layer=n_heads,
+        orders={name: [int(h) for h in order[: plan.most]]
+                for name, order in plan.head_orders.items()},
+        n_heads_per_layer=plan.n_heads,
         cost_info=cost_info,
     )
-
-

@@ -177,72 +177,27 @@ class ShardedRanker:
         ``impl`` is fixed when the ranker starts (pass it to the constructor); ``on_chunk``
         is called with (chunks finished, self) after each chunk is merged.
         """
-        if store is not self.store:
-            raise StoreError("this ShardedRanker holds another store's heads: make one per store")
-        _check_outputs(store, outputs)
-        texts = store.split_indices(split)
-        if not texts:
-            raise StoreError(f"split {split!r} holds no texts")
-        cells, offsets = _split_cells(store, texts)
+        texts, cells, chunk_programs = self._chunking(store, outputs, split, per_text,
+                                                      chunk_programs, memory_budget)
         n_programs, n_rows, n_texts = outputs.n_programs, store.n_rows, len(texts)
-        if chunk_programs is None:  # the single-process chunks, sized for all heads
-            chunk_programs = chunk_size(n_programs, int(offsets[-1]), n_rows, n_texts,
-                                        memory_budget, per_text)
-        chunk_programs = max(1, int(chunk_programs))
         failed_all = np.asarray(outputs.failed, dtype=bool)[:, texts]
-
         iou_mean = torch.zeros(n_programs, n_rows, dtype=torch.float32)
         iou_texts = torch.zeros(n_programs, n_rows, n_texts, dtype=torch.float32) if per_text else None
-        starts = list(range(0, n_programs, chunk_programs))
+        stream = _ChunkStream(self, outputs, split, None if cells is None else texts, chunk_programs,
+                              failed_all, per_text)
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(starts), desc=f"ranking on {len(self.actors)} shards",
+            bar = tqdm(total=len(stream.starts), desc=f"ranking on {len(self.actors)} shards",
                        unit="chunk", disable=None)
-
-        chunks: dict[int, list] = {}  # chunk -> [p0, p1, values ref, failed, shards left]
-        pending: dict = {}  # result ref -> (chunk, shard, actor it went to)
-        next_chunk, finished = 0, 0
-
-        def submit(chunk: int, shard: int) -> None:
-            p0, p1, values_ref, failed, _ = chunks[chunk]
-            actor = self.actors[shard]
-            pending[actor.score.remote(split, values_ref, failed, per_text)] = (chunk, shard, actor)
-
-        while finished < len(starts):
-            while next_chunk < len(starts) and len(chunks) < MAX_IN_FLIGHT:
-                p0 = starts[next_chunk]
-                p1 = min(n_programs, p0 + chunk_programs)
-                # streamed outputs compute these rows only now, on the split's texts only
-                values = outputs.rows(p0, p1, texts=None if cells is None else texts)
-                ref = self.ray.put(np.ascontiguousarray(values, dtype=np.float32))
-                chunks[next_chunk] = [p0, p1, ref, failed_all[p0:p1], len(self.actors)]
-                for shard in range(len(self.actors)):
-                    submit(next_chunk, shard)
-                next_chunk += 1
-
-            [done], _ = self.ray.wait(list(pending), num_returns=1)
-            chunk, shard, actor = pending.pop(done)
-            try:
-                mean, per = self.ray.get(done)
-            except self.ray.exceptions.RayActorError as err:
-                self._recover(shard, actor, err)
-                submit(chunk, shard)  # only the lost chunk goes again, to the new actor
-                continue
-            p0, p1 = chunks[chunk][:2]
-            h0, h1 = self.bounds[shard]
-            iou_mean[p0:p1, h0:h1] = mean
-            if iou_texts is not None:
-                iou_texts[p0:p1, h0:h1] = per
-            chunks[chunk][4] -= 1
-            if chunks[chunk][4] == 0:  # every shard has it: free the chunk's rows
-                del chunks[chunk]
-                finished += 1
+        while stream.finished < len(stream.starts):
+            stream.send()
+            if stream.receive(iou_mean, iou_texts):  # a chunk is complete
                 if bar is not None:
                     bar.update(1)
                 if on_chunk is not None:
-                    on_chunk(finished, self)
+                    on_chunk(stream.finished, self)
         if bar is not None:
             bar.close()
 
@@ -250,6 +205,20 @@ class ShardedRanker:
         return table_of(store, outputs, split, texts, iou_mean, iou_texts, impl=impl_used,
                         ray={"shards": len(self.actors), "device": self.device,
                              "actors_replaced": self.retries})
+
+    def _chunking(self, store, outputs, split, per_text, chunk_programs, memory_budget):
+        """(the split's texts, their cells or None, programs per chunk), the inputs checked."""
+        if store is not self.store:
+            raise StoreError("this ShardedRanker holds another store's heads: make one per store")
+        _check_outputs(store, outputs)
+        texts = store.split_indices(split)
+        if not texts:
+            raise StoreError(f"split {split!r} holds no texts")
+        cells, offsets = _split_cells(store, texts)
+        if chunk_programs is None:  # the single-process chunks, sized for all heads
+            chunk_programs = chunk_size(outputs.n_programs, int(offsets[-1]), store.n_rows,
+                                        len(texts), memory_budget, per_text)
+        return texts, cells, max(1, int(chunk_programs))
 
     def _recover(self, shard: int, actor, err: Exception) -> None:
         """Replace a lost shard actor (once, however many of its chunks were in flight)."""
@@ -262,6 +231,66 @@ class ShardedRanker:
                 f"(last: {type(err).__name__}); check the cluster's nodes and GPU memory"
             ) from err
         self.actors[shard] = self._start(shard)
+
+
+class _ChunkStream:
+    """One ranking call's program chunks: each put into the object store once, sent to every
+    shard, merged as the shards answer, and freed when all have (at most MAX_IN_FLIGHT out)."""
+
+    def __init__(self, ranker: ShardedRanker, outputs, split, texts, chunk_programs: int,
+                 failed: np.ndarray, per_text: bool):
+        self.ranker, self.outputs, self.split, self.per_text = ranker, outputs, split, per_text
+        self.texts = texts  # the texts whose cells outputs.rows reads; None: all
+        self.failed = failed  # [P, S] on the split's texts
+        self.chunk_programs = chunk_programs
+        self.starts = list(range(0, outputs.n_programs, chunk_programs))
+        self.chunks: dict[int, list] = {}  # chunk -> [p0, p1, values ref, failed, shards left]
+        self.pending: dict = {}  # result ref -> (chunk, shard, actor it went to)
+        self.next_chunk, self.finished = 0, 0
+
+    def send(self) -> None:
+        """Send new chunks to every shard while fewer than MAX_IN_FLIGHT are out."""
+        ray, n_shards = self.ranker.ray, len(self.ranker.actors)
+        while self.next_chunk < len(self.starts) and len(self.chunks) < MAX_IN_FLIGHT:
+            p0 = self.starts[self.next_chunk]
+            p1 = min(self.outputs.n_programs, p0 + self.chunk_programs)
+            # streamed outputs compute these rows only now, on the split's texts only
+            values = self.outputs.rows(p0, p1, texts=self.texts)
+            ref = ray.put(np.ascontiguousarray(values, dtype=np.float32))
+            self.chunks[self.next_chunk] = [p0, p1, ref, self.failed[p0:p1], n_shards]
+            for shard in range(n_shards):
+                self.submit(self.next_chunk, shard)
+            self.next_chunk += 1
+
+    def submit(self, chunk: int, shard: int) -> None:
+        _, _, values_ref, failed, _ = self.chunks[chunk]
+        actor = self.ranker.actors[shard]
+        result = actor.score.remote(self.split, values_ref, failed, self.per_text)
+        self.pending[result] = (chunk, shard, actor)
+
+    def receive(self, iou_mean: torch.Tensor, iou_texts: torch.Tensor | None) -> bool:
+        """Copy the next shard answer into place (or resend it to a replacement for a lost
+        actor); True when it was the chunk's last."""
+        ray = self.ranker.ray
+        [done], _ = ray.wait(list(self.pending), num_returns=1)
+        chunk, shard, actor = self.pending.pop(done)
+        try:
+            mean, per = ray.get(done)
+        except ray.exceptions.RayActorError as err:
+            self.ranker._recover(shard, actor, err)
+            self.submit(chunk, shard)  # only the lost chunk goes again, to the new actor
+            return False
+        p0, p1 = self.chunks[chunk][:2]
+        h0, h1 = self.ranker.bounds[shard]
+        iou_mean[p0:p1, h0:h1] = mean
+        if iou_texts is not None:
+            iou_texts[p0:p1, h0:h1] = per
+        self.chunks[chunk][4] -= 1
+        if self.chunks[chunk][4] != 0:
+            return False
+        del self.chunks[chunk]  # every shard has it: free the chunk's rows
+        self.finished += 1
+        return True
 
 
 def rank_on_ray(store: AttentionStore, outputs, split: str | None = "selection",

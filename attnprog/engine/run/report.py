@@ -298,11 +298,23 @@ def render_html(*, summary: dict, manifest: dict, library: dict | None, sweep_fi
                 library_figure: str | None, heads: list[dict], n_layers: int, n_heads: int,
                 sweep_text: str = "") -> str:
     """The report page from prepared pieces (``heads``: one dict per explained head)."""
+    parts = (_page_top_html(manifest, n_layers, n_heads)
+             + _summary_html(summary, len(heads))
+             + _grid_html(heads, n_layers, n_heads)
+             + _curves_html(library_figure, sweep_figure, sweep_text)
+             + _library_html(library)
+             + _heads_html(heads, n_heads)
+             + ["</body></html>"])
+    return "\n".join(parts)
+
+
+def _page_top_html(manifest: dict, n_layers: int, n_heads: int) -> list[str]:
+    """The document head, the title and one line on the model, corpus and device."""
     e = html.escape
     model = manifest.get("model", {})
     corpus = manifest.get("corpus", {})
     device = manifest.get("device", {}).get("cuda") or "cpu"
-    parts = [
+    return [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>attnprog report: {e(str(model.get('id', '')))}</title><style>{_CSS}</style></head><body>",
         "<h1>attnprog report</h1>",
@@ -311,20 +323,29 @@ def render_html(*, summary: dict, manifest: dict, library: dict | None, sweep_fi
         f"({corpus.get('texts', '?')} texts, splits {e(json.dumps(corpus.get('splits', {})))}, "
         f"hash {e(str(corpus.get('hash', '?')))}); device {e(str(device))}; "
         f"seed {manifest.get('seed')}; updated {e(str(manifest.get('updated', '')))}</p>",
-        "<h2 id='summary'>Summary</h2>",
-        "<table class='headline'><tr><th></th><th>this run</th><th>paper</th></tr>",
     ]
-    for label, key, ours, paper in _headline_rows(summary, len(heads)):
+
+
+def _summary_html(summary: dict, n_explained: int) -> list[str]:
+    """The headline figures beside the paper's."""
+    e = html.escape
+    parts = ["<h2 id='summary'>Summary</h2>",
+             "<table class='headline'><tr><th></th><th>this run</th><th>paper</th></tr>"]
+    for label, key, ours, paper in _headline_rows(summary, n_explained):
         parts.append(f"<tr><td>{e(label)}</td><td class='num ours' id='{e(key)}'>{e(ours)}</td>"
                      f"<td>{e(paper)}</td></tr>")
     parts.append("</table><p class='sub'>The paper (Hayes, Li, Andreas, 2026) uses GPT-2 and Llama models "
                  "with LLM-written programs; IoU is measured on held-out texts, each head's best fit "
                  "chosen on the selection texts.</p>")
+    return parts
 
-    # the grid: rows are layers, columns heads
+
+def _grid_html(heads: list[dict], n_layers: int, n_heads: int) -> list[str]:
+    """Layers x heads, each cell coloured by held-out IoU and linked to its head's section."""
+    e = html.escape
     by_row = {h["row"]: h for h in heads}
-    parts.append("<h2 id='grid'>Heads by held-out IoU</h2><table class='grid'><tr><th></th>"
-                 + "".join(f"<th>H{h}</th>" for h in range(n_heads)) + "</tr>")
+    parts = ["<h2 id='grid'>Heads by held-out IoU</h2><table class='grid'><tr><th></th>"
+             + "".join(f"<th>H{h}</th>" for h in range(n_heads)) + "</tr>"]
     for layer in range(n_layers):
         parts.append(f"<tr><th>L{layer}</th>")
         for head in range(n_heads):
@@ -340,30 +361,44 @@ def render_html(*, summary: dict, manifest: dict, library: dict | None, sweep_fi
                 f"{e(info['family'][:10])}<br>{info['heldout_iou']:.2f}</a></td>")
         parts.append("</tr>")
     parts.append("</table>")
+    return parts
 
-    parts.append("<h2 id='curves'>Library size and head replacement</h2>")
+
+def _curves_html(library_figure: str | None, sweep_figure: str | None, sweep_text: str) -> list[str]:
+    parts = ["<h2 id='curves'>Library size and head replacement</h2>"]
     if library_figure:
         parts.append(f"<p><img alt='mean IoU against library size' src='{library_figure}'></p>")
     if sweep_figure:
         parts.append(f"<p><img alt='perplexity increase against heads replaced' src='{sweep_figure}'></p>")
     if sweep_text:
-        parts.append(f"<pre>{e(sweep_text)}</pre>")
+        parts.append(f"<pre>{html.escape(sweep_text)}</pre>")
+    return parts
 
-    if library:
-        count = len(library["programs"])
-        parts.append(f"<h2 id='library'>The library ({count} program{'' if count == 1 else 's'})</h2>"
-                     "<table><tr><th>#</th><th>program</th><th>family</th><th>gain</th><th>heads</th></tr>")
-        for k, program in enumerate(library["programs"]):
-            names = program.get("heads", [])
-            shown = ", ".join(names[:12]) + (f", ... ({len(names)})" if len(names) > 12 else "")
-            parts.append(
-                f"<tr><td class='num'>{k + 1}</td><td><details><summary>{e(program['name'])} "
-                f"<small>{e(program['hash'])}</small></summary><pre>{e(program['source'].strip())}</pre>"
-                f"</details></td><td>{e(program['family'])}</td><td class='num'>{program['gain']:.4f}</td>"
-                f"<td>{e(shown)}</td></tr>")
-        parts.append("</table>")
 
-    parts.append("<h2 id='heads'>Every head</h2>")
+def _library_html(library: dict | None) -> list[str]:
+    """The library's programs in order, each with its source and the heads it explains."""
+    if not library:
+        return []
+    e = html.escape
+    count = len(library["programs"])
+    parts = [f"<h2 id='library'>The library ({count} program{'' if count == 1 else 's'})</h2>"
+             "<table><tr><th>#</th><th>program</th><th>family</th><th>gain</th><th>heads</th></tr>"]
+    for k, program in enumerate(library["programs"]):
+        names = program.get("heads", [])
+        shown = ", ".join(names[:12]) + (f", ... ({len(names)})" if len(names) > 12 else "")
+        parts.append(
+            f"<tr><td class='num'>{k + 1}</td><td><details><summary>{e(program['name'])} "
+            f"<small>{e(program['hash'])}</small></summary><pre>{e(program['source'].strip())}</pre>"
+            f"</details></td><td>{e(program['family'])}</td><td class='num'>{program['gain']:.4f}</td>"
+            f"<td>{e(shown)}</td></tr>")
+    parts.append("</table>")
+    return parts
+
+
+def _heads_html(heads: list[dict], n_heads: int) -> list[str]:
+    """One section per head: its best program's source and its heatmaps."""
+    e = html.escape
+    parts = ["<h2 id='heads'>Every head</h2>"]
     for info in heads:
         label = head_label(info["row"], n_heads)
         parts.append(
@@ -377,8 +412,7 @@ def render_html(*, summary: dict, manifest: dict, library: dict | None, sweep_fi
         if info.get("heatmaps"):
             parts.append(info["heatmaps"])
         parts.append("</div>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return parts
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, store=None,

@@ -263,9 +263,10 @@ class Ledger:
             return ""
         if old != key:
             before, now = old.split("|"), key.split("|")
-            gone = [part for part in before if part not in now]
-            new = [part for part in now if part not in before]
-            return f"redoing {stage}: its inputs changed ({', '.join(gone)} -> {', '.join(new)})"
+            gone = list(dict.fromkeys(part for part in before if part not in now))
+            new = list(dict.fromkeys(part for part in now if part not in before))
+            change = f"{', '.join(gone)} -> {', '.join(new)}" if gone else f"now also {', '.join(new)}"
+            return f"redoing {stage}: its inputs changed ({change})"
         missing = [path.name for path in files if not path.is_file()]
         return f"redoing {stage}: {', '.join(missing)} missing" if missing else ""
 

@@ -216,7 +216,8 @@ def run_evaluate(state: RunState) -> None:
 
 
 def rank_key(state: RunState) -> str:
-    key = f"{store_key(state)}|{state.keys['pool']}"
+    meta = state.store.meta  # the ranked texts' store (selection and held-out), as keys always were
+    key = f"{meta['model_id']}|{meta['corpus_hash']}|{state.keys['pool']}"
     key += f"|{state.keys['llm']}" if "llm" in state.keys else ""
     key += f"|fit=v{state.keys['fit'].rsplit('|fit=v', 1)[1]}" if state.fitted else ""
     if state.config.heads:
@@ -378,6 +379,8 @@ def after_sweep(state: RunState) -> None:
 
 # --- the report ----------------------------------------------------------------------------
 
+REPORT_VERSION = 2  # bump when the page changes; 2: heads written L18.H3
+
 
 def run_report(state: RunState) -> None:
     from attnprog.engine.run.report import write_report
@@ -410,7 +413,8 @@ STAGES = (
           files=(rundir.SWEEP_TEXT, rundir.SWEEP, rundir.SWEEP_DETAIL), load=load_sweep,
           after=after_sweep),
     Stage("report", "write the report", run_report,
-          key=lambda s: f"{s.keys['library']}|{s.keys['sweep']}", files=(rundir.REPORT,),
+          key=lambda s: f"{s.keys['library']}|{s.keys['sweep']}|report=v{REPORT_VERSION}",
+          files=(rundir.REPORT,),
           after=after_report, wanted=lambda c: c.report),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)

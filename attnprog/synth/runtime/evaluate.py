@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import atexit
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -57,12 +58,7 @@ def evaluate_programs(
     program's outputs are cached as soon as it finishes, so an interrupted call resumes.
     """
     programs, sentences = list(programs), list(sentences)
-    if not sentences:
-        raise CorpusError("no texts to evaluate programs on: give at least one tokenised text")
-    corpus = corpus_hash or hash_corpus(sentences)
-    if _needs_syntax(programs, sentences):
-        attach_syntax(sentences)  # no-op without spaCy; such programs then see pos=None
-    with_syntax = all(s.has_syntax for s in sentences)
+    corpus, with_syntax = _prepare_texts(programs, sentences, corpus_hash)
     if tokenizer is not None:
         tokenizer_id = tokenizer_id or str(getattr(tokenizer, "name_or_path", ""))
     offsets = causal_offsets([s.n for s in sentences])
@@ -71,35 +67,65 @@ def evaluate_programs(
 
     # sandboxed programs run now (or come from the cache); generator programs are recomputed
     # from their specs when read, which is faster than reading gigabytes back from disk
-    cache = OutputCache(cache_dir) if use_cache else None
-    sandboxed, todo = {}, []
-    n_cells = int(offsets[-1])
-    for program in others:
-        problem = check_source(program, extra_imports=list(helpers or {})) if check else ""
-        if problem:  # refused before running: fails everywhere, with the check's reason
-            sandboxed[program.hash] = (np.zeros(n_cells, np.float32),
-                                       np.ones(len(sentences), bool), f"refused: {problem}")
-            continue
-        key = _cache_key(program, tokenizer_id, with_syntax)
-        hit = cache.get(program.hash, corpus, key, n_cells, len(sentences)) if cache else None
-        if hit is None:
-            todo.append(program)
-        else:
-            sandboxed[program.hash] = (hit.values, hit.failed, hit.reason)
-
-    def keep(program: Program, values, failed, reason) -> None:
-        sandboxed[program.hash] = (values, failed, reason)
-        if cache is not None:  # written as each program finishes: an interrupted run keeps it
-            key = _cache_key(program, tokenizer_id, with_syntax)
-            cache.put(program.hash, corpus, key, values, failed, reason)
-
+    sandboxed = _Sandboxed(OutputCache(cache_dir) if use_cache else None, corpus, tokenizer_id,
+                           with_syntax)
+    todo = sandboxed.refuse_or_reuse(others, sentences, int(offsets[-1]), helpers, check)
     options = {"workers": workers, "timeout": timeout, "memory_mb": memory_mb,
                "tokenizer": tokenizer, "helpers": helpers, "unsafe": unsafe,
                "program_seconds": program_seconds}
-    _evaluate_in_sandbox(todo, sentences, options, progress, keep)
+    _evaluate_in_sandbox(todo, sentences, options, progress, sandboxed.keep)
 
-    streamed = StreamedOutputs(programs, sentences, offsets, sandboxed, corpus)
+    streamed = StreamedOutputs(programs, sentences, offsets, sandboxed.outputs, corpus)
     return streamed if stream else streamed.select(range(len(programs)))
+
+
+def _prepare_texts(programs: list[Program], sentences: list[Sentence],
+                   corpus_hash: str | None) -> tuple[str, bool]:
+    """(the corpus hash, whether every text has POS tags); tags the texts if a program reads them."""
+    if not sentences:
+        raise CorpusError("no texts to evaluate programs on: give at least one tokenised text")
+    corpus = corpus_hash or hash_corpus(sentences)
+    if _needs_syntax(programs, sentences):
+        attach_syntax(sentences)  # no-op without spaCy; such programs then see pos=None
+    return corpus, all(s.has_syntax for s in sentences)
+
+
+@dataclass
+class _Sandboxed:
+    """Outputs of the programs the sandbox runs, {hash: (values, failed, reason)}, read from
+    and written to the cache (when there is one)."""
+
+    cache: OutputCache | None
+    corpus: str
+    tokenizer_id: str
+    with_syntax: bool
+    outputs: dict = field(default_factory=dict)
+
+    def refuse_or_reuse(self, programs, sentences, n_cells: int, helpers, check: bool) -> list[Program]:
+        """Record the programs the static check refuses or the cache holds; return the rest."""
+        todo = []
+        for program in programs:
+            problem = check_source(program, extra_imports=list(helpers or {})) if check else ""
+            if problem:  # refused before running: fails everywhere, with the check's reason
+                self.outputs[program.hash] = (np.zeros(n_cells, np.float32),
+                                              np.ones(len(sentences), bool), f"refused: {problem}")
+                continue
+            key = self._key(program)
+            hit = (self.cache.get(program.hash, self.corpus, key, n_cells, len(sentences))
+                   if self.cache else None)
+            if hit is None:
+                todo.append(program)
+            else:
+                self.outputs[program.hash] = (hit.values, hit.failed, hit.reason)
+        return todo
+
+    def keep(self, program: Program, values, failed, reason) -> None:
+        self.outputs[program.hash] = (values, failed, reason)
+        if self.cache is not None:  # written as each program finishes: an interrupted run keeps it
+            self.cache.put(program.hash, self.corpus, self._key(program), values, failed, reason)
+
+    def _key(self, program: Program) -> str:
+        return _cache_key(program, self.tokenizer_id, self.with_syntax)
 
 
 class StreamedOutputs:
