@@ -211,12 +211,12 @@ def synthesize(
 ) -> None:
     """Ask an LLM for programs explaining heads; add the valid ones to a pool."""
     from attnprog.engine.store import AttentionStore
-    from attnprog.engine.synthesis import head_tasks, parse_heads, synthesize_into_pool
+    from attnprog.engine.synthesis import head_pairs, head_tasks, synthesize_into_pool
     from attnprog.synth.llm.client import LLMSettings
     from attnprog.synth.llm.synthesiser import SynthesisOptions, head_prompt
 
     attention = AttentionStore.load(store)
-    chosen = parse_heads(heads, attention)
+    chosen = head_pairs(heads, attention)
     settings = LLMSettings(model=model, base_url=base_url, api_key=api_key, temperature=temperature,
                            max_tokens=max_tokens, max_tokens_total=max_tokens_total,
                            concurrency=concurrency, timeout=timeout, cache_dir=cache_dir)

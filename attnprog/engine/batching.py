@@ -18,9 +18,10 @@ def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]
 
 @dataclass
 class Batch:
-    """Right-padded token ids of B texts, and what sources need to build their matrices.
+    """Right-padded token ids of a batch of texts, and what sources need to build their matrices.
 
-    input_ids, attention_mask [B, n]; lengths [B]; ``sentences`` for Program sources;
+    input_ids, attention_mask [batch, width] (width: the longest text's length); lengths
+    [batch]; ``sentences`` for Program sources;
     ``indices`` are the texts' positions in the corpus an ``OutputsRow`` was evaluated on.
     """
 

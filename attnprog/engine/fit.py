@@ -58,17 +58,18 @@ class FitSettings:
 
 @dataclass
 class CorpusFeatures:
-    """Features of every causal cell of some texts (cells along dim 0: segment sums over rows
-    and texts are then contiguous), with the indices the loss needs."""
+    """Features of every causal cell of some texts (cell-major: segment sums over query rows
+    and texts are then contiguous), with the indices the loss needs. ``query_rows``: every
+    text's query positions back to back (the sum of the texts' lengths)."""
 
-    values: torch.Tensor  # [C, F] float32, each feature divided by its scale
-    scale: torch.Tensor  # [F] what each feature was divided by
-    row: torch.Tensor  # [C] int64 global query row of each cell
-    row_cells: torch.Tensor  # [R] cells per query row (i + 1 for row i)
-    text_cells: torch.Tensor  # [S] cells per text
-    lengths: torch.Tensor  # [S] float32 tokens per text (a text's IoU needs n)
-    first_cell: torch.Tensor  # [R] int64 the cell of each row's key 0
-    text: torch.Tensor  # [C] int64 the text of each cell
+    values: torch.Tensor  # [cells, features] float32, each feature divided by its scale
+    scale: torch.Tensor  # [features] what each feature was divided by
+    row: torch.Tensor  # [cells] int64 global query row of each cell
+    row_cells: torch.Tensor  # [query_rows] cells per query row (i + 1 for query_pos i)
+    text_cells: torch.Tensor  # [texts] cells per text
+    lengths: torch.Tensor  # [texts] float32 tokens per text (a text's IoU needs n)
+    first_cell: torch.Tensor  # [query_rows] int64 the cell of each row's key 0
+    text: torch.Tensor  # [cells] int64 the text of each cell
 
 
 def corpus_features(sentences: Sequence, names: Sequence[str] = FEATURE_NAMES,
@@ -97,9 +98,10 @@ def corpus_features(sentences: Sequence, names: Sequence[str] = FEATURE_NAMES,
 
 
 def model_cells(weights: torch.Tensor, share: torch.Tensor, data: CorpusFeatures) -> torch.Tensor:
-    """The fitted model on every cell: [C, H]. ``weights`` [H, F] (scaled), ``share`` [H]."""
-    score = data.values @ weights.T  # [C, H]
-    peak = torch.segment_reduce(score.detach(), "max", lengths=data.row_cells)  # [R, H]
+    """The fitted model on every cell: [cells, heads] (cell-major). ``weights``
+    [heads, features] (scaled), ``share`` [heads]."""
+    score = data.values @ weights.T  # [cells, heads]
+    peak = torch.segment_reduce(score.detach(), "max", lengths=data.row_cells)  # [query_rows, heads]
     e = torch.exp(score - peak[data.row])
     total = torch.zeros_like(peak).index_add_(0, data.row, e)
     pred = (1.0 - share) * (e / total[data.row])
@@ -108,17 +110,19 @@ def model_cells(weights: torch.Tensor, share: torch.Tensor, data: CorpusFeatures
 
 
 def text_iou(pred: torch.Tensor, attn: torch.Tensor, data: CorpusFeatures) -> torch.Tensor:
-    """Soft IoU per text and head, [S, H]: the kernels' :func:`segment_iou` on [C, H]."""
+    """Soft IoU per text and head, [texts, heads]: the kernels' :func:`segment_iou` on
+    [cells, heads] (cell-major)."""
     offsets = torch.cat([data.text_cells.new_zeros(1), torch.cumsum(data.text_cells, 0)])
     return segment_iou(pred, attn, offsets)
 
 
 class _MeanIoU(torch.autograd.Function):
-    """``text_iou(model_cells(weights, share, data), attn, data).mean(0)`` [H], with its
-    gradient written out: about half the passes over [C, H] that autograd makes, in the
-    fit's inner loop. Values and gradients equal autograd's to float rounding. The IoU is
-    the kernels' :func:`iou_from_l1` of ΣÂ + ΣA (``attn_sums`` [S, H] plus n: every row of the
-    model sums to 1) and the L1 distance, its derivative :func:`iou_from_l1_grad`."""
+    """``text_iou(model_cells(weights, share, data), attn, data).mean(0)`` [heads], with its
+    gradient written out: about half the passes over [cells, heads] (cell-major) that autograd
+    makes, in the fit's inner loop. Values and gradients equal autograd's to float rounding.
+    The IoU is the kernels' :func:`iou_from_l1` of ΣÂ + ΣA (``attn_sums`` [texts, heads] plus n:
+    every query row of the model sums to 1) and the L1 distance, its derivative
+    :func:`iou_from_l1_grad`."""
 
     @staticmethod
     def forward(ctx, weights, share, attn, attn_sums, data):
@@ -126,15 +130,15 @@ class _MeanIoU(torch.autograd.Function):
         # on the CPU, the same maxima, sums in another order
         n_rows, n_heads = len(data.row_cells), weights.shape[0]
         row = data.row[:, None].expand(-1, n_heads)
-        score = data.values @ weights.T  # [C, H]
+        score = data.values @ weights.T  # [cells, heads]
         peak = score.new_empty(n_rows, n_heads).scatter_reduce_(0, row, score, "amax",
-                                                                include_self=False)  # [R, H]
+                                                                include_self=False)  # [query_rows, heads]
         prob = score.sub_(peak.index_select(0, data.row)).exp_()  # in place: scores not needed again
         total = torch.zeros_like(peak).index_add_(0, data.row, prob)
-        prob.div_(total.index_select(0, data.row))  # [C, H] softmax of each query row
+        prob.div_(total.index_select(0, data.row))  # [cells, heads] softmax of each query row
         pred = prob * (1.0 - share)  # (1 - s) prob + s at key 0, as model_cells adds it
         pred[data.first_cell] += share
-        diff = pred.sub_(attn)  # [C, H] pred - attn
+        diff = pred.sub_(attn)  # [cells, heads] pred - attn
         distance = diff.new_zeros(len(data.text_cells), n_heads).index_add_(0, data.text,
                                                                             diff.abs())
         total = attn_sums + data.lengths[:, None]  # ΣA + ΣÂ per text and head
@@ -148,26 +152,27 @@ class _MeanIoU(torch.autograd.Function):
         prob, diff, distance, total, share = ctx.saved_tensors
         data = ctx.data
         # d IoU / d distance per text and head (ΣÂ is n whatever the weights); mean over texts
-        grad_distance = grad_iou / len(distance) * iou_from_l1_grad(total, distance)  # [S, H]
-        grad_pred = diff.sign().mul_(grad_distance.index_select(0, data.text))  # [C, H]
+        grad_distance = grad_iou / len(distance) * iou_from_l1_grad(total, distance)  # [texts, heads]
+        grad_pred = diff.sign().mul_(grad_distance.index_select(0, data.text))  # [cells, heads]
         grad_share = (grad_pred.index_select(0, data.first_cell).sum(dim=0)
                       - (grad_pred * prob).sum(dim=0))
         grad_prob = grad_pred.mul_(1.0 - share)
         row_dot = prob.new_zeros(len(data.row_cells), prob.shape[1])
-        row_dot.index_add_(0, data.row, grad_prob * prob)  # [R, H] Σ_row g · p
+        row_dot.index_add_(0, data.row, grad_prob * prob)  # [query_rows, heads] Σ_row g · p
         grad_score = grad_prob.sub_(row_dot.index_select(0, data.row)).mul_(prob)  # softmax backward
         return grad_score.T @ data.values, grad_share, None, None, None
 
 
 def attention_sums(attn: torch.Tensor, data: CorpusFeatures) -> torch.Tensor:
-    """ΣA per text and head of ``attn`` [C, H]: [S, H]."""
+    """ΣA per text and head of ``attn`` [cells, heads] (cell-major): [texts, heads]."""
     return attn.new_zeros(len(data.text_cells), attn.shape[1]).index_add_(0, data.text, attn)
 
 
 def mean_iou(weights: torch.Tensor, share: torch.Tensor, attn: torch.Tensor,
              data: CorpusFeatures, attn_sums: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean soft IoU over texts of the fitted model against ``attn`` [C, H]: [H], differentiable.
-    ``attn_sums``: :func:`attention_sums` of ``attn``, when already computed."""
+    """Mean soft IoU over texts of the fitted model against ``attn`` [cells, heads] (cell-major):
+    [heads], differentiable. ``attn_sums``: :func:`attention_sums` of ``attn``, when already
+    computed."""
     if attn_sums is None:
         attn_sums = attention_sums(attn, data)
     return _MeanIoU.apply(weights, share, attn, attn_sums, data)
@@ -211,7 +216,8 @@ def _optimise(weights, logit, mask, attn, data, steps, lr, penalty):
 
 def fit_rows(attn: torch.Tensor, data: CorpusFeatures, settings: FitSettings,
              names: Sequence[str] = FEATURE_NAMES) -> list[dict]:
-    """Fits for a chunk of heads' attention ``attn`` [C, H] on the cells of ``data``."""
+    """Fits for a chunk of heads' attention ``attn`` [cells, heads] (cell-major) on the cells of
+    ``data``."""
     n_heads, n_features = attn.shape[1], len(names)
     device = attn.device
     weights = torch.zeros(n_heads, n_features, device=device)
@@ -280,7 +286,8 @@ def vocabulary(sentences: Sequence, key_tokens: int, query_tokens: int = 0) -> l
 
 def fit_store(store: AttentionStore, split: str = "synthesis", settings: FitSettings | None = None,
               rows: Sequence[int] | None = None, progress: bool = True) -> list[dict]:
-    """One rounded fit per head row of ``store`` (all rows when None), on ``split``'s texts."""
+    """One rounded fit per head of ``store`` whose head_index is in ``rows`` (all heads when
+    None), on ``split``'s texts."""
     from tqdm.auto import tqdm
 
     settings = settings or FitSettings()
@@ -291,15 +298,15 @@ def fit_store(store: AttentionStore, split: str = "synthesis", settings: FitSett
     names = vocabulary(sentences, settings.key_tokens, settings.query_tokens)
     data = corpus_features(sentences, names, device=settings.device)
     cells = torch.cat([torch.arange(int(store.offsets[s]), int(store.offsets[s + 1])) for s in texts])
-    rows = list(range(store.n_rows)) if rows is None else list(rows)
+    head_indices = list(range(store.n_rows)) if rows is None else list(rows)
     fits: list[dict] = []
-    bar = tqdm(total=len(rows), desc="fit heads", unit="head", disable=not progress)
+    bar = tqdm(total=len(head_indices), desc="fit heads", unit="head", disable=not progress)
     threads = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
-        for start in range(0, len(rows), settings.heads_per_chunk):
-            chunk = rows[start : start + settings.heads_per_chunk]
+        for start in range(0, len(head_indices), settings.heads_per_chunk):
+            chunk = head_indices[start : start + settings.heads_per_chunk]
             attn = store.attn_packed[chunk][:, cells.to(store.device)].float().T.contiguous()
             fits += fit_rows(attn.to(settings.device), data, settings, names)
             bar.update(len(chunk))
@@ -311,14 +318,15 @@ def fit_store(store: AttentionStore, split: str = "synthesis", settings: FitSett
 
 def fit_scores(fits: Sequence[dict], store: AttentionStore, split: str,
                rows: Sequence[int] | None = None) -> np.ndarray:
-    """Mean IoU of each (rounded) fit against its own head on ``split``: [len(fits)]."""
+    """Mean IoU of each (rounded) fit against its own head (head_index ``rows[i]``, all heads
+    in order when None) on ``split``: [len(fits)]."""
     from attnprog.synth.fitted import evaluate_fits
 
     texts = store.split_indices(split)
-    rows = list(range(store.n_rows)) if rows is None else list(rows)
+    head_indices = list(range(store.n_rows)) if rows is None else list(rows)
     sub = store.subset(texts)
-    values = torch.from_numpy(evaluate_fits(fits, sub.sentences()))  # [P, C]
-    attn = sub.attn_packed[rows].float().cpu()  # [P, C]: each fit's own head
+    values = torch.from_numpy(evaluate_fits(fits, sub.sentences()))  # [programs, cells]
+    attn = sub.attn_packed[head_indices].float().cpu()  # [programs, cells]: each fit's own head
     return segment_iou(values.T, attn.T, sub.offsets).double().mean(dim=0).numpy()
 
 

@@ -27,7 +27,7 @@ DEFAULT_MIN_GAIN = 1e-4  # in mean IoU over heads: 0.0001 is one head gaining 0.
 
 def greedy_coverage(iou: torch.Tensor, max_size: int = DEFAULT_SIZE,
                     min_gain: float = DEFAULT_MIN_GAIN) -> tuple[list[int], list[float], list[float]]:
-    """Greedy library over ``iou [P, H]``: (program indices in the order added, each one's gain,
+    """Greedy library over ``iou [programs, heads]``: (program indices in the order added, each one's gain,
     the heads' mean IoU after each addition). Stops at ``max_size`` or a gain below ``min_gain``.
     """
     iou = torch.as_tensor(iou, dtype=torch.float32)
@@ -35,7 +35,7 @@ def greedy_coverage(iou: torch.Tensor, max_size: int = DEFAULT_SIZE,
     covered = torch.zeros(n_heads, dtype=torch.float32)  # each head's best IoU in the library
     chosen, gains, curve = [], [], []
     for _ in range(min(int(max_size), n_programs)):
-        gain = (iou - covered).clamp_(min=0.0).mean(dim=1)  # [P] mean improvement over heads
+        gain = (iou - covered).clamp_(min=0.0).mean(dim=1)  # [programs] mean improvement over heads
         best = int(gain.argmax())
         if chosen and float(gain[best]) < min_gain:
             break
@@ -49,7 +49,8 @@ def greedy_coverage(iou: torch.Tensor, max_size: int = DEFAULT_SIZE,
 def prefix_assignment(selection: torch.Tensor, heldout: torch.Tensor) -> tuple[list[float], torch.Tensor]:
     """For libraries made of the first k of K programs (k = 1..K): the heads' mean held-out IoU
     when each head uses its best program on the selection split; and the full library's choice
-    per head (row into the K programs). Both inputs are [K, H], rows in the order added."""
+    per head (position among the K programs). Both inputs are [programs, heads], the K
+    programs in the order added."""
     n_programs, n_heads = selection.shape
     best_selection = torch.full((n_heads,), -1.0)
     choice = torch.zeros(n_heads, dtype=torch.long)
@@ -145,8 +146,8 @@ class Library:
 def select_library(store, outputs, table, heads=None, max_size: int = DEFAULT_SIZE,
                    min_gain: float = DEFAULT_MIN_GAIN, seed: int = 0,
                    heldout_split: str = "heldout", **rank_kwargs) -> Library:
-    """Greedy library over ``table`` (ranked on the selection split) for ``heads`` (rows; all
-    when None), measured on ``heldout_split`` with the three baselines on the same heads.
+    """Greedy library over ``table`` (ranked on the selection split) for ``heads`` (head indices;
+    all when None), measured on ``heldout_split`` with the three baselines on the same heads.
 
     ``store`` and ``outputs`` are those the table was ranked from (same texts, same programs).
     """

@@ -42,7 +42,7 @@ def token_logprobs(
             indices = texts if corpus_indices is None else [corpus_indices[s] for s in texts]
             batch = make_batch([token_ids[s] for s in texts], pad_id=pad_id, indices=indices,
                                device=device)
-            logits = replacement.forward(batch).logits[:, :-1]  # [B, n - 1, V]
+            logits = replacement.forward(batch).logits[:, :-1]  # [batch, query_pos 0..n-2, vocab]
             targets = batch.input_ids[:, 1:]  # padding targets are scored, then dropped
             logp = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                     reduction="none").view(targets.shape)

@@ -67,25 +67,25 @@ def rank_table(store: AttentionStore, outputs, split: str = "selection",
 
 
 def rank_heads(store: AttentionStore, outputs, heads: list[int], **rank_kwargs):
-    """``rank_table`` for the heads in ``heads`` only (rows); the table keeps every column,
-    with IoU 0 for heads not ranked, and names the ranked ones in ``meta["heads"]``."""
+    """``rank_table`` for the heads in ``heads`` only (head indices); the table keeps every
+    column, with IoU 0 for heads not ranked, and names the ranked ones in ``meta["heads"]``."""
     from attnprog.engine.rank import IoUTable
 
     if len(heads) == store.n_rows:
         return rank_table(store, outputs, **rank_kwargs)
-    rows = torch.as_tensor(heads, dtype=torch.long)
+    head_indices = torch.as_tensor(heads, dtype=torch.long)
     narrow = AttentionStore(
-        attn_packed=store.attn_packed[rows.to(store.device)], offsets=store.offsets,
+        attn_packed=store.attn_packed[head_indices.to(store.device)], offsets=store.offsets,
         lengths=store.lengths, ids_packed=store.ids_packed, texts=store.texts, tokens=store.tokens,
         spans=store.spans, splits=store.splits, meta=dict(store.meta, n_layers=1, n_heads=len(heads)),
     )
     part = rank_table(narrow, outputs, **rank_kwargs)
     iou = torch.zeros(part.n_programs, store.n_rows)
-    iou[:, rows] = part.iou
+    iou[:, head_indices] = part.iou
     heldout = None
     if part.heldout_iou is not None:
         heldout = torch.zeros(store.n_rows)
-        heldout[rows] = part.heldout_iou
+        heldout[head_indices] = part.heldout_iou
     return IoUTable(iou=iou, programs=part.programs, split=part.split, n_layers=store.n_layers,
                     n_heads=store.n_heads, text_indices=part.text_indices,
                     heldout_split=part.heldout_split, heldout_iou=heldout,

@@ -2,7 +2,7 @@
 
 The attention stays where the store keeps it (GPU or CPU); program outputs stream to it in
 chunks sized to a memory budget, and the sum-min kernel (``attnprog.kernels.iou``) does the
-P × H × S reduction. A program that failed on a text, or wrote a non-finite value there,
+programs × heads × texts reduction. A program that failed on a text, or wrote a non-finite value there,
 scores 0 on that text; nothing yields NaN.
 """
 
@@ -59,11 +59,13 @@ class BestFit:
 
 @dataclass
 class IoUTable:
-    """Mean soft IoU of P programs against the L*H heads of a model on one split.
+    """Mean soft IoU of the programs against all n_heads_total heads of a model on one split.
 
-    iou         [P, L*H] float32  mean over the split's texts; column = layer * n_heads + head
-    per_text    [P, L*H, S]       per-text IoU, when requested
-    heldout_iou [L*H]             IoU of each head's best fit on ``heldout_split``, when measured
+    iou         [programs, n_heads_total] float32  mean over the split's texts; column =
+                                                   head_index = layer * n_heads + head
+    per_text    [programs, n_heads_total, texts]   per-text IoU, when requested
+    heldout_iou [n_heads_total]                    IoU of each head's best fit on
+                                                   ``heldout_split``, when measured
     """
 
     iou: torch.Tensor
@@ -82,26 +84,28 @@ class IoUTable:
         return int(self.iou.shape[0])
 
     def best(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(best_iou [L*H], best_index [L*H]): each head's top program (first on ties)."""
+        """(best_iou [n_heads_total], best_index [n_heads_total]): each head's top program (first
+        on ties)."""
         if self.n_programs == 0:
             raise StoreError("the IoU table holds no programs")
         best_iou, best_index = self.iou.max(dim=0)
         return best_iou, best_index
 
     def topk(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(iou [L*H, k], index [L*H, k]): each head's k best programs, best first."""
+        """(iou [n_heads_total, k], index [n_heads_total, k]): each head's k best programs, best
+        first."""
         k = max(0, min(int(k), self.n_programs))
         values, indices = self.iou.T.topk(k, dim=1, largest=True, sorted=True)
         return values, indices
 
     def best_fits(self) -> list[BestFit]:
-        """Every head's best fit, in row order (layer-major)."""
+        """Every head's best fit, in head_index order (layer-major)."""
         best_iou, best_index = self.best()
         fits = []
-        for row, (iou, index) in enumerate(zip(best_iou.tolist(), best_index.tolist())):
-            layer, head = divmod(row, self.n_heads)
+        for head_index, (iou, index) in enumerate(zip(best_iou.tolist(), best_index.tolist())):
+            layer, head = divmod(head_index, self.n_heads)
             program = self.programs[index]
-            heldout = None if self.heldout_iou is None else float(self.heldout_iou[row])
+            heldout = None if self.heldout_iou is None else float(self.heldout_iou[head_index])
             fits.append(BestFit(layer, head, index, program.name, program.family, iou, heldout))
         return fits
 
@@ -180,7 +184,7 @@ def _check_outputs(store: AttentionStore, outputs: ProgramOutputs) -> None:
 
 
 def _split_cells(store: AttentionStore, texts: list[int]) -> tuple[np.ndarray | None, np.ndarray]:
-    """(cell index into the packed layout or None for all texts, offsets of the split [S+1])."""
+    """(cell index into the packed layout or None for all texts, offsets of the split [texts + 1])."""
     offsets = store.offsets.cpu().numpy()
     if texts == list(range(store.n_texts)):
         return None, offsets
@@ -191,8 +195,8 @@ def chunk_size(n_programs: int, n_cells: int, n_heads: int, n_texts: int, memory
                per_text: bool = False) -> int:
     """Programs per chunk so one chunk's working memory fits ``memory_budget`` bytes.
 
-    Per program: its outputs (fp32, one copy staged and one on the device) and ~4 [H, S]
-    fp32 temporaries (sum-min, union, IoU, and the per-text copy when kept).
+    Per program: its outputs (fp32, one copy staged and one on the device) and ~4
+    [heads, texts] fp32 temporaries (sum-min, union, IoU, and the per-text copy when kept).
     """
     per_program = 4 * (2 * n_cells + (4 + int(per_text)) * n_heads * n_texts)
     return int(max(1, min(n_programs, memory_budget // max(per_program, 1))))
@@ -202,9 +206,10 @@ def chunk_size(n_programs: int, n_cells: int, n_heads: int, n_texts: int, memory
 class SplitAttention:
     """The attention of one split, ready to score program chunks against (see :func:`score_chunk`).
 
-    cells: index of the split's cells in the packed layout (None: every text); offsets [S+1]
-    of the split; attention [H, C_split] on its device; attn_sums [H, S]; attention_t and
-    layout: the numba and Triton paths' own copies, built once rather than per chunk.
+    cells: index of the split's cells in the packed layout (None: every text); offsets
+    [texts + 1] of the split; attention [n_heads_total, cells] (the split's cells) on its device;
+    attn_sums [n_heads_total, texts]; attention_t and layout: the numba and Triton paths' own
+    copies, built once rather than per chunk.
     """
 
     texts: list[int]
@@ -227,7 +232,7 @@ def prepare_split(store: AttentionStore, split: str | None, impl: str = "auto") 
     requested, resolved = impl, resolve_impl(impl, device)
     cells, offsets_np = _split_cells(store, texts)
     offsets = torch.from_numpy(np.asarray(offsets_np, dtype=np.int64))
-    attention = store.attn_packed  # [L*H, C_split] on its device
+    attention = store.attn_packed  # [n_heads_total, cells] on its device, then the split's cells
     if cells is not None:
         attention = attention[:, torch.from_numpy(cells).to(device)]
     attention_t = cell_major(attention) if resolved == "numba" else None
@@ -237,21 +242,21 @@ def prepare_split(store: AttentionStore, split: str | None, impl: str = "auto") 
 
 
 def score_chunk(target: SplitAttention, values, failed: np.ndarray) -> torch.Tensor:
-    """IoU [Pc, H, S] of program rows ``values [Pc, C_split]`` (numpy, or a tensor already on
-    the device) against ``target``'s heads.
+    """IoU [programs, heads, texts] of a chunk of program rows ``values [programs, cells]`` (the
+    split's cells; numpy, or a tensor already on the device) against ``target``'s heads.
 
-    ``failed [Pc, S]`` marks texts a program failed on; they, and texts where it wrote a
+    ``failed [programs, texts]`` marks texts a program failed on; they, and texts where it wrote a
     non-finite value, score 0.
     """
     device, offsets = target.attention.device, target.offsets
     if isinstance(values, torch.Tensor):
-        chunk = values.to(device=device, dtype=torch.float32)  # [Pc, C_split]
+        chunk = values.to(device=device, dtype=torch.float32)  # [programs, cells]
     else:
         chunk = torch.as_tensor(np.asarray(values, dtype=np.float32)).to(device)
-    failed = torch.from_numpy(np.asarray(failed, dtype=bool)).to(device)  # [Pc, S]
+    failed = torch.from_numpy(np.asarray(failed, dtype=bool)).to(device)  # [programs, texts]
     # A non-finite value fails the program on that text; the kernel needs finite, >= 0.
     # A text's sum is finite when all its values are, so the per-cell test runs only if not.
-    prog_sums = text_sums(chunk, offsets)  # [Pc, S]
+    prog_sums = text_sums(chunk, offsets)  # [programs, texts]
     if not bool(torch.isfinite(prog_sums).all()):
         finite = torch.isfinite(chunk)
         failed |= text_sums((~finite).float(), offsets) > 0
@@ -290,7 +295,7 @@ class _DeviceRows:
         self.mixer = TorchMixer(specs, outputs.sentences, device, workers=workers)
 
     def rows(self, indices) -> torch.Tensor:
-        """[len(indices), C] float32 on the device."""
+        """[len(indices), cells] float32 on the device."""
         indices = np.asarray(indices, dtype=np.int64)
         spec = self.spec_of[indices]
         out = torch.empty(len(indices), int(self.outputs.offsets[-1]), device=self.device)
@@ -358,7 +363,8 @@ def rank(
     """
     _check_outputs(store, outputs)
     target = prepare_split(store, split, impl)
-    texts, cells, n_texts, n_rows = target.texts, target.cells, len(target.texts), store.n_rows
+    texts, cells, n_texts, n_heads_total = (target.texts, target.cells, len(target.texts),
+                                            store.n_rows)
     n_cells = int(target.offsets[-1])
     device = target.attention.device
     device_rows = _device_rows(outputs.parent if isinstance(outputs, _Subset) else outputs, device)
@@ -366,12 +372,13 @@ def rank(
 
     n_programs = outputs.n_programs
     if chunk_programs is None:
-        chunk_programs = chunk_size(n_programs, n_cells, n_rows, n_texts, memory_budget, per_text)
+        chunk_programs = chunk_size(n_programs, n_cells, n_heads_total, n_texts, memory_budget,
+                                    per_text)
     chunk_programs = max(1, int(chunk_programs))
-    failed_all = np.asarray(outputs.failed, dtype=bool)[:, texts]  # [P, S]
+    failed_all = np.asarray(outputs.failed, dtype=bool)[:, texts]  # [programs, texts]
 
-    iou_mean = torch.zeros(n_programs, n_rows, dtype=torch.float32)
-    iou_texts = torch.zeros(n_programs, n_rows, n_texts, dtype=torch.float32) if per_text else None
+    iou_mean = torch.zeros(n_programs, n_heads_total, dtype=torch.float32)
+    iou_texts = torch.zeros(n_programs, n_heads_total, n_texts, dtype=torch.float32) if per_text else None
     starts = range(0, n_programs, chunk_programs)
     if progress:
         from tqdm import tqdm
@@ -425,7 +432,7 @@ def rank_with_heldout(
 ) -> IoUTable:
     """Rank on ``split`` to pick each head's best fit, then measure it on ``heldout_split``.
 
-    The table's ``heldout_iou [L*H]`` holds the figure DESIGN.md reports for a best fit.
+    The table's ``heldout_iou [n_heads_total]`` holds the figure DESIGN.md reports for a best fit.
     Keyword arguments go to :func:`rank` (or ``ranker``, a function with its signature, e.g.
     the Ray-sharded one) for both passes.
     """

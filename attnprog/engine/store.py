@@ -19,12 +19,15 @@ FORMAT_VERSION = "1"
 
 @dataclass
 class AttentionStore:
-    """Attention of all L*H heads on S texts.
+    """Attention of all n_heads_total heads (n_layers * n_heads) on some texts.
 
-    attn_packed [L*H, C]  row h = layer * n_heads + head; packed causal cells of every text
-    offsets     [S + 1]   int64, where each text starts in the packed layout (offsets[S] = C)
-    lengths     [S]       int64 token count per text
-    ids_packed  [T]       int64 token ids of all texts concatenated (T = sum of lengths)
+    attn_packed [n_heads_total, cells]  row head_index = layer * n_heads + head; packed causal
+                                        cells of every text
+    offsets     [texts + 1]             int64, where each text starts in the packed layout
+                                        (offsets[-1] = cells)
+    lengths     [texts]                 int64 token count per text
+    ids_packed  [n_tokens]              int64 token ids of all texts concatenated
+                                        (n_tokens = sum of lengths)
     """
 
     attn_packed: torch.Tensor
@@ -48,6 +51,7 @@ class AttentionStore:
 
     @property
     def n_rows(self) -> int:
+        """n_heads_total: the rows of ``attn_packed``, one per head_index."""
         return int(self.attn_packed.shape[0])
 
     @property
@@ -63,11 +67,11 @@ class AttentionStore:
         return self.attn_packed.device
 
     def row(self, layer: int, head: int) -> int:
-        """Row of (layer, head) in ``attn_packed``."""
+        """head_index of (layer, head): its row in ``attn_packed``."""
         return layer * self.n_heads + head
 
     def head_of(self, row: int) -> tuple[int, int]:
-        """(layer, head) of a row of ``attn_packed``."""
+        """(layer, head) of a head_index (a row of ``attn_packed``)."""
         return divmod(int(row), self.n_heads)
 
     # --- per text ----------------------------------------------------------------------------
@@ -76,7 +80,8 @@ class AttentionStore:
         return self.ids_packed[start : start + int(self.lengths[s])].tolist()
 
     def dense(self, row: int, s: int) -> torch.Tensor:
-        """Attention of one head on text s as an n x n matrix (zeros above the diagonal)."""
+        """Attention of head ``row`` (its head_index) on text s as an n x n matrix (zeros above
+        the diagonal)."""
         n = int(self.lengths[s])
         cells = self.attn_packed[row, int(self.offsets[s]) : int(self.offsets[s + 1])]
         dense = torch.zeros(n, n, dtype=cells.dtype, device=cells.device)

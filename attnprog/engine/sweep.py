@@ -75,7 +75,7 @@ class SweepResult:
     base_qa_accuracy: float | None = None
     n_questions: int = 0
     qa_source: str = ""
-    orders: dict[str, list[int]] = field(default_factory=dict)  # order -> head rows, in order
+    orders: dict[str, list[int]] = field(default_factory=dict)  # order -> head indices, in order
     n_heads_per_layer: int = 0
     cost_info: dict = field(default_factory=dict)
 
@@ -214,7 +214,7 @@ def perplexity_sweep(
     ``outputs``: ProgramOutputs of ``table.programs`` on the split's texts or on all of the
     store's texts (when None, only the programs needed run, through ``synth.runtime.evaluate``).
     ``qa_items`` adds QA accuracy (needs ``tokenizer``; ``qa_outputs`` likewise covers the
-    tokenised QA texts). ``heads`` (rows) limits replacement to those heads; fractions are
+    tokenised QA texts). ``heads`` (head indices) limits replacement to those heads; fractions are
     then shares of them.
     """
     best_iou, best_index = best_fit(table)
@@ -251,7 +251,7 @@ def _check_table_fits(best_iou, store) -> None:
 
 
 def _head_orders(names, best_iou, costs, measure_costs, store, split):
-    """({order: head rows in replacement order}, the HeadCosts the cost order used or None)."""
+    """({order: head indices in replacement order}, the HeadCosts the cost order used or None)."""
     head_orders = {}
     for name in names:
         if name == "iou":
@@ -273,11 +273,11 @@ def _head_orders(names, best_iou, costs, measure_costs, store, split):
 class _Plan:
     """Which heads each order replaces at each fraction, and the programs they get."""
 
-    head_orders: dict[str, np.ndarray]  # order -> head rows, in replacement order
+    head_orders: dict[str, np.ndarray]  # order -> head indices, in replacement order
     counts: dict[float, int]  # fraction -> heads replaced
-    iou: np.ndarray  # head row -> best-fit IoU as reported (held-out when the table has it)
-    best_index: np.ndarray  # head row -> its best-fit program
-    random_index: np.ndarray  # head row -> the random baseline's program
+    iou: np.ndarray  # head_index -> best-fit IoU as reported (held-out when the table has it)
+    best_index: np.ndarray  # head_index -> its best-fit program
+    random_index: np.ndarray  # head_index -> the random baseline's program
     n_heads: int  # per layer
 
     @property

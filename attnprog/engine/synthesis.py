@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attnprog.engine.heads import head_label_of
-from attnprog.engine.heads import parse_heads as parse_head_indices
+from attnprog.engine.heads import head_label_of, parse_heads
 from attnprog.engine.store import AttentionStore
 from attnprog.errors import StoreError
 from attnprog.kernels.iou import pair_iou
@@ -23,11 +22,11 @@ from attnprog.synth.llm.synthesiser import HeadResult, HeadTask, Synthesiser, Sy
 from attnprog.synth.program import Program, load_pool, save_pool
 
 
-def parse_heads(spec: str, store: AttentionStore) -> list[tuple[int, int]]:
+def head_pairs(spec: str, store: AttentionStore) -> list[tuple[int, int]]:
     """The heads ``spec`` names (``18.3``, ``18.*``, ``*.3``, ``all``) as (layer, head) pairs of
-    ``store``, in head-index order: ``engine.heads.parse_heads`` on the store's shape."""
+    ``store``, in head_index order: ``engine.heads.parse_heads`` on the store's shape."""
     return [store.head_of(head_index)
-            for head_index in parse_head_indices(spec, store.n_layers, store.n_heads)]
+            for head_index in parse_heads(spec, store.n_layers, store.n_heads)]
 
 
 def head_tasks(store: AttentionStore, heads, n_texts: int = 4, n_selection: int = 16) -> list[HeadTask]:
@@ -119,7 +118,7 @@ def llm_programs(store: AttentionStore, config, pool_path: Path, echo) -> list[P
     options = SynthesisOptions(n=config.llm_n, rounds=config.llm_rounds)
     pool_path.unlink(missing_ok=True)
     pool_path.touch()
-    added, report = synthesize_into_pool(store, parse_heads(config.llm_heads, store), settings, options,
+    added, report = synthesize_into_pool(store, head_pairs(config.llm_heads, store), settings, options,
                                          pool_path)
     usage = report.usage
     echo(f"  LLM {report.model}: {len(added)} valid programs for {len(report.heads)} heads; "

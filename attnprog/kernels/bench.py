@@ -43,9 +43,9 @@ FP32_LANES = {(7, 0): 64, (7, 2): 64, (7, 5): 64, (8, 0): 64}
 
 @dataclass
 class BenchData:
-    programs: torch.Tensor  # [P, C] packed program outputs
-    attention: torch.Tensor  # [H, C] packed attention
-    offsets: torch.Tensor  # [S + 1]
+    programs: torch.Tensor  # [programs, cells] packed program outputs
+    attention: torch.Tensor  # [heads, cells] packed attention
+    offsets: torch.Tensor  # [texts + 1]
     n: int  # tokens per text
     layout: object = None  # the Triton path's device layout of the attention, built once
 
@@ -74,7 +74,8 @@ def make_bench_data(
     rows, cols = (torch.from_numpy(x.copy()) for x in tril_index(n))
     causal = torch.ones(n, n, dtype=torch.bool).tril()
 
-    # attention [H, S, n, n]: softmax of random logits; sharp heads use a high temperature
+    # attention [heads, texts, query_pos, key_pos]: softmax of random logits; sharp heads use a
+    # high temperature
     sharpness = torch.where(torch.rand(n_heads, generator=gen) < 0.25, 8.0, 1.5)
     logits = torch.randn(n_heads, n_texts, n, n, generator=gen) * sharpness[:, None, None, None]
     attn = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
@@ -369,7 +370,8 @@ def run_override_bench(device=None, dtype: torch.dtype = torch.float16, shapes=O
         def rand(*shape):
             return torch.randn(*shape, generator=gen).to(device, dtype)
 
-        # [B, n, H, D] storage seen as [B, H, n, D], as Hugging Face hands it over
+        # q, k, v: [batch, query_pos / key_pos, heads, head_dim] storage seen as
+        # [batch, heads, query_pos / key_pos, head_dim], as Hugging Face hands it over
         q = rand(batch, n, heads, dim).transpose(1, 2)
         k, v = rand(batch, n, kv_heads, dim).transpose(1, 2), rand(batch, n, kv_heads, dim).transpose(1, 2)
         flags = torch.zeros(heads, dtype=torch.bool)

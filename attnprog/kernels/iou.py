@@ -9,20 +9,21 @@ is the sum-min tensor plus two cheap row sums per text:
 
     M[p, h, s] = Σ_{c in text s} min(prog[p, c], attn[h, c])
 
-Both inputs use the packed causal layout: row r of ``programs [P, C]`` or ``attention [H, C]``
-holds the lower triangles of all S texts back to back, text s in ``offsets[s]:offsets[s+1]``.
+Both inputs use the packed causal layout: row r of ``programs [programs, cells]`` or
+``attention [heads, cells]`` holds the lower triangles of all S texts back to back, text s in
+``offsets[s]:offsets[s+1]``.
 
 The naive way. The authors loop in Python over (program, head, text) and call
 ``np.minimum(a, b).sum() / np.maximum(a, b).sum()`` on n × n matrices: per triple, four
 full passes over 2·n² values, plus ~microseconds of interpreter overhead per call. With
 P = 4096, H = 270, S = 300 texts of n = 64 that is 3.3e8 calls, about a month at the
 ~8 µs per triple measured on a 2-core machine. Broadcasting in torch removes the interpreter
-but materialises ``min(prog[:, None, :], attn[None, :, :])``, a [P, H, n_s] temporary per
-text, written and read back from memory: each pair-cell costs 8 bytes of traffic for two
+but materialises ``min(prog[:, None, :], attn[None, :, :])``, a [programs, heads, cells]
+temporary per text, written and read back from memory: each pair-cell costs 8 bytes of traffic for two
 flops, so it runs at memory speed (~7e8 pair-cells/s on 2 CPU cores).
 
 The shape of the fix. M is a GEMM with (min, +) in place of (×, +): for each text, the
-[P, n_s] program block "times" the transposed [H, n_s] attention block. Tensor cores only
+[programs, cells] program block "times" the transposed [heads, cells] attention block. Tensor cores only
 multiply, so we tile it like a CUDA-core GEMM in its outer-product form: one program
 instance owns a BLOCK_P × BLOCK_H tile of M for one text, keeps the tile in registers in
 fp32, and walks the text's cells one at a time. Both sides are stored cell-major, so a step
@@ -144,7 +145,7 @@ def pair_iou(predicted, attention) -> float:
     """Soft IoU of one text, the naive reference: Σ min(A, Â) / Σ max(A, Â) over causal cells.
 
     Reads ``predicted`` and ``attention`` (numpy or torch, any float dtype), both packed causal
-    cells ``[cells]`` or both ``[n, n]`` matrices, whose cells above the diagonal are ignored.
+    cells ``[cells]`` or both ``[query_pos, key_pos]`` matrices, whose cells above the diagonal are ignored.
     Sums in fp64 on the CPU; returns a float (0 where the union is empty, see :func:`iou_ratio`).
     """
     p, a = (torch.tensor(np.asarray(x, dtype=np.float64)) if not isinstance(x, torch.Tensor)
@@ -177,8 +178,9 @@ def iou_from_l1_grad(total: torch.Tensor, distance: torch.Tensor) -> torch.Tenso
 
 
 def segment_iou(predicted: torch.Tensor, attention: torch.Tensor, offsets) -> torch.Tensor:
-    """Per-text IoU of cell-major tensors: ``predicted``, ``attention`` [C] or [C, H] (cells
-    along dim 0, text s in ``offsets[s]:offsets[s+1]``) -> [S] or [S, H], differentiable.
+    """Per-text IoU of cell-major tensors: ``predicted``, ``attention`` [cells] or
+    [cells, heads] (cells along dim 0, text s in ``offsets[s]:offsets[s+1]``) -> [texts] or
+    [texts, heads], differentiable.
 
     One pass of three segment sums (ΣÂ, ΣA, Σ|A − Â|) and :func:`iou_from_l1`; no loop over texts.
     """
@@ -211,7 +213,8 @@ TORCH_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 24}
 def sum_min_torch(
     programs: torch.Tensor, attention: torch.Tensor, offsets, chunk_elements: int | None = None
 ) -> torch.Tensor:
-    """Reference M [P, H, S]: per text, min over a broadcast [p_chunk, H, n_s] block.
+    """Reference M [programs, heads, texts]: per text, min over a broadcast
+    [program chunk, heads, cells of the text] block.
 
     Sums in fp32 (fp64 when an input is fp64, for tests). ``chunk_elements`` caps the
     temporary (default by device, :data:`TORCH_CHUNK`).
@@ -226,10 +229,10 @@ def sum_min_torch(
         start, end = int(offsets[s]), int(offsets[s + 1])
         if end == start or n_programs == 0 or n_heads == 0:
             continue
-        attn = attention[:, start:end].to(acc_dtype)  # [H, n_s]
+        attn = attention[:, start:end].to(acc_dtype)  # [heads, cells] of text s
         step = max(1, chunk_elements // (n_heads * (end - start)))
         for p0 in range(0, n_programs, step):
-            prog = programs[p0 : p0 + step, start:end].to(acc_dtype)  # [p, n_s]
+            prog = programs[p0 : p0 + step, start:end].to(acc_dtype)  # [program chunk, cells]
             out[p0 : p0 + step, :, s] = torch.minimum(prog[:, None, :], attn[None, :, :]).sum(-1)
     return out
 
@@ -244,7 +247,7 @@ if numba is not None:
 
     @numba.njit(fastmath=True, cache=True)
     def _block_dense(prog, attn_t, start, end, p0, p1, acc):
-        # acc [p1 - p0, H_pad] += sum-min of programs p0:p1 over cells start:end, every cell
+        # acc [p1 - p0, padded heads] += sum-min of programs p0:p1 over cells start:end, every cell
         tile_acc = np.empty((p1 - p0, HEAD_TILE), np.float32)
         for tile in range(attn_t.shape[1] // HEAD_TILE):
             # One 64-head slice at a time: a contiguous [block_p, 64] tile stays in L1.
@@ -287,7 +290,8 @@ if numba is not None:
 
     @numba.njit(parallel=True, fastmath=True, cache=True)
     def _sum_min_cells(prog, attn_t, offsets, out, block_p):
-        # prog [P, C] f32; attn_t [C, H_pad] f32 (cell-major); out [S, P, H_pad] f32
+        # prog [programs, cells] f32; attn_t [cells, padded heads] f32 (cell-major);
+        # out [texts, programs, padded heads] f32
         n_programs = prog.shape[0]
         n_texts = offsets.shape[0] - 1
         n_blocks = (n_programs + block_p - 1) // block_p
@@ -311,7 +315,8 @@ if numba is not None:
 
 
 def cell_major(attention: torch.Tensor) -> torch.Tensor:
-    """attention [H, C] -> fp32 [C, H_pad] on the CPU, heads padded to whole HEAD_TILEs.
+    """attention [heads, cells] -> fp32 [cells, padded heads] (cell-major) on the CPU, heads
+    padded to whole HEAD_TILEs.
 
     The numba path's layout: one cell's heads are contiguous, so its inner loop is a
     unit-stride vector op. Build it once and pass it to :func:`sum_min_numba` when scoring
@@ -331,7 +336,7 @@ def sum_min_numba(
     block_p: int = CPU_BLOCK_P,
     attention_cell_major: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """M [P, H, S] on the CPU with numba (all cores); inputs of any float dtype, fp32 sums.
+    """M [programs, heads, texts] on the CPU with numba (all cores); inputs of any float dtype, fp32 sums.
 
     ``attention_cell_major``: :func:`cell_major` of ``attention``, if already built.
     """
@@ -342,19 +347,21 @@ def sum_min_numba(
     n_texts = offsets.numel() - 1
     if n_programs == 0 or n_heads == 0 or n_texts == 0:
         return torch.zeros(n_programs, n_heads, n_texts, dtype=torch.float32)
-    prog = np.ascontiguousarray(programs.detach().cpu().float().numpy())  # [P, C]
+    prog = np.ascontiguousarray(programs.detach().cpu().float().numpy())  # [programs, cells]
     attn_t = cell_major(attention) if attention_cell_major is None else attention_cell_major
     if attn_t.shape[0] != attention.shape[1] or attn_t.shape[1] % HEAD_TILE:
         raise ValueError("attention_cell_major does not match attention; build it with cell_major")
-    out = np.empty((n_texts, n_programs, attn_t.shape[1]), dtype=np.float32)  # [S, P, H_pad]
+    # [texts, programs, padded heads]
+    out = np.empty((n_texts, n_programs, attn_t.shape[1]), dtype=np.float32)
     _sum_min_cells(prog, attn_t.numpy(), offsets.numpy(), out, int(block_p))
     return torch.from_numpy(out[:, :, :n_heads]).permute(1, 2, 0).contiguous()
 
 
 # --- GPU path: Triton kernels over a cell-major layout ----------------------------------------
 #
-# The layout. Both sides are transposed to cell-major, [cells, rows], and each text's cells are
-# padded with zeros to a multiple of CELL_MULTIPLE (min(p, 0) = 0, so padding adds nothing).
+# The layout. Both sides are transposed to cell-major, [cells, programs] and [cells, heads], and
+# each text's cells are padded with zeros to a multiple of CELL_MULTIPLE (min(p, 0) = 0, so
+# padding adds nothing).
 # One step of the dense kernel then reads one cell: BLOCK_P contiguous program values and
 # BLOCK_H contiguous attention values, and updates the [BLOCK_P, BLOCK_H] accumulator with an
 # outer "product" (min, then add): two instructions per pair and no mask in the inner loop.
@@ -383,10 +390,11 @@ MODES = ("auto", "dense", "sparse")
 class DeviceLayout:
     """The attention side of the sum-min, cell-major and padded, where the kernels read it.
 
-    attention_t [C_pad, H_pad] fp32: row = padded cell, heads contiguous (padding is 0)
-    cell_index  [C] int64: packed cell -> its row in the padded layout
-    text_of_cell [C] int64: packed cell -> its text
-    offsets, offsets_pad [S + 1] int64 on the CPU; offsets_pad_device the same on the device
+    attention_t [padded cells, padded heads] fp32: row = padded cell, heads contiguous (padding
+                is 0)
+    cell_index  [cells] int64: packed cell -> its row in the padded layout
+    text_of_cell [cells] int64: packed cell -> its text
+    offsets, offsets_pad [texts + 1] int64 on the CPU; offsets_pad_device the same on the device
     """
 
     attention_t: torch.Tensor
@@ -407,7 +415,8 @@ class DeviceLayout:
 
 
 def device_layout(attention: torch.Tensor, offsets) -> DeviceLayout:
-    """Build the cell-major padded layout of ``attention [H, C]`` on its device (once per store)."""
+    """Build the cell-major padded layout of ``attention [heads, cells]`` on its device (once per
+    store)."""
     offsets = torch.as_tensor(offsets, dtype=torch.int64).cpu()
     _check(attention[:0], attention, offsets)
     device = attention.device
@@ -428,11 +437,12 @@ def device_layout(attention: torch.Tensor, offsets) -> DeviceLayout:
 
 
 def programs_cell_major(programs: torch.Tensor, layout: DeviceLayout, p_pad: int) -> torch.Tensor:
-    """programs [P, C] -> fp32 [C_pad, p_pad] in ``layout``'s padded cells (padding is 0)."""
+    """programs [programs, cells] -> fp32 [padded cells, p_pad] (cell-major) in ``layout``'s
+    padded cells (padding is 0)."""
     out = torch.zeros(layout.attention_t.shape[0], p_pad, dtype=torch.float32,
                       device=layout.device)
     # a contiguous transpose first: a scatter that reads the strided view is several times slower
-    transposed = programs.detach().float().T.contiguous()  # [C, P]
+    transposed = programs.detach().float().T.contiguous()  # [cells, programs]
     out[:, : programs.shape[0]].index_copy_(0, layout.cell_index, transposed)
     return out
 
@@ -441,12 +451,12 @@ if triton is not None:
 
     @triton.jit
     def _sum_min_dense_kernel(
-        prog_t_ptr,  # [C_pad, P_pad] fp32, cell-major
-        attn_t_ptr,  # [C_pad, H_pad] fp32, cell-major
-        offsets_ptr,  # [S + 1] int64, padded offsets
+        prog_t_ptr,  # [padded cells, padded programs] fp32, cell-major
+        attn_t_ptr,  # [padded cells, padded heads] fp32, cell-major
+        offsets_ptr,  # [texts + 1] int64, padded offsets
         item_text_ptr,  # [items] int32: the text of each work item
         item_tile_ptr,  # [items] int32: its program tile
-        out_ptr,  # [P, H, S] fp32, zeros when SPLIT
+        out_ptr,  # [programs, heads, texts] fp32, zeros when SPLIT
         n_programs,
         n_heads,
         n_tiles_h,
@@ -500,14 +510,14 @@ if triton is not None:
 
     @triton.jit
     def _sum_min_sparse_kernel(
-        cell_ptr,  # [W_total, P_pad] int64: padded cell of each program's k-th non-zero
-        value_ptr,  # [W_total, P_pad] fp32: its value (0 pads a short row)
-        ell_offsets_ptr,  # [S] int64: where each text's W_s steps start
-        width_ptr,  # [n_tiles_p, S] int32: steps each (program tile, text) needs
+        cell_ptr,  # [W_total, padded programs] int64: padded cell of each program's k-th non-zero
+        value_ptr,  # [W_total, padded programs] fp32: its value (0 pads a short row)
+        ell_offsets_ptr,  # [texts] int64: where each text's W_s steps start
+        width_ptr,  # [program tiles, texts] int32: steps each (program tile, text) needs
         item_text_ptr,
         item_tile_ptr,
-        attn_t_ptr,  # [C_pad, H_pad] fp32, cell-major
-        out_ptr,  # [P, H, S] fp32
+        attn_t_ptr,  # [padded cells, padded heads] fp32, cell-major
+        out_ptr,  # [programs, heads, texts] fp32
         n_programs,
         n_heads,
         n_tiles_h,
@@ -596,15 +606,15 @@ def _sparse_tiles(block_p: int, n_heads: int) -> tuple[int, int]:
 
 @dataclass
 class _SparsePlan:
-    sparse: torch.Tensor  # [n_tiles_p, S] bool (CPU): which blocks take the sparse kernel
-    width: torch.Tensor  # [n_tiles_p, S] int32 on the device
-    cells: torch.Tensor | None = None  # [W_total, P_pad] int64
-    values: torch.Tensor | None = None  # [W_total, P_pad] fp32
-    ell_offsets: torch.Tensor | None = None  # [S] int64 on the device
+    sparse: torch.Tensor  # [program tiles, texts] bool (CPU): which blocks take the sparse kernel
+    width: torch.Tensor  # [program tiles, texts] int32 on the device
+    cells: torch.Tensor | None = None  # [W_total, padded programs] int64
+    values: torch.Tensor | None = None  # [W_total, padded programs] fp32
+    ell_offsets: torch.Tensor | None = None  # [texts] int64 on the device
 
 
 def _row_nonzeros(programs: torch.Tensor, layout: DeviceLayout, rows: int = 1024) -> torch.Tensor:
-    """[P, S] fp32: non-zero cells of each program row on each text (exact below 2^24)."""
+    """[programs, texts] fp32: non-zero cells of each program row on each text (exact below 2^24)."""
     counts = torch.zeros(programs.shape[0], layout.n_texts, device=layout.device)
     for r0 in range(0, programs.shape[0], rows):  # bounded temporaries
         nonzero = (programs[r0 : r0 + rows] != 0).float()
@@ -623,7 +633,7 @@ def _sparse_plan(programs: torch.Tensor, layout: DeviceLayout, block_p: int, p_p
                            torch.zeros(n_tiles_p, n_texts, dtype=torch.int32, device=device))
     padded = torch.zeros(p_pad, n_texts, device=device)
     padded[:n_programs] = _row_nonzeros(programs, layout) if counts is None else counts
-    width = padded.view(n_tiles_p, block_p, n_texts).amax(1)  # [tiles, S]: steps per block
+    width = padded.view(n_tiles_p, block_p, n_texts).amax(1)  # [program tiles, texts]: steps per block
     padded_lengths = (layout.offsets_pad[1:] - layout.offsets_pad[:-1]).to(device)
     if mode == "sparse":
         sparse = torch.ones(n_tiles_p, n_texts, dtype=torch.bool, device=device)
@@ -634,7 +644,7 @@ def _sparse_plan(programs: torch.Tensor, layout: DeviceLayout, block_p: int, p_p
     if not bool(plan.sparse.any()):
         return plan
     # ELLPACK: text s owns rows ell_offsets[s] : ell_offsets[s] + W_s (W_s: widest sparse block)
-    text_width = width.amax(0).long()  # [S]
+    text_width = width.amax(0).long()  # [texts]
     ell_offsets = torch.cumsum(text_width, 0) - text_width
     total = int(text_width.sum())
     cells = torch.zeros(total, p_pad, dtype=torch.int64, device=device)
@@ -655,7 +665,7 @@ def _sparse_plan(programs: torch.Tensor, layout: DeviceLayout, block_p: int, p_p
 
 
 def _items(mask: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text, program tile) int32 device tensors of the True entries of ``mask [tiles, S]``,
+    """(text, program tile) int32 device tensors of the True entries of ``mask [program tiles, texts]``,
     text-major, so instances that run together share a text's attention in L2."""
     tile, text = mask.T.nonzero(as_tuple=True)[::-1]
     return text.to(device, torch.int32), tile.to(device, torch.int32)
@@ -674,7 +684,7 @@ def sum_min_triton(
     mode: str = "auto",
     layout: DeviceLayout | None = None,
 ) -> torch.Tensor:
-    """M [P, H, S] fp32 with the Triton kernels. CPU tensors run in Triton's interpreter
+    """M [programs, heads, texts] fp32 with the Triton kernels. CPU tensors run in Triton's interpreter
     (TRITON_INTERPRET=1), else on the GPU, copied there and back.
 
     ``mode``: "auto" (sparse kernel for sparse program blocks, dense for the rest), "dense"
@@ -796,9 +806,10 @@ def sum_min(
     impl: str = "auto",
     layout: DeviceLayout | None = None,
 ) -> torch.Tensor:
-    """M[p, h, s] = Σ_{c in text s} min(programs[p, c], attention[h, c]), fp32 [P, H, S].
+    """M[p, h, s] = Σ_{c in text s} min(programs[p, c], attention[h, c]), fp32
+    [programs, heads, texts].
 
-    programs [P, C], attention [H, C]: fp16/bf16/fp32, finite, non-negative, same device.
+    programs [programs, cells], attention [heads, cells]: fp16/bf16/fp32, finite, non-negative, same device.
     impl: "auto" (Triton on CUDA, numba on CPU), or force "triton", "numba" or "torch".
     layout: the Triton path's :func:`device_layout` of ``attention``, when scoring many chunks.
     """
@@ -820,7 +831,7 @@ def sum_min(
 
 
 def text_sums(values: torch.Tensor, offsets) -> torch.Tensor:
-    """Σ over each text's cells of every row: values [R, C] -> [R, S] fp32."""
+    """Σ over each text's cells of every row: values [rows, cells] -> [rows, texts] fp32."""
     offsets = torch.as_tensor(offsets, dtype=torch.int64).cpu()
     n_texts = offsets.numel() - 1
     if values.shape[1] != int(offsets[-1]):
@@ -842,9 +853,9 @@ def text_sums(values: torch.Tensor, offsets) -> torch.Tensor:
 def iou_from_sums(
     sum_min: torch.Tensor, prog_sums: torch.Tensor, attn_sums: torch.Tensor
 ) -> torch.Tensor:
-    """IoU [P, H, S] = M / (ΣÂ + ΣA − M), with the rule of :func:`iou_ratio`.
+    """IoU [programs, heads, texts] = M / (ΣÂ + ΣA − M), with the rule of :func:`iou_ratio`.
 
-    sum_min [P, H, S], prog_sums [P, S], attn_sums [H, S].
+    sum_min [programs, heads, texts], prog_sums [programs, texts], attn_sums [heads, texts].
     """
     return iou_ratio(sum_min, prog_sums[:, None, :] + attn_sums[None, :, :] - sum_min)
 
@@ -852,6 +863,6 @@ def iou_from_sums(
 def soft_iou(
     programs: torch.Tensor, attention: torch.Tensor, offsets, impl: str = "auto"
 ) -> torch.Tensor:
-    """Soft IoU [P, H, S] of every program against every head on every text."""
+    """Soft IoU [programs, heads, texts] of every program against every head on every text."""
     m = sum_min(programs, attention, offsets, impl=impl)
     return iou_from_sums(m, text_sums(programs, offsets), text_sums(attention, offsets))

@@ -195,8 +195,8 @@ def _compiled(expr: str):
 
 
 def feature_dense(s, names: Sequence[str] = FEATURE_NAMES) -> np.ndarray:
-    """Each named feature on one text as a dense float64 [F, n, n] (values above the diagonal
-    are left as computed; the fitted model masks them)."""
+    """Each named feature on one text as a dense float64 [features, query_pos, key_pos] (values
+    above the diagonal are left as computed; the fitted model masks them)."""
     n = s.n
     grids = {"np": np, "s": s, "i": np.arange(n)[:, None], "j": np.arange(n)[None, :]}
     out = np.empty((len(names), n, n), dtype=np.float64)
@@ -206,7 +206,8 @@ def feature_dense(s, names: Sequence[str] = FEATURE_NAMES) -> np.ndarray:
 
 
 def feature_packed(s, names: Sequence[str] = FEATURE_NAMES) -> np.ndarray:
-    """Each named feature on one text's causal cells: float64 [F, n(n+1)/2]."""
+    """Each named feature on one text's causal cells: float64 [features, cells] (n(n+1)/2
+    cells)."""
     rows, cols = tril_index(s.n)
     return feature_dense(s, names)[:, rows, cols]
 
@@ -237,8 +238,8 @@ def round_fit(fit: dict, digits: int = 3) -> dict:
 
 
 def fitted_dense(fit: dict, features: np.ndarray) -> np.ndarray:
-    """The fitted model's n x n matrix from dense features [F, n, n] (F = the fit's weights,
-    in order), computed exactly as the emitted source computes it."""
+    """The fitted model's n x n matrix from dense features [features, query_pos, key_pos] (one
+    feature per weight of the fit, in order), computed exactly as the emitted source computes it."""
     weights = list(fit["weights"].values())
     n = features.shape[-1]
     score = np.zeros((n, n))
@@ -254,7 +255,7 @@ def fitted_dense(fit: dict, features: np.ndarray) -> np.ndarray:
 
 
 def evaluate_fits(fits: Sequence[dict], sentences: Sequence) -> np.ndarray:
-    """Normalised outputs of fits on ``sentences``, packed: [P, C] float32 (features per text
+    """Normalised outputs of fits on ``sentences``, packed: [programs, cells] float32 (features per text
     computed once for all fits)."""
     fits = [check_fit(f) for f in fits]
     used = sorted({k for f in fits for k in f["weights"]}, key=_order)
@@ -396,7 +397,7 @@ def _regenerate(provenance_json: str) -> str:
 
 
 def evaluate_fitted(programs: Sequence[Program], sentences: Sequence) -> np.ndarray:
-    """Outputs of unedited fitted programs without running their sources: [P, C] float32."""
+    """Outputs of unedited fitted programs without running their sources: [programs, cells] float32."""
     for program in programs:
         if not is_fitted(program):
             raise ProgramError(f"program {program.hash} is not an unedited fitted program; "

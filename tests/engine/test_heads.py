@@ -60,7 +60,7 @@ def test_a_label_parses_back_to_its_head_index():
 @pytest.mark.parametrize("spec", ["18.*", "*.3", "18.3,20.1", "all"])
 def test_llm_heads_specs_name_the_same_heads_as_heads(spec):
     """`run --llm-heads` and `synthesize --heads` (engine.synthesis) read specs as `--heads` does."""
-    from attnprog.engine.synthesis import parse_heads as llm_heads
+    from attnprog.engine.synthesis import head_pairs as llm_heads
 
     store = _Shape(n_layers=24, n_heads=9)
     assert [store.row(*pair) for pair in llm_heads(spec, store)] == parse_heads(spec, 24, 9)

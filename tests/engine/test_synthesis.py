@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from attnprog.engine.extract import extract_attention
-from attnprog.engine.synthesis import head_tasks, parse_heads, report_path, synthesize_into_pool
+from attnprog.engine.synthesis import head_pairs, head_tasks, report_path, synthesize_into_pool
 from attnprog.errors import AttnProgError, LLMError
 from attnprog.synth.generator.golden import golden_programs
 from attnprog.synth.llm.cache import ReplyCache
@@ -45,8 +45,8 @@ def record_replies(store, heads, settings, options, text=PREVIOUS):
 
 
 def test_heads_are_parsed_from_a_list_or_all(store):
-    assert parse_heads("1.2, 0.3", store) == [(0, 3), (1, 2)]
-    assert len(parse_heads("all", store)) == store.n_rows
+    assert head_pairs("1.2, 0.3", store) == [(0, 3), (1, 2)]
+    assert len(head_pairs("all", store)) == store.n_rows
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -54,7 +54,7 @@ def test_heads_are_parsed_from_a_list_or_all(store):
 ])
 def test_bad_heads_are_refused(store, spec, message):
     with pytest.raises(AttnProgError, match=message):
-        parse_heads(spec, store)
+        head_pairs(spec, store)
 
 
 def test_a_task_holds_the_heads_attention_on_synthesis_and_selection_texts(store):

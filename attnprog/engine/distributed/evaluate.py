@@ -26,7 +26,8 @@ LOST_WORKER = "its Ray worker died while running it (twice)"
 
 
 def evaluate_batch(programs: list[Program], sentences: list[Sentence], options: dict):
-    """One task's work: (values [P, C], failed [P, S], reasons) of ``programs`` on this node."""
+    """One task's work: (values [programs, cells], failed [programs, texts], reasons) of
+    ``programs`` on this node."""
     outputs = evaluate_programs(programs, sentences, progress=False, stream=False, **options)
     return outputs.values, outputs.failed, outputs.reasons
 

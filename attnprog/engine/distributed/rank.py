@@ -47,8 +47,9 @@ HEAD_TILE = 64  # the sum-min kernels pad a shard's heads to whole tiles of this
 
 
 def head_slices(n_heads: int, shards: int) -> list[tuple[int, int]]:
-    """Contiguous (start, stop) head ranges, one per shard, cut at whole tiles of 64 heads
-    when there are enough tiles (a cut inside a tile pads both halves: more work in all)."""
+    """Contiguous (start, stop) head_index ranges over ``n_heads`` heads of all layers, one per
+    shard, cut at whole tiles of 64 heads when there are enough tiles (a cut inside a tile pads
+    both halves: more work in all)."""
     tiles = -(-n_heads // HEAD_TILE)
     if tiles >= shards:
         parts = np.array_split(np.arange(tiles), shards)
@@ -80,7 +81,8 @@ class RankShard:
                 "cpu_s": time.process_time()}
 
     def score(self, split, values: np.ndarray, failed: np.ndarray, per_text: bool):
-        """(mean IoU [Pc, Hs], per-text IoU [Pc, Hs, S] or None) of one chunk vs. this shard."""
+        """(mean IoU [programs, heads], per-text IoU [programs, heads, texts] or None) of one
+        chunk's programs vs. this shard's heads."""
         # arrays from the object store are read-only; torch wants writable ones
         values = np.require(values, dtype=np.float32, requirements="W")
         iou = score_chunk(self._target(split), values, np.array(failed, dtype=bool))
@@ -179,10 +181,10 @@ class ShardedRanker:
         """
         texts, cells, chunk_programs = self._chunking(store, outputs, split, per_text,
                                                       chunk_programs, memory_budget)
-        n_programs, n_rows, n_texts = outputs.n_programs, store.n_rows, len(texts)
-        failed_all = np.asarray(outputs.failed, dtype=bool)[:, texts]
-        iou_mean = torch.zeros(n_programs, n_rows, dtype=torch.float32)
-        iou_texts = torch.zeros(n_programs, n_rows, n_texts, dtype=torch.float32) if per_text else None
+        n_programs, n_heads_total, n_texts = outputs.n_programs, store.n_rows, len(texts)
+        failed_all = np.asarray(outputs.failed, dtype=bool)[:, texts]  # [programs, texts]
+        iou_mean = torch.zeros(n_programs, n_heads_total, dtype=torch.float32)
+        iou_texts = torch.zeros(n_programs, n_heads_total, n_texts, dtype=torch.float32) if per_text else None
         stream = _ChunkStream(self, outputs, split, None if cells is None else texts, chunk_programs,
                               failed_all, per_text)
         bar = None
@@ -241,7 +243,7 @@ class _ChunkStream:
                  failed: np.ndarray, per_text: bool):
         self.ranker, self.outputs, self.split, self.per_text = ranker, outputs, split, per_text
         self.texts = texts  # the texts whose cells outputs.rows reads; None: all
-        self.failed = failed  # [P, S] on the split's texts
+        self.failed = failed  # [programs, texts] on the split's texts
         self.chunk_programs = chunk_programs
         self.starts = list(range(0, outputs.n_programs, chunk_programs))
         self.chunks: dict[int, list] = {}  # chunk -> [p0, p1, values ref, failed, shards left]

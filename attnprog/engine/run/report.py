@@ -193,8 +193,9 @@ def heatmap_texts(store, count: int = HEATMAP_TEXTS) -> list[int]:
 
 
 def head_panels(store, programs: dict[int, object], texts: list[int], keep: int = HEATMAP_TOKENS):
-    """{row: [(attention, program output, tokens) per text]} for every head in ``programs``
-    (row -> Program), evaluating each distinct program once on the chosen texts."""
+    """{head_index: [(attention, program output, tokens) per text]} for every head in
+    ``programs`` (head_index -> Program), evaluating each distinct program once on the chosen
+    texts."""
     from attnprog.synth.runtime.evaluate import evaluate_programs
 
     unique = list({p.hash: p for p in programs.values()}.values())
@@ -204,14 +205,14 @@ def head_panels(store, programs: dict[int, object], texts: list[int], keep: int 
     position = {p.hash: k for k, p in enumerate(unique)}
     offsets = np.asarray(outputs.offsets)
     panels = {}
-    for row, program in programs.items():
-        panels[row] = []
+    for head_index, program in programs.items():
+        panels[head_index] = []
         for t, s in enumerate(texts):
             n = int(store.lengths[s])
             k = min(n, keep)
-            attention = store.dense(row, s).cpu().numpy()[:k, :k]
+            attention = store.dense(head_index, s).cpu().numpy()[:k, :k]
             values = outputs.values[position[program.hash], offsets[t] : offsets[t + 1]]
-            panels[row].append((attention, _dense(values, n, k), store.tokens[s][:k]))
+            panels[head_index].append((attention, _dense(values, n, k), store.tokens[s][:k]))
     return panels
 
 
@@ -297,7 +298,8 @@ def _headline_rows(summary: dict, n_heads: int) -> list[tuple[str, str, str, str
 def render_html(*, summary: dict, manifest: dict, library: dict | None, sweep_figure: str | None,
                 library_figure: str | None, heads: list[dict], n_layers: int, n_heads: int,
                 sweep_text: str = "") -> str:
-    """The report page from prepared pieces (``heads``: one dict per explained head)."""
+    """The report page from prepared pieces (``heads``: one dict per explained head, keyed by
+    ``head_index``)."""
     parts = (_page_top_html(manifest, n_layers, n_heads)
              + _summary_html(summary, len(heads))
              + _grid_html(heads, n_layers, n_heads)
@@ -343,13 +345,13 @@ def _summary_html(summary: dict, n_explained: int) -> list[str]:
 def _grid_html(heads: list[dict], n_layers: int, n_heads: int) -> list[str]:
     """Layers x heads, each cell coloured by held-out IoU and linked to its head's section."""
     e = html.escape
-    by_row = {h["row"]: h for h in heads}
+    by_head_index = {h["head_index"]: h for h in heads}
     parts = ["<h2 id='grid'>Heads by held-out IoU</h2><table class='grid'><tr><th></th>"
              + "".join(f"<th>H{h}</th>" for h in range(n_heads)) + "</tr>"]
     for layer in range(n_layers):
         parts.append(f"<tr><th>L{layer}</th>")
         for head in range(n_heads):
-            info = by_row.get(layer * n_heads + head)
+            info = by_head_index.get(layer * n_heads + head)
             if info is None:
                 parts.append("<td style='background:#eee'></td>")
                 continue
@@ -400,7 +402,7 @@ def _heads_html(heads: list[dict], n_heads: int) -> list[str]:
     e = html.escape
     parts = ["<h2 id='heads'>Every head</h2>"]
     for info in heads:
-        label = head_label(info["row"], n_heads)
+        label = head_label(info["head_index"], n_heads)
         parts.append(
             f"<div class='head' id='{label}'><h3>{label}: {e(info['family'])}, "
             f"IoU {info['heldout_iou']:.3f} held-out ({info['selection_iou']:.3f} selection)</h3>"
@@ -436,27 +438,30 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, store=None,
     sweep = _read_json(run_dir / rundir.SWEEP)
     sweep_text = (run_dir / rundir.SWEEP_TEXT).read_text() if (run_dir / rundir.SWEEP_TEXT).is_file() else ""
 
-    rows = table.meta.get("heads") or (library or {}).get("heads") or list(range(table.iou.shape[1]))
+    head_indices = (table.meta.get("heads") or (library or {}).get("heads")
+                    or list(range(table.iou.shape[1])))
     best_iou, best_index = table.best()
     heldout = table.heldout_iou if table.heldout_iou is not None else best_iou
     library_of = {}
     if library:
-        for k, row in enumerate(library["heads"]):
-            library_of[row] = (library["assignment"][k], library["heldout_iou"][k])
+        for k, head_index in enumerate(library["heads"]):
+            library_of[head_index] = (library["assignment"][k], library["heldout_iou"][k])
     heads = []
-    for row in rows:
-        program = table.programs[int(best_index[row])]
-        position, library_iou = library_of.get(row, (None, None))
-        heads.append({"row": row, "program": program, "name": program.name, "family": program.family,
-                      "hash": program.hash, "source": program.source,
-                      "heldout_iou": float(heldout[row]), "selection_iou": float(best_iou[row]),
+    for head_index in head_indices:
+        program = table.programs[int(best_index[head_index])]
+        position, library_iou = library_of.get(head_index, (None, None))
+        heads.append({"head_index": head_index, "program": program, "name": program.name,
+                      "family": program.family, "hash": program.hash, "source": program.source,
+                      "heldout_iou": float(heldout[head_index]),
+                      "selection_iou": float(best_iou[head_index]),
                       "library_position": position, "library_iou": library_iou})
 
     chosen = heatmap_texts(store, texts)
     if chosen:
-        panels = head_panels(store, {h["row"]: h["program"] for h in heads}, chosen, tokens)
+        panels = head_panels(store, {h["head_index"]: h["program"] for h in heads}, chosen, tokens)
         for info in tqdm(heads, desc="report", unit="head", disable=None if progress else True):
-            info["heatmaps"] = head_heatmaps(panels[info["row"]], head_label(info["row"], table.n_heads))
+            head_index = info["head_index"]
+            info["heatmaps"] = head_heatmaps(panels[head_index], head_label(head_index, table.n_heads))
     best_fit_mean = summary.get("mean_best_fit_iou")
     curves = sweep_curves(sweep)
     page = render_html(

@@ -131,14 +131,15 @@ class _Sandboxed:
 class StreamedOutputs:
     """Program outputs whose generator rows are computed when read, chunk by chunk.
 
-    Has the interface ranking uses: ``programs``, ``n_programs``, ``offsets``, ``failed [P, S]``,
-    ``reasons``, ``corpus_hash``, ``rows(start, stop)`` and ``select(indices)``.
+    Has the interface ranking uses: ``programs``, ``n_programs``, ``offsets``,
+    ``failed [programs, texts]``, ``reasons``, ``corpus_hash``, ``rows(start, stop)`` and
+    ``select(indices)``.
     """
 
     def __init__(self, programs, sentences, offsets, sandboxed: dict, corpus_hash: str):
         self.programs, self.sentences, self.offsets = programs, sentences, offsets
         self.corpus_hash = corpus_hash
-        self._sandboxed = sandboxed  # program hash -> (values [C], failed [S], reason)
+        self._sandboxed = sandboxed  # program hash -> (values [cells], failed [texts], reason)
         self.failed = np.zeros((len(programs), len(sentences)), dtype=bool)
         self.reasons = [""] * len(programs)
         self._atoms = None  # the generator's AtomCache, made on first use
@@ -156,7 +157,7 @@ class StreamedOutputs:
         return state
 
     def rows(self, start: int, stop: int, texts=None, chunk: int = 1024) -> np.ndarray:
-        """Values of programs ``start:stop``: [stop - start, C] float32; with ``texts``,
+        """Values of programs ``start:stop``: [stop - start, cells] float32; with ``texts``,
         only those texts' cells (generator rows are then computed on those texts only)."""
         return self.rows_at(range(start, min(stop, self.n_programs)), texts, chunk)
 
@@ -173,7 +174,8 @@ class StreamedOutputs:
         )
 
     def rows_at(self, indices, texts=None, chunk: int = 1024) -> np.ndarray:
-        """Values of the programs at ``indices`` [len, C] float32 (``texts``: as in :meth:`rows`)."""
+        """Values of the programs at ``indices``: [len(indices), cells] float32 (``texts``: as in
+        :meth:`rows`)."""
         cells = None if texts is None else text_cells(self.offsets, texts)
         sentences = self.sentences if texts is None else [self.sentences[s] for s in texts]
         values = np.empty((len(indices), int(self.offsets[-1]) if cells is None else len(cells)),

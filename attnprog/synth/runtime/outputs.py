@@ -1,4 +1,5 @@
-"""ProgramOutputs: the normalised outputs of P programs on S texts, in the packed causal layout."""
+"""ProgramOutputs: the normalised outputs of some programs on some texts, in the packed causal
+layout."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from attnprog.synth.program import Program
 class ProgramOutputs:
     """Outputs of ``programs`` on one tokenised corpus.
 
-    values  [P, C] float32  normalised program matrices, packed; 0 where a program failed
-    failed  [P, S] bool     True where the program failed on that text (scores IoU 0)
-    reasons                 per program, the first failure reason (or "" when none)
-    offsets [S + 1] int64   the corpus' packed offsets (same as the AttentionStore's)
+    values  [programs, cells] float32  normalised program matrices, packed; 0 where a program
+                                       failed
+    failed  [programs, texts] bool     True where the program failed on that text (scores IoU 0)
+    reasons                            per program, the first failure reason (or "" when none)
+    offsets [texts + 1] int64          the corpus' packed offsets (same as the AttentionStore's)
     """
 
     programs: list[Program]
@@ -39,7 +41,7 @@ class ProgramOutputs:
         return len(self.programs)
 
     def rows(self, start: int, stop: int, texts=None) -> np.ndarray:
-        """Values of programs ``start:stop``: [stop - start, C] float32; with ``texts``,
+        """Values of programs ``start:stop``: [stop - start, cells] float32; with ``texts``,
         only those texts' cells, in that order."""
         values = self.values[start:stop]
         return values if texts is None else values[:, text_cells(self.offsets, texts)]

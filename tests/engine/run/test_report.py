@@ -31,7 +31,7 @@ def test_sweep_curves_skip_what_is_not_a_number():
 
 def heads_2x2(rows=(0, 1, 2, 3)):
     program = Program(source="def program(s):\n    return 1 < 2\n", name="lt", family="previous")
-    return [{"row": r, "program": program, "name": program.name, "family": program.family,
+    return [{"head_index": r, "program": program, "name": program.name, "family": program.family,
              "hash": program.hash, "source": program.source, "heldout_iou": 0.25 * r,
              "selection_iou": 0.3, "library_position": 0, "library_iou": 0.2, "figure": None}
             for r in rows]
