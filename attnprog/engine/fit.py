@@ -110,22 +110,22 @@ def model_cells(weights: torch.Tensor, share: torch.Tensor, data: CorpusFeatures
 
 
 def text_iou(pred: torch.Tensor, attn: torch.Tensor, data: CorpusFeatures) -> torch.Tensor:
-    """Soft IoU per text and head, [texts, heads]: the kernels' :func:`segment_iou` on
-    [cells, heads] (cell-major)."""
-    offsets = torch.cat([data.text_cells.new_zeros(1), torch.cumsum(data.text_cells, 0)])
-    return segment_iou(pred, attn, offsets)
+    """Soft IoU per text and head, [texts, heads], of [cells, heads] (cell-major): the kernels'
+    :func:`iou_from_l1` with ΣA + ΣÂ = 2n, since rows of both sum to 1."""
+    distance = torch.segment_reduce((pred - attn).abs(), "sum", lengths=data.text_cells)
+    return iou_from_l1(2.0 * data.lengths[:, None], distance)
 
 
 class _MeanIoU(torch.autograd.Function):
     """``text_iou(model_cells(weights, share, data), attn, data).mean(0)`` [heads], with its
     gradient written out: about half the passes over [cells, heads] (cell-major) that autograd
     makes, in the fit's inner loop. Values and gradients equal autograd's to float rounding.
-    The IoU is the kernels' :func:`iou_from_l1` of ΣÂ + ΣA (``attn_sums`` [texts, heads] plus n:
-    every query row of the model sums to 1) and the L1 distance, its derivative
+    The IoU is the kernels' :func:`iou_from_l1` of the L1 distance and ΣA + ΣÂ = 2n (every
+    query row of the model and of the attention sums to 1), its derivative
     :func:`iou_from_l1_grad`."""
 
     @staticmethod
-    def forward(ctx, weights, share, attn, attn_sums, data):
+    def forward(ctx, weights, share, attn, data):
         # scatter/index_add/index_select rather than segment_reduce and x[index]: 3-6x faster
         # on the CPU, the same maxima, sums in another order
         n_rows, n_heads = len(data.row_cells), weights.shape[0]
@@ -141,7 +141,7 @@ class _MeanIoU(torch.autograd.Function):
         diff = pred.sub_(attn)  # [cells, heads] pred - attn
         distance = diff.new_zeros(len(data.text_cells), n_heads).index_add_(0, data.text,
                                                                             diff.abs())
-        total = attn_sums + data.lengths[:, None]  # ΣA + ΣÂ per text and head
+        total = 2.0 * data.lengths[:, None]  # ΣA + ΣÂ per text
         iou = iou_from_l1(total, distance)
         ctx.save_for_backward(prob, diff, distance, total, share)
         ctx.data = data
@@ -160,22 +160,14 @@ class _MeanIoU(torch.autograd.Function):
         row_dot = prob.new_zeros(len(data.row_cells), prob.shape[1])
         row_dot.index_add_(0, data.row, grad_prob * prob)  # [query_rows, heads] Σ_row g · p
         grad_score = grad_prob.sub_(row_dot.index_select(0, data.row)).mul_(prob)  # softmax backward
-        return grad_score.T @ data.values, grad_share, None, None, None
-
-
-def attention_sums(attn: torch.Tensor, data: CorpusFeatures) -> torch.Tensor:
-    """ΣA per text and head of ``attn`` [cells, heads] (cell-major): [texts, heads]."""
-    return attn.new_zeros(len(data.text_cells), attn.shape[1]).index_add_(0, data.text, attn)
+        return grad_score.T @ data.values, grad_share, None, None
 
 
 def mean_iou(weights: torch.Tensor, share: torch.Tensor, attn: torch.Tensor,
-             data: CorpusFeatures, attn_sums: torch.Tensor | None = None) -> torch.Tensor:
+             data: CorpusFeatures) -> torch.Tensor:
     """Mean soft IoU over texts of the fitted model against ``attn`` [cells, heads] (cell-major):
-    [heads], differentiable. ``attn_sums``: :func:`attention_sums` of ``attn``, when already
-    computed."""
-    if attn_sums is None:
-        attn_sums = attention_sums(attn, data)
-    return _MeanIoU.apply(weights, share, attn, attn_sums, data)
+    [heads], differentiable."""
+    return _MeanIoU.apply(weights, share, attn, data)
 
 
 def _optimise(weights, logit, mask, attn, data, steps, lr, penalty):
@@ -191,7 +183,6 @@ def _optimise(weights, logit, mask, attn, data, steps, lr, penalty):
     logit = logit.clone().requires_grad_(True)
     best = torch.full((weights.shape[0],), -torch.inf, device=weights.device)
     best_weights, best_logit = weights.detach().clone(), logit.detach().clone()
-    attn_sums = attention_sums(attn, data)  # fixed during the steps
     opt = torch.optim.Adam([weights, logit], lr=lr)
     # the step size falls to 0 along a cosine: Adam's steps of ~lr would keep the weights
     # jittering around the optimum
@@ -199,7 +190,7 @@ def _optimise(weights, logit, mask, attn, data, steps, lr, penalty):
         opt, lambda k: 0.5 * (1.0 + math.cos(math.pi * min(k, steps) / max(steps, 1))))
     for _ in range(steps + 1):
         opt.zero_grad(set_to_none=True)
-        iou = mean_iou(weights * mask, torch.sigmoid(logit), attn, data, attn_sums)
+        iou = mean_iou(weights * mask, torch.sigmoid(logit), attn, data)
         better = iou.detach() > best
         best = torch.where(better, iou.detach(), best)
         best_weights[better], best_logit[better] = weights.detach()[better], logit.detach()[better]
@@ -212,6 +203,29 @@ def _optimise(weights, logit, mask, attn, data, steps, lr, penalty):
     if penalty:  # the search phase ends where it ended: its best-by-IoU ignores the penalty
         return weights.detach() * mask, logit.detach()
     return best_weights * mask, best_logit
+
+
+def refit(weights: torch.Tensor, share: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor,
+          data: CorpusFeatures, steps: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fitter's refit phase from a start: only the features ``mask`` [heads, features]
+    keeps move, with the sink share, for ``steps`` steps; each head's best (weights, share) seen,
+    by mean IoU on ``data``'s cells. ``weights`` scaled as ``data.values``; ``attn`` [cells, heads]."""
+    logit = torch.logit(share.clamp(1e-4, 1.0 - 1e-4))
+    found, found_logit = _optimise(weights * mask, logit, mask, attn, data, steps, lr, 0.0)
+    return found, torch.sigmoid(found_logit)
+
+
+def fit_tensors(fits: Sequence[dict], names: Sequence[str], scale: torch.Tensor,
+                device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rounded fits as the torch model's ([fits, features] weights scaled by ``scale``, as
+    :func:`corpus_features` scales its values; [fits] shares)."""
+    column = {name: k for k, name in enumerate(names)}
+    weights = torch.zeros(len(fits), len(names))
+    for row, fit in enumerate(fits):
+        for name, w in fit["weights"].items():
+            weights[row, column[name]] = w * float(scale[column[name]])
+    shares = torch.tensor([float(fit["share"]) for fit in fits])
+    return weights.to(device), shares.to(device)
 
 
 def fit_rows(attn: torch.Tensor, data: CorpusFeatures, settings: FitSettings,
