@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +39,39 @@ BUILTIN_MODELS = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
+
+# Decoder architectures (config.model_type) whose extraction, head replacement and cost probe
+# tests/engine/test_architectures.py checks against the model's own eager attention, each with
+# what it adds to plain causal attention.
+TESTED_ARCHITECTURES = {
+    "gpt2": "GPT-2: absolute positions, fused QKV",
+    "llama": "Llama (SmolLM2): RoPE, GQA",
+    "mistral": "Mistral: sliding window on every layer",
+    "ministral": "Ministral: sliding window",
+    "mixtral": "Mixtral: sliding window, MoE",
+    "qwen2": "Qwen2: sliding window on upper layers, QKV bias",
+    "qwen2_moe": "Qwen2-MoE: MoE with a shared expert",
+    "qwen3": "Qwen3: QK-norm, sliding window on upper layers",
+    "qwen3_moe": "Qwen3-MoE: QK-norm, MoE",
+    "gemma": "Gemma: MQA (one KV head)",
+    "gemma2": "Gemma 2: logit softcapping, alternating sliding window, scaling other than 1/sqrt(d)",
+    "gemma3_text": "Gemma 3: QK-norm, alternating sliding window, scaling other than 1/sqrt(d)",
+    "phi": "Phi-1/2: partial rotary, parallel block",
+    "phi3": "Phi-3: fused QKV, sliding window",
+    "olmo2": "OLMo 2: QK-norm over all heads",
+    "olmo3": "OLMo 3: QK-norm, alternating sliding window",
+    "gpt_oss": "GPT-OSS: learned attention sinks, alternating sliding window, MoE",
+    "starcoder2": "StarCoder2: sliding window, biases",
+    "stablelm": "StableLM: partial rotary, per-head QK layer norm",
+    "falcon": "Falcon: MQA, parallel attention",
+    "nemotron": "Nemotron: partial rotary",
+    "cohere2": "Cohere2 (Command R7B): sliding window, no positions on global layers",
+    "smollm3": "SmolLM3: no positions on some layers",
+    "granite": "Granite: attention multiplier as scaling",
+    "exaone4": "EXAONE 4: QK-norm, sliding window",
+    "glm4": "GLM-4: partial rotary, QKV bias",
+}
+_WARNED_ARCHITECTURES: set[str] = set()
 
 
 # --- tiny random models for fast tests ---------------------------------------------------------
@@ -249,7 +283,19 @@ def load_model(
             f"unknown model {spec!r}: use a built-in name ({', '.join(BUILTIN_MODELS)}), "
             "a local checkpoint directory, a .gguf file, or a Hugging Face id like 'openai-community/gpt2'"
         )
+    warn_if_untested(model)
     return model.to(device).eval(), tokenizer
+
+
+def warn_if_untested(model) -> None:
+    """One warning per architecture not in TESTED_ARCHITECTURES, saying which step is unverified."""
+    model_type = getattr(model.config, "model_type", None) or type(model).__name__
+    if model_type in TESTED_ARCHITECTURES or model_type in _WARNED_ARCHITECTURES:
+        return
+    _WARNED_ARCHITECTURES.add(model_type)
+    warnings.warn(f"{model_type} is not a tested architecture (`attnprog models` lists them): "
+                  "extraction reads its own eager attention, but head replacement (costs, sweep) "
+                  "is unverified for it", UserWarning, stacklevel=3)
 
 
 def _load_hub(spec: str, dtype, attn_implementation):

@@ -6,6 +6,12 @@ attention implementation (registered with transformers' ``AttentionInterface`` a
 and hands them to ``kernels.override``, which uses Π instead of softmax(QKᵀ) *before* the
 values are mixed, per head. On exit the model's previous implementation is restored.
 
+Architectures: the attention function honours what transformers hands it — GQA/MQA, any
+``scaling``, logit ``softcap`` (Gemma 2), sink logits ``s_aux`` (GPT-OSS) and sliding-window
+masks (Mistral, Gemma 2/3, GPT-OSS, ...). A sliding-window mask reaches the kernels as a window
+size; any other mask it does not recognise is used as given, on the reference path. A keyword it
+does not know raises ``ModelError`` instead of being dropped.
+
 A source is a ``Program`` (run through ``synth.runtime.evaluate``), ``"uniform"`` (the uniform causal
 matrix), ``OutputsRow(outputs, row)`` (precomputed program outputs on a corpus; batches then
 carry corpus indices), or a tensor [B, n, n] (fixed matrices, for tests).
@@ -28,11 +34,21 @@ from attnprog.kernels.override import (
     override_attention,
     override_attention_reference,
     override_attention_torch,
+    visible_mask,
 )
 from attnprog.layout import n_cells, tril_index
 
 ATTN_NAME = "attnprog"
 _STATE_ATTR = "_attnprog_override"
+# set on a dense mask attnprog_mask recognised: (key_valid [B, kv] or None, window or None)
+_COMPACT_ATTR = "_attnprog_compact"
+# keywords transformers passes that change nothing here: positions are already in q and k,
+# caching and output flags are the model's business, and the sliding window is in the mask
+# (which is all eager attention reads of it)
+HARMLESS_KWARGS = frozenset({
+    "position_ids", "cache_position", "use_cache", "output_attentions", "output_hidden_states",
+    "output_router_logits", "return_dict", "sliding_window",
+})
 
 
 # --- registration with transformers -----------------------------------------------------------
@@ -46,28 +62,39 @@ def attnprog_mask(
     kv_offset: int = 0,
     mask_function=None,
     attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
     **kwargs,
 ) -> torch.Tensor | None:
     """The mask our attention expects: None (plain causal), [B, kv] key validity, or 4D bool.
 
     The kernel applies causality itself, so a padded causal batch needs only which keys are
-    real; anything else (sliding windows, packed sequences) falls back to a dense mask.
+    real. Other masks are materialised; one that is exactly causal, padding and a sliding
+    window of ``local_size`` is marked so the kernels get the window instead of the mask.
     """
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     q_offset = int(q_offset)
-    standard = (
-        mask_function in (None, causal_mask_function)
-        and int(kv_offset) == 0
-        and q_offset + q_length == kv_length
-    )
-    if not standard:
-        kwargs.pop("allow_is_causal_skip", None)
-        return sdpa_mask(
-            batch_size=batch_size, q_length=q_length, kv_length=kv_length,
-            q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
-            attention_mask=attention_mask, allow_is_causal_skip=False, **kwargs,
-        )  # fmt: skip
+    aligned = int(kv_offset) == 0 and q_offset + q_length == kv_length
+    key_valid = _key_valid(attention_mask, kv_length)
+    if mask_function in (None, causal_mask_function) and aligned:
+        return key_valid
+    kwargs.pop("allow_is_causal_skip", None)
+    dense = sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+        local_size=local_size, allow_is_causal_skip=False, **kwargs,
+    )  # fmt: skip
+    if aligned and isinstance(dense, torch.Tensor) and dense.dtype == torch.bool:
+        # checked cell by cell, so a mask function we do not know is never mistaken for one
+        expected = visible_mask(batch_size, q_length, kv_length, key_valid, dense.device,
+                                local_size)
+        if dense.shape == expected.shape and torch.equal(dense, expected):
+            setattr(dense, _COMPACT_ATTR, (key_valid, local_size))
+    return dense
+
+
+def _key_valid(attention_mask: torch.Tensor | None, kv_length: int) -> torch.Tensor | None:
+    """[B, kv] bool from a 2D padding mask; None when every key is real."""
     if attention_mask is None:
         return None
     key_valid = attention_mask.to(torch.bool)[:, :kv_length]
@@ -85,14 +112,19 @@ def attnprog_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention function for ``AttentionInterface``: [B, H, n, D] in, [B, n, H, D] out."""
     if dropout:
         raise ModelError("attnprog attention is inference-only: call model.eval() first")
+    _check_kwargs(module, kwargs)
+    mask = _mask_args(attention_mask)
+    features = {"scale": scaling, "softcap": softcap, "sinks": s_aux}
     state: LayerOverride | None = getattr(module, _STATE_ATTR, None)
     if state is not None and state.probe is not None:
-        return _probe_attention(query, key, value, attention_mask, scaling, state), None
+        return _probe_attention(query, key, value, mask, features, state), None
     flags = program_probs = None
     impl = "auto"
     if state is not None:
@@ -102,30 +134,52 @@ def attnprog_attention(
                 f"layer {module.layer_idx}: program matrices are {tuple(program_probs.shape[-2:])} "
                 f"but the batch has {query.shape[2]} tokens; run the batch through the replacement"
             )
-    if attention_mask is not None and attention_mask.dim() == 4:  # unusual mask: materialise
-        out = override_attention_reference(
-            query, key, value, flags, program_probs, attn_mask=attention_mask, scale=scaling
-        )
+    if "attn_mask" in mask:  # a mask the kernels do not know: materialise
+        out = override_attention_reference(query, key, value, flags, program_probs, **mask,
+                                           **features)
     else:
-        out = override_attention(
-            query, key, value, flags, program_probs,
-            key_valid=attention_mask, scale=scaling, impl=impl,
-        )  # fmt: skip
+        out = override_attention(query, key, value, flags, program_probs, **mask, **features,
+                                 impl=impl)
     return out.transpose(1, 2), None
 
 
-def _probe_attention(query, key, value, attention_mask, scaling, state) -> torch.Tensor:
+def _check_kwargs(module: torch.nn.Module, kwargs: dict) -> None:
+    """Raise on a keyword that could change attention and that we would otherwise drop."""
+    for name, value in kwargs.items():
+        if value is None or name in HARMLESS_KWARGS or (name == "is_causal" and value is True):
+            continue
+        shown = type(value).__name__ if isinstance(value, torch.Tensor) else repr(value)[:40]
+        raise ModelError(
+            f"{type(module).__name__} passes {name}={shown} to its attention, which attnprog's "
+            "attention does not implement: heads of this architecture cannot be replaced "
+            "correctly (extraction still works); please report the model"
+        )
+
+
+def _mask_args(attention_mask: torch.Tensor | None) -> dict:
+    """The mask as kernel arguments: key_valid (and window), or attn_mask when unrecognised."""
+    if attention_mask is None:
+        return {}
+    if attention_mask.dim() == 2:
+        return {"key_valid": attention_mask}
+    if attention_mask.dim() != 4:
+        raise ModelError(f"unexpected {attention_mask.dim()}D attention mask")
+    compact = getattr(attention_mask, _COMPACT_ATTR, None)
+    if compact is None:
+        return {"attn_mask": attention_mask}
+    key_valid, window = compact
+    return {"key_valid": key_valid, "window": window}
+
+
+def _probe_attention(query, key, value, mask: dict, features: dict, state) -> torch.Tensor:
     """Every head attends normally (differentiably); the flagged heads' change of output
     had they used Π, (Π − A)·V, is recorded in ``state.probe`` beside that output."""
-    if attention_mask is not None and attention_mask.dim() == 4:
-        raise ModelError("probing heads needs a plain causal batch (no sliding-window masks)")
-    out = override_attention_torch(query, key, value, None, None, key_valid=attention_mask,
-                                   scale=scaling)
+    attend = override_attention_reference if "attn_mask" in mask else override_attention_torch
+    out = attend(query, key, value, None, None, **mask, **features)
     heads = state.flags.nonzero().reshape(-1)
     with torch.no_grad():
         replaced = override_attention_reference(
-            query, key, value, state.flags, state.program_probs, key_valid=attention_mask,
-            scale=scaling,
+            query, key, value, state.flags, state.program_probs, **mask, **features
         )
         delta = replaced[:, heads].float() - out[:, heads].detach().float()  # [B, F, n, D]
     state.probe.append((out, heads, delta))
@@ -406,6 +460,14 @@ def replace_heads(
     finally:
         replacement.clear()
         model.set_attn_implementation(previous)
+
+
+def check_replaceable(model: torch.nn.Module) -> None:
+    """Raise now, not stages later, the ModelError replacing heads of ``model`` would raise:
+    one forward pass of four tokens with a head replaced."""
+    batch = make_batch([[0, 1, 2, 3]], device=_model_device(model))
+    with replace_heads(model, {(0, 0): "uniform"}) as replacement:
+        replacement.forward(batch)
 
 
 # --- best fits and the outputs replaced heads read ---------------------------------------------

@@ -6,9 +6,12 @@ Head replacement swaps a head's attention probabilities for a program's matrix �
     normal head h:   O_h = softmax(Q_h K_gᵀ · scale + mask) V_g      (g = h // groups, GQA)
     flagged head h:  O_h = (Π_h ⊙ visible) V_g
 
-where ``visible[i, j]`` is the causal mask (j <= i + n_kv - n_q) and the key padding mask.
-Entries of Π outside ``visible`` are ignored, so right padding and the upper triangle never
-leak into the output.
+where ``visible[i, j]`` is the causal mask (j <= i + n_kv - n_q), the key padding mask and,
+for a sliding-window layer of window w, j > i + n_kv - n_q - w. Entries of Π outside
+``visible`` are ignored, so right padding, the upper triangle and keys past the window never
+leak into the output. What decoder architectures add to the softmax is honoured by every path:
+logit softcapping (Gemma 2: scores -> cap · tanh(scores / cap) before the mask) and learned
+sink logits (GPT-OSS: one extra logit per head in the denominator, whose value is dropped).
 
 The naive way (the torch reference below, and what "eager attention with the flagged heads
 overwritten" does) materialises every head's n × n probabilities. Per layer, with B texts,
@@ -63,12 +66,17 @@ __all__ = [
 
 
 def visible_mask(
-    batch: int, n_q: int, n_kv: int, key_valid: torch.Tensor | None, device
+    batch: int, n_q: int, n_kv: int, key_valid: torch.Tensor | None, device,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """[B, 1, n_q, n_kv] bool: causal (queries are the last n_q positions) and not padding."""
+    """[B, 1, n_q, n_kv] bool: causal (queries are the last n_q positions), not padding, and
+    within the last ``window`` positions (the query's own included) when a window is given."""
     rows = torch.arange(n_q, device=device)[:, None] + (n_kv - n_q)
     cols = torch.arange(n_kv, device=device)[None, :]
-    causal = (cols <= rows)[None, None]  # [1, 1, n_q, n_kv]
+    causal = cols <= rows
+    if window is not None:
+        causal = causal & (cols > rows - window)  # transformers' sliding_window_overlay
+    causal = causal[None, None]  # [1, 1, n_q, n_kv]
     if key_valid is None:
         return causal.expand(batch, 1, n_q, n_kv)
     return causal & key_valid.to(torch.bool)[:, None, None, :]
@@ -84,7 +92,7 @@ def _flagged_heads(flags: torch.Tensor | None, n_heads: int) -> torch.Tensor:
     return flags.nonzero().reshape(-1).cpu()
 
 
-def _check_shapes(q, k, v, heads, program_probs, key_valid) -> None:
+def _check_shapes(q, k, v, heads, program_probs, key_valid, sinks=None, window=None) -> None:
     batch, n_heads, n_q, head_dim = q.shape
     _, n_kv_heads, n_kv, _ = k.shape
     if k.shape != v.shape or k.shape[0] != batch or k.shape[-1] != head_dim:
@@ -104,6 +112,19 @@ def _check_shapes(q, k, v, heads, program_probs, key_valid) -> None:
         raise ValueError(
             f"key_valid must be [B, n_kv] = {(batch, n_kv)}, got {tuple(key_valid.shape)}"
         )
+    if sinks is not None and sinks.numel() != n_heads:
+        raise ValueError(f"sinks must hold one logit per query head ({n_heads}), got {sinks.numel()}")
+    if window is not None and window < 1:
+        raise ValueError(f"a sliding window must hold at least one key, got {window}")
+
+
+def _softmax(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Row softmax of [B, H, n_q, n_kv] scores; with ``sinks`` [H], each head's sink logit joins
+    the denominator and its probability is dropped (GPT-OSS). A row with nothing visible -> 0."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    sink = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
 
 
 # --- 1. the torch reference: materialise everything -------------------------------------------
@@ -119,24 +140,29 @@ def override_attention_reference(
     key_valid: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eager attention in float32 with the flagged heads' probabilities overwritten by Π.
 
     ``attn_mask`` (bool, True = visible, or additive float; [B, 1|H, n_q, n_kv]) replaces the
-    causal + ``key_valid`` mask when given. Returns [B, H, n_q, D] in q's dtype.
+    causal + ``key_valid`` + ``window`` mask when given. Returns [B, H, n_q, D] in q's dtype.
     """
     batch, n_heads, n_q, head_dim = q.shape
     n_kv = k.shape[2]
     heads = _flagged_heads(flags, n_heads)
-    _check_shapes(q, k, v, heads, program_probs, key_valid)
+    _check_shapes(q, k, v, heads, program_probs, key_valid, sinks, window)
     groups = n_heads // k.shape[1]
     scale = head_dim**-0.5 if scale is None else scale
 
     k_full = k.float().repeat_interleave(groups, dim=1)  # [B, H, n_kv, D]
     v_full = v.float().repeat_interleave(groups, dim=1)
     scores = torch.matmul(q.float(), k_full.transpose(-1, -2)) * scale  # [B, H, n_q, n_kv]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attn_mask is None:
-        visible = visible_mask(batch, n_q, n_kv, key_valid, q.device)
+        visible = visible_mask(batch, n_q, n_kv, key_valid, q.device, window)
         scores = scores.masked_fill(~visible, float("-inf"))
     elif attn_mask.dtype == torch.bool:
         visible = attn_mask
@@ -144,7 +170,7 @@ def override_attention_reference(
     else:
         visible = attn_mask > torch.finfo(attn_mask.dtype).min / 2
         scores = scores + attn_mask.float()
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible key -> 0
+    probs = _softmax(scores, sinks)
     if len(heads):
         heads = heads.to(q.device)
         overwrite = program_probs.float() * visible.expand(batch, n_heads, n_q, n_kv)[:, heads]
@@ -164,25 +190,48 @@ def override_attention_torch(
     *,
     key_valid: torch.Tensor | None = None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """torch SDPA for all heads, then Π·V written over the flagged heads. [B, H, n_q, D]."""
+    """torch SDPA for all heads, then Π·V written over the flagged heads. [B, H, n_q, D].
+
+    SDPA has no logit cap and no sink logits: with either, the reference path runs instead.
+    """
+    if softcap is not None or sinks is not None:
+        return override_attention_reference(
+            q, k, v, flags, program_probs, key_valid=key_valid, scale=scale, window=window,
+            softcap=softcap, sinks=sinks,
+        )  # fmt: skip
     batch, n_heads, n_q, _ = q.shape
     n_kv = k.shape[2]
     heads = _flagged_heads(flags, n_heads)
-    _check_shapes(q, k, v, heads, program_probs, key_valid)
+    _check_shapes(q, k, v, heads, program_probs, key_valid, window=window)
     groups = n_heads // k.shape[1]
 
     # is_causal aligns the triangle top-left, so it is only right when n_q == n_kv
-    plain_causal = key_valid is None and n_q == n_kv
-    visible = None if plain_causal else visible_mask(batch, n_q, n_kv, key_valid, q.device)
+    plain_causal = key_valid is None and n_q == n_kv and window is None
+    visible = (None if plain_causal
+               else visible_mask(batch, n_q, n_kv, key_valid, q.device, window))
+    empty = None
+    if window is not None and key_valid is not None:
+        # a padded query past its text's last window sees no key; some SDPA backends give NaN
+        # there, which the next layer would spread (0 · NaN) though it masks that key: let such
+        # a row see every key, then zero it
+        empty = ~visible.any(dim=-1, keepdim=True)  # [B, 1, n_q, 1]
+        visible = visible | empty
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=visible, is_causal=plain_causal, scale=scale, enable_gqa=groups > 1
     )
+    if empty is not None:
+        out = out.masked_fill(empty, 0.0)
     if len(heads):
         # flagged heads were computed by SDPA too and are overwritten: simpler than gathering
         # the normal heads, and on CPU the attention is a small part of the forward pass
         heads = heads.to(q.device)
         probs = program_probs.to(v.dtype).tril(diagonal=n_kv - n_q)  # [B, F, n_q, n_kv]
+        if window is not None:  # keys j > i + n_kv - n_q - window only
+            probs = probs.triu(diagonal=n_kv - n_q - window + 1)
         if key_valid is not None:
             probs = probs * key_valid.to(v.dtype)[:, None, None, :]
         out[:, heads] = torch.matmul(probs, v[:, heads // groups])
@@ -197,11 +246,13 @@ if triton is not None:
     def _softmax_tiles(
         acc, m_i, l_i, q, k_base, v_base, key_valid_row,
         stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, d_ok,
-        lo, hi, n_kv, q_offset, scale_log2,
+        lo, hi, n_kv, q_offset, scale_log2, window, softcap_log2,
         CAUSAL_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         # Online softmax over key tiles lo:hi (lo, hi multiples of BLOCK_N but hi maybe n_kv).
+        # A sliding window needs the mask on every tile: callers pass CAUSAL_MASK with it.
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)  # [N] key columns
             if CAUSAL_MASK:
@@ -220,8 +271,15 @@ if triton is not None:
                 v = v.to(tl.float32)
             # scores in log2 units so exp2 (one instruction) replaces exp
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N]
+            if HAS_SOFTCAP:
+                # cap · tanh(s / cap) in log2 units; tanh(x) = 2 / (1 + e^(-2x)) - 1, as the
+                # interpreter has no tanh (exp2 overflowing to inf still gives -1)
+                x = s / softcap_log2
+                s = softcap_log2 * (2.0 / (1.0 + tl.math.exp2(x * -2.8853900817779268)) - 1.0)
             if CAUSAL_MASK:
                 visible = (offs_n[None, :] <= offs_m[:, None] + q_offset) & (offs_n < n_kv)[None, :]
+                if HAS_WINDOW:
+                    visible = visible & (offs_n[None, :] > offs_m[:, None] + q_offset - window)
                 if HAS_KEY_VALID:
                     key_ok = tl.load(key_valid_row + offs_n, mask=offs_n < n_kv, other=0)
                     visible = visible & (key_ok != 0)[None, :]
@@ -241,16 +299,19 @@ if triton is not None:
 
     @triton.jit
     def _override_attention_kernel(
-        Q, K, V, Out, PI, SLOT, KEY_VALID,
+        Q, K, V, Out, PI, SLOT, KEY_VALID, SINKS,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_om, stride_od,
         stride_pb, stride_pf, stride_pm, stride_pn,
         stride_valid_b,
-        n_heads, n_q, n_kv, groups, scale_log2,
+        n_heads, n_q, n_kv, groups, scale_log2, window, softcap_log2,
         HEAD_DIM: tl.constexpr,
         HAS_KEY_VALID: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        HAS_SINKS: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         DOT_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -277,6 +338,9 @@ if triton is not None:
         v_base = V + b * stride_vb + kv_h * stride_vh
         # causal: no query in this tile sees a key past its last row
         hi = tl.minimum(n_kv, (tile_m + 1) * BLOCK_M + q_offset)
+        lo = 0
+        if HAS_WINDOW:  # nor one before its first row's window
+            lo = tl.maximum(tile_m * BLOCK_M + q_offset - window + 1, 0) // BLOCK_N * BLOCK_N
         slot = tl.load(SLOT + h)  # -1: softmax head; else index into Π's head axis
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -284,22 +348,35 @@ if triton is not None:
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp
             # Key tiles wholly below the tile's first query row need no causal mask (as in
-            # FlashAttention): only the last few, on the diagonal, pay for masking.
+            # FlashAttention): only the last few, on the diagonal, pay for masking. A window
+            # masks every tile, so then they all take the masked loop.
             full_end = tl.minimum(n_kv, tile_m * BLOCK_M + q_offset + 1) // BLOCK_N * BLOCK_N
+            if HAS_WINDOW:
+                full_end = lo
             acc, m_i, l_i = _softmax_tiles(
                 acc, m_i, l_i, q, k_base, v_base, KEY_VALID + b * stride_valid_b,
                 stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, d_ok,
-                0, full_end, n_kv, q_offset, scale_log2,
-                False, HAS_KEY_VALID, DOT_PRECISION, DOT_IN_FP32, BLOCK_N)
+                lo, full_end, n_kv, q_offset, scale_log2, window, softcap_log2,
+                False, HAS_KEY_VALID, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, DOT_IN_FP32,
+                BLOCK_N)
             acc, m_i, l_i = _softmax_tiles(
                 acc, m_i, l_i, q, k_base, v_base, KEY_VALID + b * stride_valid_b,
                 stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, d_ok,
-                full_end, hi, n_kv, q_offset, scale_log2,
-                True, HAS_KEY_VALID, DOT_PRECISION, DOT_IN_FP32, BLOCK_N)
+                full_end, hi, n_kv, q_offset, scale_log2, window, softcap_log2,
+                True, HAS_KEY_VALID, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, DOT_IN_FP32,
+                BLOCK_N)
+            if HAS_SINKS:
+                # the head's sink logit joins the denominator only (GPT-OSS); fold it in like
+                # one more key whose value is zero
+                sink = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+                m_new = tl.maximum(m_i, sink)
+                alpha = tl.math.exp2(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha + tl.math.exp2(sink - m_new)
             acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no visible key -> output 0
         else:
             pi_base = PI + b * stride_pb + slot * stride_pf
-            for start_n in range(0, hi, BLOCK_N):
+            for start_n in range(lo, hi, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 n_ok = offs_n < n_kv
                 v = tl.load(
@@ -310,6 +387,8 @@ if triton is not None:
                     v = v.to(tl.float32)
                 visible = (offs_n[None, :] <= offs_m[:, None] + q_offset) & n_ok[None, :]
                 visible = visible & (offs_m < n_q)[:, None]
+                if HAS_WINDOW:
+                    visible = visible & (offs_n[None, :] > offs_m[:, None] + q_offset - window)
                 if HAS_KEY_VALID:
                     key_ok = tl.load(KEY_VALID + b * stride_valid_b + offs_n, mask=n_ok, other=0)
                     visible = visible & (key_ok != 0)[None, :]
@@ -359,6 +438,9 @@ def override_attention_triton(
     *,
     key_valid: torch.Tensor | None = None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     _num_warps: int | None = None,
@@ -377,7 +459,8 @@ def override_attention_triton(
 
         out = override_attention_triton(
             gpu(q), gpu(k), gpu(v), flags, gpu(program_probs), key_valid=gpu(key_valid),
-            scale=scale, block_m=block_m, block_n=block_n)
+            scale=scale, window=window, softcap=softcap, sinks=gpu(sinks),
+            block_m=block_m, block_n=block_n)
         return out.to(q.device)
     if not q.is_cuda and not _interpreted():
         raise ValueError(
@@ -387,7 +470,7 @@ def override_attention_triton(
     batch, n_heads, n_q, head_dim = q.shape
     n_kv = k.shape[2]
     heads = _flagged_heads(flags, n_heads)
-    _check_shapes(q, k, v, heads, program_probs, key_valid)
+    _check_shapes(q, k, v, heads, program_probs, key_valid, sinks, window)
     groups = n_heads // k.shape[1]
     scale = head_dim**-0.5 if scale is None else scale
 
@@ -396,6 +479,7 @@ def override_attention_triton(
     out = torch.empty(batch, n_q, n_heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     pi = program_probs if len(heads) else q  # never read when nothing is flagged
     valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else slot
+    sink_logits = sinks.detach().reshape(-1).contiguous() if sinks is not None else slot
 
     tile_m, tile_n, num_warps, num_stages = _tiles(n_q, head_dim)
     tile_m, tile_n = block_m or tile_m, block_n or tile_n
@@ -403,12 +487,16 @@ def override_attention_triton(
     block_d = max(16, triton.next_power_of_2(head_dim))
     grid = (batch * n_heads, triton.cdiv(n_q, tile_m))
     _override_attention_kernel[grid](
-        q, k, v, out, pi, slot, valid,
+        q, k, v, out, pi, slot, valid, sink_logits,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pi.stride(),
         valid.stride(0),
-        n_heads, n_q, n_kv, groups, scale * math.log2(math.e),
+        n_heads, n_q, n_kv, groups, scale * math.log2(math.e), window or 0,
+        (softcap or 1.0) * math.log2(math.e),
         HEAD_DIM=head_dim,
         HAS_KEY_VALID=key_valid is not None,
+        HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_SINKS=sinks is not None,
         # fp32 inputs would silently get TF32 (10-bit mantissa) dots; the 1e-4 gate needs IEEE
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # the interpreter (TRITON_INTERPRET=1) multiplies bf16 tiles as raw integers: upcast there
@@ -448,20 +536,24 @@ def override_attention(
     *,
     key_valid: torch.Tensor | None = None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Causal attention with flagged heads replaced by ``program_probs`` · V.
 
     q [B, H, n_q, D]; k, v [B, H_kv, n_kv, D]; flags [H] bool; program_probs
-    [B, flagged heads (ascending), n_q, n_kv]; key_valid [B, n_kv] (True = real token).
+    [B, flagged heads (ascending), n_q, n_kv]; key_valid [B, n_kv] (True = real token);
+    window: keys within the last ``window`` positions only; softcap: logit cap; sinks [H].
     ``impl``: "auto" (Triton on CUDA, else torch), "triton", "torch" or "reference".
     Returns [B, H, n_q, D].
     """
+    features = {"key_valid": key_valid, "scale": scale, "window": window, "softcap": softcap,
+                "sinks": sinks}
     if impl == "auto" and _triton_usable(q):
         try:
-            return override_attention_triton(
-                q, k, v, flags, program_probs, key_valid=key_valid, scale=scale
-            )
+            return override_attention_triton(q, k, v, flags, program_probs, **features)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as err:  # noqa: BLE001 - any compile/launch failure falls back, loudly
@@ -469,15 +561,9 @@ def override_attention(
     if impl == "auto":
         impl = "torch"
     if impl == "triton":
-        return override_attention_triton(
-            q, k, v, flags, program_probs, key_valid=key_valid, scale=scale
-        )
+        return override_attention_triton(q, k, v, flags, program_probs, **features)
     if impl == "torch":
-        return override_attention_torch(
-            q, k, v, flags, program_probs, key_valid=key_valid, scale=scale
-        )
+        return override_attention_torch(q, k, v, flags, program_probs, **features)
     if impl == "reference":
-        return override_attention_reference(
-            q, k, v, flags, program_probs, key_valid=key_valid, scale=scale
-        )
+        return override_attention_reference(q, k, v, flags, program_probs, **features)
     raise ValueError(f"unknown impl {impl!r}: use 'auto', 'triton', 'torch' or 'reference'")

@@ -106,6 +106,66 @@ def test_bad_program_shape_is_rejected():
         override_attention(q, k, v, flags, probs[:, :1], impl="torch")
 
 
+# what decoder architectures add to the softmax: Mistral's window, Gemma 2's cap, GPT-OSS's sinks
+FEATURES = {
+    "window": dict(window=5),
+    "softcap": dict(softcap=2.0),
+    "sinks": dict(sinks=torch.tensor([2.0, -1.0, 0.5, 3.0])),
+    "all": dict(window=7, softcap=1.5, sinks=torch.tensor([1.0, 0.0, -2.0, 2.5]), scale=0.4),
+}
+
+
+def written_out(q, k, v, flags, probs, key_valid, scale=None, window=None, softcap=None,
+                sinks=None):
+    """The attention the features define, written out here: scores, cap, mask, softmax with
+    one sink logit per head, then Π on the flagged heads' visible cells."""
+    n, groups = q.shape[2], q.shape[1] // k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = q @ k.repeat_interleave(groups, 1).transpose(-1, -2) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    visible = (j <= i) & (j > i - (window or n)) & key_valid[:, None, None, :]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.view(1, -1, 1, 1).expand(*scores.shape[:3], 1)], -1)
+    attention = torch.softmax(scores, -1)[..., :n].nan_to_num(0.0)  # padding past the window
+    attention[:, flags] = probs * visible
+    return attention @ v.repeat_interleave(groups, 1)
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_every_path_honours_windows_softcaps_and_sinks(feature):
+    # 37 tokens in 16 x 16 tiles: the window starts the key loop past the first tiles
+    q, k, v, flags, probs = make_inputs(n=37, head_dim=16, seed=3)
+    q, k = 3 * q, 3 * k  # peaked attention, so a cap or a window changes it
+    key_valid = right_padding(2, 37, [37, 26])
+    expected = written_out(q, k, v, flags, probs, key_valid, **FEATURES[feature])
+    reference = override_attention_reference(q, k, v, flags, probs, key_valid=key_valid,
+                                             **FEATURES[feature])
+    torch.testing.assert_close(reference, expected, atol=1e-6, rtol=1e-6)
+    for impl in ("torch", "triton"):
+        extra = {"block_m": 16, "block_n": 16} if impl == "triton" else {}
+        run = override_attention_torch if impl == "torch" else override_attention_triton
+        got = run(q, k, v, flags, probs, key_valid=key_valid, **FEATURES[feature], **extra)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=impl)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_on_gpu_honours_windows_softcaps_and_sinks(feature, dtype):
+    q, k, v, flags, probs = make_inputs(batch=3, heads=4, kv_heads=2, n=200, head_dim=64)
+    key_valid = right_padding(3, 200, [200, 150, 7]).cuda()
+    args = [t.cuda() for t in (q.to(dtype), k.to(dtype), v.to(dtype))] + [flags, probs.cuda()]
+    features = {name: value.cuda() if isinstance(value, torch.Tensor) else value
+                for name, value in FEATURES[feature].items()}
+    expected = override_attention_reference(*args, key_valid=key_valid, **features)
+    got = override_attention(*args, key_valid=key_valid, **features)  # auto: Triton on CUDA
+    torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
