@@ -78,11 +78,14 @@ def run(
 
 @app.command(epilog=example("attnprog models"))
 def models() -> None:
-    """List the built-in model names and whether each is ready locally."""
-    from attnprog.engine.models import BUILTIN_MODELS, builtin_status
+    """List the built-in model names, whether each is ready locally, and the tested architectures."""
+    from attnprog.engine.models import BUILTIN_MODELS, TESTED_ARCHITECTURES, builtin_status
 
     for name, builtin in BUILTIN_MODELS.items():
         typer.echo(f"{name:14s} {builtin_status(name)}\n{'':14s} {builtin.description}")
+    typer.echo("\ntested architectures (config model_type; others load with a warning):")
+    for model_type, features in TESTED_ARCHITECTURES.items():
+        typer.echo(f"  {model_type:14s} {features}")
 
 
 @app.command(epilog=example("attnprog extract --model smollm2-135m --limit 20 "
@@ -316,7 +319,7 @@ def _print_best_fits(table, top: int, split: str, heldout: str) -> None:
         held_iou = "" if fit.heldout_iou is None else f"{fit.heldout_iou:.3f}"
         label = head_label(fit.layer * table.n_heads + fit.head, table.n_heads)
         return (f"{label:>7}  {fit.iou:>14.3f}  {held_iou:>12}  "
-                f"#{fit.program_index} {fit.family}: {fit.name}")
+                f"#{fit.program_index} {fit.family}: {fit.title}")
 
     typer.echo(f"\nthe {min(top, len(fits))} heads with the best fits\n{header}")
     for fit in fits[:top]:
@@ -335,26 +338,11 @@ def show(
     head: str = typer.Argument(..., help="one head: LAYER.HEAD (e.g. 18.3) or L18.H3"),
     top: int = typer.Option(3, help="how many of the head's best programs to print"),
 ) -> None:
-    """Print a head's best programs, with their IoU, as readable source."""
-    from attnprog.engine.heads import head_label, parse_heads
-    from attnprog.engine.rank import IoUTable
+    """Print a head's best programs, with their IoU, by name and as readable source (with the
+    head's type and the shortest program that fits when heads.json is beside the table)."""
+    from attnprog.engine.run.show import show_head
 
-    ious = IoUTable.load(table)
-    chosen = parse_heads(head, ious.n_layers, ious.n_heads)
-    if len(chosen) != 1:
-        raise AttnProgError(f"show takes one head (e.g. 18.3), not {head!r}")
-    head_index, label = chosen[0], head_label(chosen[0], ious.n_heads)
-    values, indices = ious.topk(top)
-    for number, (iou, index) in enumerate(zip(values[head_index].tolist(),
-                                               indices[head_index].tolist()), 1):
-        program = ious.programs[index]
-        typer.echo(f"# {number}. {label}: IoU {iou:.3f} on {ious.split}, "
-                   f"family {program.family}, hash {program.hash}")
-        if program.provenance.get("generator") == "llm":
-            typer.echo("# provenance: " + ", ".join(
-                f"{key} {program.provenance.get(key)}" for key in
-                ("model", "request_id", "round", "parent", "head") if key in program.provenance))
-        typer.echo(program.source.rstrip() + "\n")
+    typer.echo(show_head(table, head, top))
 
 
 @app.command(epilog=example("attnprog replace --store runs/demo/attention.safetensors "

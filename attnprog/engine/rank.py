@@ -31,6 +31,7 @@ from attnprog.kernels.iou import (
 from attnprog.layout import causal_offsets, text_cells
 from attnprog.synth.program import Program
 from attnprog.synth.runtime.outputs import ProgramOutputs
+from attnprog.synth.titles import program_title
 
 FORMAT_VERSION = "1"
 DEFAULT_MEMORY_BUDGET = 512 << 20  # bytes of per-chunk working memory on the device
@@ -47,6 +48,7 @@ class BestFit:
     family: str
     iou: float  # mean IoU on the split the table was ranked on
     heldout_iou: float | None = None  # the same program's mean IoU on the held-out split
+    title: str = ""  # what the program does, in words (synth.titles.program_title)
 
     @property
     def reported_iou(self) -> float:
@@ -106,7 +108,8 @@ class IoUTable:
             layer, head = divmod(head_index, self.n_heads)
             program = self.programs[index]
             heldout = None if self.heldout_iou is None else float(self.heldout_iou[head_index])
-            fits.append(BestFit(layer, head, index, program.name, program.family, iou, heldout))
+            fits.append(BestFit(layer, head, index, program.name, program.family, iou, heldout,
+                                program_title(program)))
         return fits
 
     # --- persistence -------------------------------------------------------------------------

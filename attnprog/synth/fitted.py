@@ -282,6 +282,27 @@ def _weight_words(name: str, w: float) -> str:
     return f"{w:+.2g}"
 
 
+_SHORT_LABELS = {  # (label for a positive weight, for a negative one) where the phrase reads badly
+    "distance": ("distant tokens", "recency"),
+    "log_distance": ("distant tokens (log)", "recency (log)"),
+    "key_position": ("later keys", "earlier keys"),
+    "first_late": ("first token, more in later rows", "first token, less in later rows"),
+    "induction": ("induction", "not induction"),
+    "same_token": ("earlier copies", "not earlier copies"),
+}
+
+
+def term_label(name: str, weight: float) -> str:
+    """A term in a few words, for program names: 'previous token', "' the'", 'recency',
+    'not punctuation' (a negative weight)."""
+    if name in _SHORT_LABELS:
+        return _SHORT_LABELS[name][weight < 0]
+    if name.startswith("distance_from_"):
+        return f"{'distant tokens' if weight > 0 else 'recency'} from {_CLASS[name[14:]][1]}"
+    phrase = feature(name).phrase.removeprefix("{w} ").removeprefix("on ").removeprefix("the ")
+    return phrase if weight >= 0 else f"not {phrase}"
+
+
 def describe_fit(fit: dict) -> str:
     """What the head does, in words: '62 % on the first token; otherwise decays ...'."""
     fit = check_fit(fit)

@@ -45,7 +45,7 @@ def test_run_prints_every_stage_and_the_sweep_with_both_baselines_then_resumes(t
             "--candidates", "300", "--fraction", "0.1", "--no-qa")
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
-    for stage in ("1/9", "2/9", "3/9", "4/9", "5/9", "6/9", "7/9", "8/9", "9/9"):
+    for stage in ("1/10", "2/10", "3/10", "4/10", "5/10", "6/10", "7/10", "8/10", "9/10", "10/10"):
         assert f"[{stage}" in first.stdout
     assert "uniform" in first.stdout and "random" in first.stdout
     assert "10 % (27)" in first.stdout  # 10 % of 270 heads, rounded
@@ -56,8 +56,8 @@ def test_run_prints_every_stage_and_the_sweep_with_both_baselines_then_resumes(t
 
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr
-    # read back: every stage with a file (all but 4/9, evaluate)
-    for stage in ("[1/9", "[2/9", "[3/9", "[5/9", "[6/9", "[7/9", "[8/9", "[9/9"):
+    # read back: every stage with a file (all but 4/10, evaluate)
+    for stage in ("[1/10", "[2/10", "[3/10", "[5/10", "[6/10", "[7/10", "[8/10", "[9/10", "[10/10"):
         assert "reused" in second.stdout.split(stage)[1].split("done in")[0]
     sweep_table = first.stdout.split("Head replacement")[1].split("done in")[0]
     assert sweep_table in second.stdout  # the same table, printed again
@@ -70,8 +70,8 @@ def test_run_with_other_settings_redoes_the_stages_they_change(tmp_path):
     assert run_cli(*args, "--candidates", "100").returncode == 0
     changed = run_cli(*args, "--candidates", "200")
     assert changed.returncode == 0, changed.stderr
-    assert "reused" in changed.stdout.split("[1/9")[1].split("[2/9")[0]
-    for stage in ("[2/9", "[5/9", "[6/9", "[7/9", "[8/9", "[9/9"):
+    assert "reused" in changed.stdout.split("[1/10")[1].split("[2/10")[0]
+    for stage in ("[2/10", "[5/10", "[6/10", "[7/10", "[8/10", "[9/10", "[10/10"):
         assert "reused" not in changed.stdout.split(stage)[1].split("done in")[0]
 
 

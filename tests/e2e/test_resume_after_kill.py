@@ -64,7 +64,7 @@ def test_rerun_after_a_kill_during_ranking_reuses_extraction_and_the_pool(tmp_pa
     assert forced.returncode == 0, forced.stderr[-3000:]
     states = {k: v["state"] for k, v in json.loads((out / "manifest.json").read_text())["stages"].items()}
     assert states == {"extract": "reused", "pool": "reused", "fit": "reused", "evaluate": "done",
-                      "rank": "reused", "library": "reused", "costs": "reused",
+                      "rank": "reused", "library": "reused", "heads": "reused", "costs": "reused",
                       "sweep": "done"}
 
 

@@ -10,14 +10,16 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ARTEFACTS = ("manifest.json", "summary.json", "report.html", "config.json", "attention.safetensors",
-             "pool.jsonl", "iou_table.safetensors", "library.json", "sweep.txt", "sweep.json",
-             "sweep_detail.json", "stages.json")
+             "pool.jsonl", "iou_table.safetensors", "library.json", "heads.json", "sweep.txt",
+             "sweep.json", "sweep_detail.json", "stages.json")
 SUMMARY_KEYS = ("mean_best_fit_iou", "median_best_fit_iou", "share_heads_iou_above_0_5",
                 "share_heads_iou_above_0_75", "library_size", "library_mean_iou", "ppl_increase",
-                "qa_accuracy")
-STAGES = ("extract", "pool", "fit", "evaluate", "rank", "library", "costs", "sweep", "report")
+                "qa_accuracy", "head_types", "median_terms_needed")
+STAGES = ("extract", "pool", "fit", "evaluate", "rank", "library", "heads", "costs", "sweep",
+          "report")
 
 
 def run_cli(*args, timeout=600):
@@ -56,7 +58,8 @@ def test_manifest_says_how_the_run_was_made(tiny_run):
     assert manifest["seed"] == 3 and manifest["config"]["n_candidates"] == 100
     assert manifest["model"]["id"] == "tiny-gpt2-seed0" and manifest["model"]["layers"] == 2
     assert len(manifest["corpus"]["hash"]) == 16 and manifest["corpus"]["texts"] == 30
-    assert manifest["packages"]["torch"] and manifest["device"]["requested"] == "cpu"
+    assert manifest["packages"]["torch"] and manifest["device"]["requested"] == "auto"
+    assert manifest["device"]["used"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert list(manifest["stages"]) == list(STAGES)
     assert all(stage["state"] == "done" and stage["seconds"] >= 0 for stage in manifest["stages"].values())
 

@@ -25,6 +25,8 @@ from attnprog.errors import StoreError
 HEATMAP_TOKENS = 24  # tokens shown per heatmap axis: the matrix's top-left block, exact rows
 HEATMAP_TEXTS = 2
 CELL_PX = 11  # pixels per matrix entry; token labels are 11 px apart to match
+TYPE_SHORT = {"first token": "first", "previous token": "previous", "duplicate token": "duplicate",
+              "punctuation": "punct", "recent window": "window"}  # grid cells are 10 letters wide
 
 
 # --- reading the run directory ------------------------------------------------------------------
@@ -257,6 +259,18 @@ def _fmt(value, percent: bool = False, signed: bool = False, digits: int = 3) ->
     return f"{value:+.1f} %" if signed else f"{value:.{digits}f}"
 
 
+def _heads_rows(summary: dict) -> list[tuple[str, str, str, str]]:
+    """Head types and the median terms a fitted program needs, when the run measured them."""
+    rows = []
+    if summary.get("head_types"):
+        rows.append(("head types", "head_types",
+                     ", ".join(f"{t} {n}" for t, n in summary["head_types"].items()), ""))
+    if summary.get("median_terms_needed") is not None:
+        rows.append(("median terms a fitted program needs (within 0.01 IoU of its best)",
+                     "median_terms_needed", f"{summary['median_terms_needed']:g}", ""))
+    return rows
+
+
 def _headline_rows(summary: dict, n_heads: int) -> list[tuple[str, str, str, str]]:
     """(label, key, our figure, the paper's) for the summary table."""
     paper_iou = " / ".join(f"{100 * v:.0f} %" for v in PAPER["best_fit_iou"].values())
@@ -275,6 +289,7 @@ def _headline_rows(summary: dict, n_heads: int) -> list[tuple[str, str, str, str
          "fewer than 1,000 programs explain all heads"),
         ("library mean IoU (held-out)", "library_mean_iou", _fmt(summary.get("library_mean_iou")), ""),
     ]
+    rows += _heads_rows(summary)
     for name, value in (summary.get("baseline_iou") or {}).items():
         rows.append((f"{name} baseline IoU", f"baseline_{name.replace(' ', '_')}", _fmt(value), ""))
     for order, conditions in sweep_curves(summary.get("ppl_increase")).items():
@@ -297,14 +312,14 @@ def _headline_rows(summary: dict, n_heads: int) -> list[tuple[str, str, str, str
 
 def render_html(*, summary: dict, manifest: dict, library: dict | None, sweep_figure: str | None,
                 library_figure: str | None, heads: list[dict], n_layers: int, n_heads: int,
-                sweep_text: str = "") -> str:
+                sweep_text: str = "", titles: dict[str, str] | None = None) -> str:
     """The report page from prepared pieces (``heads``: one dict per explained head, keyed by
-    ``head_index``)."""
+    ``head_index``; ``titles``: program hash -> name, from heads.json)."""
     parts = (_page_top_html(manifest, n_layers, n_heads)
              + _summary_html(summary, len(heads))
              + _grid_html(heads, n_layers, n_heads)
              + _curves_html(library_figure, sweep_figure, sweep_text)
-             + _library_html(library)
+             + _library_html(library, titles)
              + _heads_html(heads, n_heads)
              + ["</body></html>"])
     return "\n".join(parts)
@@ -346,7 +361,9 @@ def _grid_html(heads: list[dict], n_layers: int, n_heads: int) -> list[str]:
     """Layers x heads, each cell coloured by held-out IoU and linked to its head's section."""
     e = html.escape
     by_head_index = {h["head_index"]: h for h in heads}
-    parts = ["<h2 id='grid'>Heads by held-out IoU</h2><table class='grid'><tr><th></th>"
+    parts = ["<h2 id='grid'>Heads by held-out IoU</h2><p class='sub'>Each cell: the head's type "
+             "(the pattern most of its attention follows; hover for its best program's name), "
+             "and the held-out IoU of that program.</p><table class='grid'><tr><th></th>"
              + "".join(f"<th>H{h}</th>" for h in range(n_heads)) + "</tr>"]
     for layer in range(n_layers):
         parts.append(f"<tr><th>L{layer}</th>")
@@ -357,10 +374,13 @@ def _grid_html(heads: list[dict], n_layers: int, n_heads: int) -> list[str]:
                 continue
             background, colour = _colour(info["heldout_iou"])
             label = head_label_of(layer, head)
+            kind = info.get("type") or info["family"]
+            about = f"{info['type']} head; " if info.get("type") else ""
             parts.append(
-                f"<td style='background:{background};color:{colour}' title='{label}: "
-                f"{e(info['family'])}, IoU {info['heldout_iou']:.3f}'><a href='#{label}'>"
-                f"{e(info['family'][:10])}<br>{info['heldout_iou']:.2f}</a></td>")
+                f"<td style='background:{background};color:{colour}' title='{label}: {e(about)}"
+                f"{e(info.get('title') or info['name'])} ({e(info['family'])}), IoU "
+                f"{info['heldout_iou']:.3f}'><a href='#{label}'>"
+                f"{e(TYPE_SHORT.get(kind, kind[:10]))}<br>{info['heldout_iou']:.2f}</a></td>")
         parts.append("</tr>")
     parts.append("</table>")
     return parts
@@ -377,10 +397,15 @@ def _curves_html(library_figure: str | None, sweep_figure: str | None, sweep_tex
     return parts
 
 
-def _library_html(library: dict | None) -> list[str]:
-    """The library's programs in order, each with its source and the heads it explains."""
+def _library_html(library: dict | None, titles: dict[str, str] | None = None) -> list[str]:
+    """The library's programs in order, each by name (``titles``: hash -> name, else derived
+    from the program) with its source and the heads it explains."""
+    from attnprog.synth.program import Program
+    from attnprog.synth.titles import program_title
+
     if not library:
         return []
+    titles = titles or {}
     e = html.escape
     count = len(library["programs"])
     parts = [f"<h2 id='library'>The library ({count} program{'' if count == 1 else 's'})</h2>"
@@ -389,7 +414,8 @@ def _library_html(library: dict | None) -> list[str]:
         names = program.get("heads", [])
         shown = ", ".join(names[:12]) + (f", ... ({len(names)})" if len(names) > 12 else "")
         parts.append(
-            f"<tr><td class='num'>{k + 1}</td><td><details><summary>{e(program['name'])} "
+            f"<tr><td class='num'>{k + 1}</td><td><details><summary>"
+            f"{e(titles.get(program['hash']) or program_title(Program.from_dict(program)))} "
             f"<small>{e(program['hash'])}</small></summary><pre>{e(program['source'].strip())}</pre>"
             f"</details></td><td>{e(program['family'])}</td><td class='num'>{program['gain']:.4f}</td>"
             f"<td>{e(shown)}</td></tr>")
@@ -397,24 +423,89 @@ def _library_html(library: dict | None) -> list[str]:
     return parts
 
 
+def _head_about_html(info: dict) -> str:
+    """A head's pattern scores and its fitted program's held-out IoU by number of terms (from
+    heads.json; empty for a run without it)."""
+    e = html.escape
+    parts = []
+    if info.get("type_scores"):
+        parts.append("pattern scores (share of attention): " + " &middot; ".join(
+            f"{e(name)} {score:.2f}" for name, score in info["type_scores"].items()))
+    if info.get("iou_by_terms"):
+        parts.append("its fitted program by number of terms (held-out IoU): " + " &middot; ".join(
+            f"{k}: {iou:.3f}" for k, iou in info["iou_by_terms"].items())
+            + f"; {info['terms_needed']} within 0.01 of the best")
+    return "".join(f"<p class='sub'>{part}</p>" for part in parts)
+
+
+def _head_source_html(info: dict) -> str:
+    """The best program's source; first the shortest program that fits when there is a shorter
+    one within 0.01 of the best's held-out IoU (else the shortest beside the best)."""
+    e = html.escape
+    best = f"<pre>{e(info['source'].strip())}</pre>"
+    shortest = info.get("shortest") or {}
+    if not shortest.get("source"):
+        return best
+    terms = f"{shortest['terms']} term{'' if shortest['terms'] == 1 else 's'}"
+    about = (f"its own fitted program cut to {terms}, <b>{e(shortest['name'])}</b>, IoU "
+             f"{shortest['heldout_iou']:.3f} held-out")
+    cut = f"<pre>{e(shortest['source'].strip())}</pre>"
+    if shortest["heldout_iou"] >= info["heldout_iou"] - 0.01:
+        return (f"<p>The shortest program that fits: {about}</p>{cut}<details><summary>the best "
+                f"program, {e(info.get('title') or info['name'])}</summary>{best}</details>")
+    return f"{best}<details><summary>the shortest fit: {about}</summary>{cut}</details>"
+
+
 def _heads_html(heads: list[dict], n_heads: int) -> list[str]:
-    """One section per head: its best program's source and its heatmaps."""
+    """One section per head: its type, its best program by name, the shortest program that fits
+    when there is a shorter one, and its heatmaps."""
     e = html.escape
     parts = ["<h2 id='heads'>Every head</h2>"]
     for info in heads:
         label = head_label(info["head_index"], n_heads)
+        kind = f"{info['type']} head · " if info.get("type") else ""
         parts.append(
-            f"<div class='head' id='{label}'><h3>{label}: {e(info['family'])}, "
-            f"IoU {info['heldout_iou']:.3f} held-out ({info['selection_iou']:.3f} selection)</h3>"
-            f"<p class='sub'>best fit <code>{e(info['name'])}</code> ({e(info['hash'])})"
+            f"<div class='head' id='{label}'><h3>{label}: {e(kind)}{e(info.get('title') or info['name'])}"
+            f"</h3><p class='sub'>best fit: {e(info['family'])} program {e(info['hash'])}, IoU "
+            f"{info['heldout_iou']:.3f} held-out ({info['selection_iou']:.3f} selection)"
             + (f"; in the library it uses #{info['library_position'] + 1} "
                f"(IoU {info['library_iou']:.3f})" if info.get("library_position") is not None else "")
-            + f" &middot; <a href='#grid'>back to the grid</a></p>"
-            f"<pre>{e(info['source'].strip())}</pre>")
+            + " &middot; <a href='#grid'>back to the grid</a></p>"
+            + _head_about_html(info) + _head_source_html(info))
         if info.get("heatmaps"):
             parts.append(info["heatmaps"])
         parts.append("</div>")
     return parts
+
+
+def head_infos(table, library: dict | None, explained: dict | None) -> list[dict]:
+    """One dict per explained head for the page: its best program (named, from heads.json when
+    there is one), IoU, place in the library, and what heads.json says about it."""
+    from attnprog.synth.titles import program_title
+
+    entries = {e["head_index"]: e for e in (explained or {}).get("heads", [])}
+    head_indices = (table.meta.get("heads") or (library or {}).get("heads")
+                    or list(range(table.iou.shape[1])))
+    best_iou, best_index = table.best()
+    heldout = table.heldout_iou if table.heldout_iou is not None else best_iou
+    library_of = {}
+    if library:
+        for k, head_index in enumerate(library["heads"]):
+            library_of[head_index] = (library["assignment"][k], library["heldout_iou"][k])
+    heads = []
+    for head_index in head_indices:
+        program = table.programs[int(best_index[head_index])]
+        position, library_iou = library_of.get(head_index, (None, None))
+        entry = entries.get(head_index, {})
+        heads.append({"head_index": head_index, "program": program, "name": program.name,
+                      "title": entry.get("program", {}).get("name") or program_title(program),
+                      "family": program.family, "hash": program.hash, "source": program.source,
+                      "heldout_iou": float(heldout[head_index]),
+                      "selection_iou": float(best_iou[head_index]),
+                      "library_position": position, "library_iou": library_iou,
+                      **{key: entry[key] for key in ("type", "type_scores", "iou_by_terms",
+                                                     "terms_needed", "shortest") if key in entry}})
+    return heads
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, store=None,
@@ -422,6 +513,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, store=None,
     """Build ``report.html`` (or ``out``) from a run directory; ``store`` skips reloading it."""
     from tqdm.auto import tqdm
 
+    from attnprog.engine.head_entries import program_names
     from attnprog.engine.rank import IoUTable
     from attnprog.engine.store import AttentionStore
 
@@ -438,23 +530,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, store=None,
     sweep = _read_json(run_dir / rundir.SWEEP)
     sweep_text = (run_dir / rundir.SWEEP_TEXT).read_text() if (run_dir / rundir.SWEEP_TEXT).is_file() else ""
 
-    head_indices = (table.meta.get("heads") or (library or {}).get("heads")
-                    or list(range(table.iou.shape[1])))
-    best_iou, best_index = table.best()
-    heldout = table.heldout_iou if table.heldout_iou is not None else best_iou
-    library_of = {}
-    if library:
-        for k, head_index in enumerate(library["heads"]):
-            library_of[head_index] = (library["assignment"][k], library["heldout_iou"][k])
-    heads = []
-    for head_index in head_indices:
-        program = table.programs[int(best_index[head_index])]
-        position, library_iou = library_of.get(head_index, (None, None))
-        heads.append({"head_index": head_index, "program": program, "name": program.name,
-                      "family": program.family, "hash": program.hash, "source": program.source,
-                      "heldout_iou": float(heldout[head_index]),
-                      "selection_iou": float(best_iou[head_index]),
-                      "library_position": position, "library_iou": library_iou})
+    explained = rundir.read_heads(run_dir)
+    heads = head_infos(table, library, explained)
 
     chosen = heatmap_texts(store, texts)
     if chosen:
@@ -469,6 +546,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, store=None,
         sweep_figure=perplexity_figure(curves) if curves else None,
         library_figure=library_curve_figure(library, best_fit_mean) if library else None,
         heads=heads, n_layers=table.n_layers, n_heads=table.n_heads, sweep_text=sweep_text,
+        titles=program_names(explained),
     )
     path = Path(out) if out else run_dir / rundir.REPORT
     tmp = path.with_suffix(".html.partial")

@@ -42,6 +42,7 @@ LLM_POOL = "llm_pool.jsonl"  # programs from the LLM stage
 FITTED = "fitted.jsonl"  # one fitted program per head
 TABLE = "iou_table.safetensors"  # IoU of every program against every head (IoUTable)
 LIBRARY = "library.json"  # the greedy library
+HEADS = "heads.json"  # every head's type, best program by name, terms and the shortest fit
 COSTS = "head_costs.json"  # each head's cost replaced alone (HeadCosts)
 COSTS_PARTIAL = "head_costs.partial.json"  # exact costs finished so far
 SWEEP_TEXT = "sweep.txt"  # the sweep's table as printed
@@ -50,7 +51,7 @@ SWEEP_DETAIL = "sweep_detail.json"  # everything the sweep measured
 REPORT = "report.html"  # the self-contained report
 
 RUN_FILES = (MANIFEST, SUMMARY, REPORT, CONFIG, STORE, POOL, LLM_POOL, FITTED, TABLE, LIBRARY,
-             COSTS, SWEEP_TEXT, SWEEP, SWEEP_DETAIL, LEDGER)
+             HEADS, COSTS, SWEEP_TEXT, SWEEP, SWEEP_DETAIL, LEDGER)
 RUN_MARKERS = (MANIFEST, LEDGER)  # files only a run directory holds
 # what the single-stage commands (extract, generate, synthesize, rank) write and a run reads
 # back or redoes (with the synthesis reports beside the pools); "*.partial" files are what an
@@ -100,7 +101,8 @@ def device_info(requested: str) -> dict:
     """What the run ran on: the requested device, the GPU's name if any, CPU and platform."""
     import torch
 
-    info = {"requested": requested, "torch": torch.__version__, "cuda": None,
+    used = ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested
+    info = {"requested": requested, "used": used, "torch": torch.__version__, "cuda": None,
             "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "python": sys.version.split()[0]}
     if torch.cuda.is_available():
@@ -172,6 +174,13 @@ class RunRecord:
         tmp = self.path.with_suffix(".json.partial")
         tmp.write_text(json.dumps(self.manifest, indent=2, default=str))
         tmp.replace(self.path)
+
+
+def read_heads(directory: Path) -> dict | None:
+    """``heads.json`` of a run directory, or None where the run wrote none (an older run, or a
+    table written by ``attnprog rank`` alone)."""
+    path = Path(directory) / HEADS
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # --- summary ---------------------------------------------------------------------------------

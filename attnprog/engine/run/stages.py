@@ -37,6 +37,7 @@ class RunState:
     model: object = None
     tokenizer: object = None
     store: object = None  # AttentionStore; the selection and held-out texts from "evaluate" on
+    full_store: object = None  # the store as extracted (every split), from "evaluate" to "heads"
     heads: list[int] = field(default_factory=list)  # head_index of the heads explained
     pool: list = field(default_factory=list)
     llm_programs: list = field(default_factory=list)
@@ -44,6 +45,7 @@ class RunState:
     outputs: object = None
     table: object = None
     library: object = None
+    explained: dict = field(default_factory=dict)  # heads.json
     costs: object = None
     sweep_text: str = ""
     detail: dict = field(default_factory=dict)
@@ -83,11 +85,13 @@ def run_extract(state: RunState) -> bool:
     from attnprog.engine.corpus import load_corpus
     from attnprog.engine.extract import extract_or_load
     from attnprog.engine.models import load_model
+    from attnprog.engine.replace import check_replaceable
 
     config = state.config
     corpus = load_corpus(config.corpus, text_field=config.text_field)
     corpus = corpus.take(config.limit) if config.limit else corpus
     state.model, state.tokenizer = load_model(config.model, device=state.device)
+    check_replaceable(state.model)  # an architecture we cannot replace fails before any result
     store, reused = extract_or_load(
         state.model, state.tokenizer, corpus, state.path(rundir.STORE),
         batch_size=config.batch_size, max_tokens=config.max_tokens, reuse=not state.redo_extract,
@@ -207,6 +211,7 @@ def after_fit(state: RunState) -> None:
 def run_evaluate(state: RunState) -> None:
     from attnprog.engine.pool import evaluate_pool, ranking_subset
 
+    state.full_store = state.store  # the "heads" stage reads the synthesis texts too
     state.store = ranking_subset(state.store, "selection", "heldout")  # the sweep reads held-out
     state.outputs = evaluate_pool(state.store, state.pool, ray=state.config.ray,
                                   tokenizer=state.tokenizer)
@@ -261,7 +266,7 @@ def after_rank(state: RunState) -> None:
                f"{heldout.mean():.3f}, median {heldout.median():.3f}; top {state.config.top}:")
     for fit in fits[: state.config.top]:
         label = head_label(fit.layer * n_heads + fit.head, n_heads)
-        state.echo(f"    {label:<7} IoU {fit.reported_iou:.3f}  {fit.family}")
+        state.echo(f"    {label:<7} IoU {fit.reported_iou:.3f}  {fit.family}: {fit.title}")
     state.echo(f"  read a head's programs: attnprog show --table {state.path(rundir.TABLE)} "
                "LAYER.HEAD")
     state.summary["best_fit_iou"] = {"mean": float(heldout.mean()),
@@ -297,6 +302,58 @@ def after_library(state: RunState) -> None:
     state.echo(f"  {library.size} programs explain {len(state.heads)} heads with mean held-out "
                f"IoU {library.mean_iou:.3f} (best fits: {heldout_best_fits(state).mean():.3f}); "
                "baselines: " + ", ".join(f"{n} {iou:.3f}" for n, iou in library.baselines.items()))
+
+
+# --- heads: types, programs by name, the shortest program that fits -------------------------
+
+HEADS_VERSION = 1  # bump when heads.json changes
+
+
+def heads_key(state: RunState) -> str:
+    return f"{state.keys['rank']}|heads=v{HEADS_VERSION}|seed={state.config.seed}"
+
+
+def run_heads(state: RunState) -> None:
+    from attnprog.engine.head_entries import explain_heads
+
+    start = time.perf_counter()
+    state.explained = explain_heads(state.full_store, state.table, state.heads, state.fitted,
+                                    model=state.model, tokenizer=state.tokenizer,
+                                    seed=state.config.seed, device=state.device)
+    state.path(rundir.HEADS).write_text(json.dumps(state.explained, indent=1))
+    state.echo(f"  typed {len(state.heads)} heads and measured their programs term by term in "
+               f"{time.perf_counter() - start:.0f} s")
+
+
+def load_heads(state: RunState) -> None:
+    state.explained = rundir.read_heads(state.out) or {}
+
+
+def after_heads(state: RunState) -> None:
+    from attnprog.engine.head_entries import heads_figures
+
+    state.full_store = None  # the stages after this one read the ranked texts only
+    figures = heads_figures(state.explained)
+    state.summary.update(figures)
+    state.echo("  head types: " + ", ".join(f"{t} {n}" for t, n in figures["head_types"].items()))
+    if figures["median_terms_needed"] is not None:
+        state.echo(f"  median terms needed (held-out IoU within 0.01 of the best count): "
+                   f"{figures['median_terms_needed']:g}")
+    state.echo("  the clearest heads of each type (score on the type's pattern, best program):")
+    for entry in clearest_heads(state.explained.get("heads", []), per_type=2)[: state.config.top]:
+        state.echo(f"    {entry['head']:<7} {entry['type']:<15} "
+                   f"{entry['type_scores'][entry['type']]:.2f}  {entry['program']['name']}")
+
+
+def clearest_heads(entries: list[dict], per_type: int) -> list[dict]:
+    """The ``per_type`` heads of each pattern type (not "mixed" or "content") with the highest
+    score on their type's pattern, the clearest type first."""
+    by_type: dict[str, list[dict]] = {}
+    for entry in sorted(entries, key=lambda e: -e["type_scores"].get(e["type"], 0.0)):
+        if entry["type"] in entry["type_scores"] and len(by_type.setdefault(entry["type"], [])) < per_type:
+            by_type[entry["type"]].append(entry)
+    return sorted((e for group in by_type.values() for e in group),
+                  key=lambda e: -by_type[e["type"]][0]["type_scores"][e["type"]])
 
 
 # --- head costs and the replacement sweep --------------------------------------------------
@@ -379,7 +436,7 @@ def after_sweep(state: RunState) -> None:
 
 # --- the report ----------------------------------------------------------------------------
 
-REPORT_VERSION = 2  # bump when the page changes; 2: heads written L18.H3
+REPORT_VERSION = 3  # bump when the page changes; 2: heads written L18.H3; 3: types and names
 
 
 def run_report(state: RunState) -> None:
@@ -406,6 +463,8 @@ STAGES = (
           files=(rundir.TABLE,), load=load_rank, after=after_rank),
     Stage("library", "select a library (greedy coverage)", run_library, key=library_key,
           files=(rundir.LIBRARY,), load=load_library, after=after_library),
+    Stage("heads", "type every head, name its program, find the shortest fit", run_heads,
+          key=heads_key, files=(rundir.HEADS,), load=load_heads, after=after_heads),
     Stage("costs", "measure each head's cost replaced alone", run_costs, key=costs_key,
           files=(rundir.COSTS,), load=load_costs, after=after_costs,
           wanted=lambda c: "cost" in sweep_orders(c)),
@@ -413,7 +472,8 @@ STAGES = (
           files=(rundir.SWEEP_TEXT, rundir.SWEEP, rundir.SWEEP_DETAIL), load=load_sweep,
           after=after_sweep),
     Stage("report", "write the report", run_report,
-          key=lambda s: f"{s.keys['library']}|{s.keys['sweep']}|report=v{REPORT_VERSION}",
+          key=lambda s: (f"{s.keys['library']}|{s.keys['sweep']}|{s.keys['heads']}"
+                         f"|report=v{REPORT_VERSION}"),
           files=(rundir.REPORT,),
           after=after_report, wanted=lambda c: c.report),
 )

@@ -100,3 +100,42 @@ def test_odd_tokens_are_escaped():
 
 def test_no_external_resources():
     assert not re.search(r"(src|href)=['\"](https?:)?//", page())
+
+
+def typed_heads():
+    """heads_2x2 with what heads.json adds: a type, a program name, the shortest program."""
+    heads = heads_2x2()
+    heads[1].update(type="previous token", title="first token 20 % · previous token",
+                    type_scores={"first token": 0.2, "previous token": 0.8},
+                    iou_by_terms={"1": 0.2, "2": 0.25}, terms_needed=2)
+    heads[2].update(type="recent window", title="recency",
+                    shortest={"terms": 1, "name": "recency only", "heldout_iou": 0.49,
+                              "source": "def program(s):\n    return SHORT\n"})
+    return heads
+
+
+def test_the_grid_shows_each_heads_type_and_names_its_program():
+    html = page(heads=typed_heads())
+    assert ">previous<br>0.25<" in html and ">window<br>0.50<" in html
+    assert "title='L0.H1: previous token head; first token 20 % · previous token (previous)" in html
+
+
+def test_a_heads_section_gives_its_type_scores_and_iou_by_terms():
+    html = page(heads=typed_heads())
+    assert "<h3>L0.H1: previous token head · first token 20 % · previous token</h3>" in html
+    assert "previous token 0.80" in html and "1: 0.200 &middot; 2: 0.250; 2 within 0.01" in html
+
+
+def test_the_shortest_program_that_fits_is_shown_before_the_best():
+    html = page(heads=typed_heads())
+    section = html.split("id='L1.H0'")[1].split("class='head'")[0]
+    assert section.index("return SHORT") < section.index("return 1 &lt; 2")
+    assert "cut to 1 term, <b>recency only</b>" in section
+
+
+def test_library_programs_are_shown_by_name_not_by_hash():
+    program = heads_2x2()[0]["program"]
+    library = {"programs": [dict(program.to_dict(), index=0, gain=0.1, heads=["L0.H0"])]}
+    html = page(library=library, titles={program.hash: "a named program"})
+    assert f"<summary>a named program <small>{program.hash}</small>" in html
+    assert f"<summary>lt <small>{program.hash}</small>" in page(library=library)  # derived
