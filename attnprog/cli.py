@@ -55,7 +55,7 @@ def run(
     seed: int = typer.Option(0, help="seed of the random baselines"),
     library_size: int = typer.Option(1000, help="most programs in the greedy library"),
     force: str = typer.Option(None, help="redo this stage and every later one: extract, pool, "
-                              "llm, fit, evaluate, rank, library, costs, sweep or report"),
+                              "llm, fit, evaluate, rank, library, heads, costs, sweep or report"),
     report: bool = typer.Option(True, help="write report.html at the end"),
     llm_base_url: str = typer.Option("", help="LLM stage: OpenAI-compatible endpoint "
                                      "(default $OPENAI_BASE_URL); the key comes from $OPENAI_API_KEY"),
@@ -67,8 +67,8 @@ def run(
 ) -> None:
     """Run the whole pipeline, from extraction to the report; a re-run resumes it.
 
-    Stages: extract, pool, llm (with --llm-model), fit, evaluate, rank, library, costs (with
-    the cost order), sweep, report. Each is reused when its inputs did not change.
+    Stages: extract, pool, llm (with --llm-model), fit, evaluate, rank, library, heads, costs
+    (with the cost order), sweep, report. Each is reused when its inputs did not change.
     """
     from attnprog.engine.run.config import RunConfig
     from attnprog.engine.run.pipeline import run_pipeline

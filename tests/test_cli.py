@@ -45,3 +45,10 @@ def test_commands_are_listed_in_pipeline_order():
 def test_run_options_fill_one_config():
     config = RunConfig.from_cli({"out": "runs/x", "candidates": 7, "force": "rank", "device": "auto"})
     assert config.out == "runs/x" and config.n_candidates == 7 and config.device == "auto"
+
+
+def test_the_force_help_names_every_stage():
+    from attnprog.engine.run.stages import STAGE_NAMES
+
+    force = next(p for p in COMMANDS["run"].params if p.name == "force")
+    assert all(name in force.help for name in STAGE_NAMES)
