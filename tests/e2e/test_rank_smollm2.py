@@ -30,7 +30,7 @@ def test_rank_names_first_token_and_previous_token_heads(tmp_path):
     best_by_family = {}
     for fit in IoUTable.load(table).best_fits():
         if fit.reported_iou > best_by_family.get(fit.family, (0.0,))[0]:
-            best_by_family[fit.family] = (fit.reported_iou, f"L{fit.layer}H{fit.head}")
+            best_by_family[fit.family] = (fit.reported_iou, f"L{fit.layer}.H{fit.head}")
     assert best_by_family["first"][0] > 0.8
     assert best_by_family["previous"][0] > 0.3
     for family in ("first", "previous"):  # printed with its held-out IoU
