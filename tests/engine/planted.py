@@ -1,4 +1,5 @@
-"""Hand-built stores whose heads are noisy copies of known patterns, for ranking and library tests."""
+"""Hand-built stores whose heads are noisy copies of known patterns, for ranking and library tests,
+and random program matrices for head-replacement tests."""
 
 import numpy as np
 import torch
@@ -71,3 +72,14 @@ def pattern_outputs(patterns, lengths, source=lambda fn: ""):
                           values=np.stack([packed(fn, lengths) for fn in patterns]),
                           failed=np.zeros((len(patterns), len(lengths)), dtype=bool),
                           offsets=causal_offsets(lengths))
+
+
+def random_program_matrices(batch, seed):
+    """Row-normalised causal matrices per text, zero outside each text's block:
+    [batch, query_pos, key_pos] float32."""
+    rng = np.random.default_rng(seed)
+    dense = np.zeros((batch.size, batch.width, batch.width), dtype=np.float32)
+    for b, n in enumerate(batch.lengths):
+        block = np.tril(rng.random((n, n)).astype(np.float32))
+        dense[b, :n, :n] = block / block.sum(axis=1, keepdims=True)
+    return torch.from_numpy(dense)

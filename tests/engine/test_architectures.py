@@ -29,6 +29,7 @@ from attnprog.engine.replace import check_replaceable, replace_heads
 from attnprog.errors import ModelError
 from attnprog.synth.program import Program
 from attnprog.synth.runtime.outputs import ProgramOutputs
+from tests.engine.planted import random_program_matrices
 
 WINDOW = 8
 COMMON = dict(vocab_size=260, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
@@ -176,16 +177,6 @@ def random_batch(lengths=(40, 29, 11), seed=1, device="cpu"):
                       device=device)
 
 
-def program_matrices(batch, seed):
-    """Row-normalised causal [B, n, n] matrices, zero outside each text's block."""
-    rng = np.random.default_rng(seed)
-    dense = np.zeros((batch.size, batch.width, batch.width), dtype=np.float32)
-    for b, n in enumerate(batch.lengths):
-        block = np.tril(rng.random((n, n)).astype(np.float32))
-        dense[b, :n, :n] = block / block.sum(axis=1, keepdims=True)
-    return torch.from_numpy(dense)
-
-
 def real_tokens(logits, batch):
     return logits[batch.attention_mask.bool()]
 
@@ -221,8 +212,8 @@ def test_no_head_replaced_gives_the_eager_logits(arch):
 def replacement_gate(model, impl, lengths=(40, 29, 11), device="cpu"):
     """(attnprog logits, reference logits, eager logits) with three heads replaced."""
     batch = random_batch(lengths, device=device)
-    heads = {(0, 1): program_matrices(batch, 0), (1, 0): "uniform",
-             (1, 3): program_matrices(batch, 1)}
+    heads = {(0, 1): random_program_matrices(batch, 0), (1, 0): "uniform",
+             (1, 3): random_program_matrices(batch, 1)}
     with replace_heads(model, heads, impl=impl) as replacement:
         matrices = replacement.head_matrices(batch)
         got = replacement.forward(batch).logits

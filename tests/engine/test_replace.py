@@ -9,6 +9,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from attnprog.engine.batching import make_batch
 from attnprog.engine.replace import replace_heads
 from attnprog.errors import ModelError
+from tests.engine.planted import random_program_matrices
 
 REFERENCE = "test_eager_overwrite"
 _OVERWRITES: dict[int, dict[int, torch.Tensor]] = {}  # layer -> head -> Π [B, n, n]
@@ -37,16 +38,6 @@ AttentionMaskInterface.register(REFERENCE, eager_mask)
 def random_batch(lengths=(13, 9, 4), vocab=200, seed=1):
     gen = torch.Generator().manual_seed(seed)
     return make_batch([torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths])
-
-
-def random_program_matrices(batch, seed):
-    """Row-normalised causal matrices per text, zero outside each text's block: [B, n, n]."""
-    rng = np.random.default_rng(seed)
-    dense = np.zeros((batch.size, batch.width, batch.width), dtype=np.float32)
-    for b, n in enumerate(batch.lengths):
-        block = np.tril(rng.random((n, n)).astype(np.float32))
-        dense[b, :n, :n] = block / block.sum(axis=1, keepdims=True)
-    return torch.from_numpy(dense)
 
 
 def run_plain(model, batch, implementation="eager"):

@@ -3,20 +3,7 @@
 import pytest
 
 from attnprog.synth.policy import check_source, entry_point
-from attnprog.synth.program import Program
-
-NATIVE = """
-import numpy as np
-
-def program(s):
-    out = np.zeros((s.n, s.n))
-    out[:, 0] = 1.0
-    return out
-"""
-
-
-def program(body: str, name: str = "program") -> Program:
-    return Program(source=body.strip() + "\n", name=name)
+from tests.synth.programs import NATIVE, program
 
 
 # --- static checks ----------------------------------------------------------------------------

@@ -4,21 +4,8 @@ import os
 
 import pytest
 
-from attnprog.synth.program import Program
 from attnprog.synth.runtime.validate import check_file, validate, validate_many
-
-NATIVE = """
-import numpy as np
-
-def program(s):
-    out = np.zeros((s.n, s.n))
-    out[:, 0] = 1.0
-    return out
-"""
-
-
-def program(body: str, name: str = "program") -> Program:
-    return Program(source=body.strip() + "\n", name=name)
+from tests.synth.programs import NATIVE, program
 
 
 # --- validate (runs in the sandbox) -------------------------------------------------------------
