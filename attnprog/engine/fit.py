@@ -357,4 +357,4 @@ def fitted_programs(store: AttentionStore, split: str = "synthesis",
     ]
 
 
-FIT_VERSION = "2"  # bump when the fitter changes what it produces
+FIT_VERSION = "3"  # bump when the fitter changes what it produces; 3: causal syntax

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from attnprog.synth.causal_syntax import causal_alignment, parsed_prefixes
+
 _PUNCT = set(string.punctuation) | {"“", "”", "‘", "’", "—", "–", "…", "«", "»"}
 _SENTENCE_END = {".", "!", "?", "…"}
 _QUOTES = {'"', "'", "“", "”", "‘", "’", "«", "»", "`"}
@@ -51,8 +53,10 @@ class Sentence:
 
     ``tokens[i]`` is the decoded piece of token i (leading space kept), ``offsets[i]``
     its (start, end) character span in ``text`` and ``word_ids[i]`` the index of the
-    whitespace-separated word it belongs to. ``pos`` and ``dep_head`` (token index of
-    the syntactic head) are filled by :func:`attach_syntax` when spaCy is installed.
+    whitespace-separated word it belongs to. ``pos``, ``dep_head`` (token index of the
+    syntactic head) and ``dependents`` (earlier tokens whose head is token i) are filled by
+    :func:`attach_syntax` when spaCy is installed; ``syntax_mode`` says how ("causal": each
+    token's from the text up to it).
     """
 
     text: str
@@ -62,6 +66,8 @@ class Sentence:
     word_ids: list[int] = field(default_factory=list)
     pos: list[str] | None = None
     dep_head: list[int] | None = None
+    dependents: list[list[int]] | None = None
+    syntax_mode: str = ""
 
     def __post_init__(self) -> None:
         if not (len(self.ids) == len(self.tokens) == len(self.offsets)):
@@ -81,6 +87,8 @@ class Sentence:
         for name in ("pos", "dep_head"):
             if self.__dict__[name] is not None:
                 clone.__dict__[name] = list(self.__dict__[name])
+        if self.__dict__.get("dependents") is not None:
+            clone.__dict__["dependents"] = [list(d) for d in self.__dict__["dependents"]]
         return clone
 
     def __getstate__(self) -> dict:
@@ -254,6 +262,19 @@ class Sentence:
         if self.dep_head is None:
             return np.full(self.n, -1, dtype=np.int64)
         return np.asarray(self.dep_head, dtype=np.int64)
+
+    @property
+    def dependent_matrix(self) -> np.ndarray:
+        """[query_pos, key_pos] bool: key j is a syntactic dependent of query i (all False
+        without syntax); in the causal form, as parsed when token i arrived."""
+
+        def compute() -> np.ndarray:
+            out = np.zeros((self.n, self.n), dtype=bool)
+            for i, deps in enumerate(self.dependents or []):
+                out[i, deps] = True
+            return out
+
+        return self._feature("dependent_matrix", compute)
 
     @property
     def is_special(self) -> np.ndarray:
@@ -502,24 +523,40 @@ def _load_pipeline():
     return _nlp or None
 
 
-def attach_syntax(sentences: Sequence[Sentence]) -> bool:
-    """Fill ``pos`` and ``dep_head`` of each Sentence from spaCy, aligned to its tokens.
+def attach_syntax(sentences: Sequence[Sentence], causal: bool = True) -> bool:
+    """Fill ``pos``, ``dep_head`` and ``dependents`` of each Sentence from spaCy.
 
-    Each distinct text is parsed once per process. A token takes the tag of the spaCy
-    token covering its first non-space character; its head is the first model token of
-    that spaCy token's head (the root points to itself). Tokens covering no word (BOS,
-    spaces) get ``"X"`` and themselves. Returns False, changing nothing, without spaCy.
+    Causal (the default): token i's tag and arcs come from parsing the text up to token i
+    (``attnprog.synth.causal_syntax``), so no feature reads a later token. ``causal=False``
+    parses each whole text once (a tag may then depend on later words). A token takes the
+    tag of the spaCy token covering its first non-space character; its head is the first
+    model token of that spaCy token's head (the root, and in the causal form a token whose
+    head comes later, point to themselves). Tokens covering no word (BOS, spaces) get
+    ``"X"`` and themselves. Returns False, changing nothing, without spaCy.
     """
     nlp = _load_pipeline()
     if nlp is None:
         return False
-    todo = list(dict.fromkeys(s.text for s in sentences if s.text not in _parses))
-    for text, doc in zip(todo, nlp.pipe(todo, batch_size=64), strict=True):
-        _parses[text] = [(t.idx, t.idx + len(t.text), t.pos_, t.head.idx) for t in doc]
+    if causal:
+        _parse_all([p for s in sentences for p in parsed_prefixes(s)], nlp)
+    else:
+        _parse_all([s.text for s in sentences], nlp)
     for s in sentences:
-        s.pos, s.dep_head = _align_syntax(s, _parses[s.text])
+        if causal:
+            s.pos, s.dep_head, s.dependents = causal_alignment(s, _parses)
+        else:
+            s.pos, s.dep_head = _align_syntax(s, _parses[s.text])
+            s.dependents = [[j for j in range(i) if s.dep_head[j] == i] for i in range(s.n)]
+        s.syntax_mode = "causal" if causal else "full-text"
         s.__dict__.pop("_cache", None)
     return True
+
+
+def _parse_all(texts: Sequence[str], nlp) -> None:
+    """Parse each text not parsed yet in this process (batched through ``nlp.pipe``)."""
+    todo = list(dict.fromkeys(t for t in texts if t not in _parses))
+    for text, doc in zip(todo, nlp.pipe(todo, batch_size=256), strict=True):
+        _parses[text] = [(t.idx, t.idx + len(t.text), t.pos_, t.head.idx) for t in doc]
 
 
 def _align_syntax(s: Sentence, parse) -> tuple[list[str], list[int]]:

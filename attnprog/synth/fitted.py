@@ -135,10 +135,11 @@ FEATURES = FEATURES + (
     *(Feature(f"distance_from_{c}", f"(i - j) * s.{_CLASS[c][0]}[i]",
               f"{{w}} per token back from {_CLASS[c][1]}") for c in _QUERY_CLASSES),
 )
-# with spaCy: POS tags of the key and dependency arcs (all zero on texts without syntax)
+# with spaCy: POS tags of the key and dependency arcs (all zero on texts without syntax); the
+# tags and arcs are causal (attach_syntax): a query's arcs are those known when it arrives
 SYNTAX_FEATURES: tuple[Feature, ...] = (
     Feature("syntactic_head", "j == s.head_index[i]", "{w} on its syntactic head"),
-    Feature("syntactic_dependent", "s.head_index[j] == i", "{w} on its syntactic dependents"),
+    Feature("syntactic_dependent", "s.dependent_matrix[i, j]", "{w} on its syntactic dependents"),
     *(Feature(f"pos_{tag.lower()}", f"s.has_pos({tag!r})[j]", f"{{w}} on {tag} tokens")
       for tag in POS_TAGS),
 )  # fmt: skip

@@ -174,12 +174,12 @@ def test_sentences_from_a_fast_hugging_face_tokenizer():
     assert s.words[1:] == ["the", "cat", "ran"]
 
 
-def test_attach_syntax_aligns_tags_and_heads_to_tokens():
+def test_attach_syntax_of_whole_texts_aligns_tags_and_heads_to_tokens():
     if not syntax_available():
         pytest.skip("spaCy with an English pipeline is not installed")
     s = Sentence("The cats sleep.", [0, 1, 2, 3, 4], ["<s>", "The", " ca", "ts", " sleep."],
                  [(0, 0), (0, 3), (3, 6), (6, 8), (8, 15)])
-    assert attach_syntax([s]) and s.has_syntax
+    assert attach_syntax([s], causal=False) and s.has_syntax and s.syntax_mode == "full-text"
     assert s.pos[:4] == ["X", "DET", "NOUN", "NOUN"]
     assert s.dep_head[1] == 2  # "The" -> first piece of "cats"
     assert s.dep_head[2] == s.dep_head[3] == 4  # both pieces of "cats" -> "sleep"

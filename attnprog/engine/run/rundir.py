@@ -41,6 +41,7 @@ POOL = "pool.jsonl"  # golden library + generator programs
 LLM_POOL = "llm_pool.jsonl"  # programs from the LLM stage
 FITTED = "fitted.jsonl"  # one fitted program per head
 TABLE = "iou_table.safetensors"  # IoU of every program against every head (IoUTable)
+LEAK = "leak.json"  # each checked program's leak (row i on the text vs on its prefix), swaps
 LIBRARY = "library.json"  # the greedy library
 HEADS = "heads.json"  # every head's type, best program by name, terms and the shortest fit
 COSTS = "head_costs.json"  # each head's cost replaced alone (HeadCosts)
@@ -50,7 +51,7 @@ SWEEP = "sweep.json"  # {order: {fraction: {condition: % increase}}}
 SWEEP_DETAIL = "sweep_detail.json"  # everything the sweep measured
 REPORT = "report.html"  # the self-contained report
 
-RUN_FILES = (MANIFEST, SUMMARY, REPORT, CONFIG, STORE, POOL, LLM_POOL, FITTED, TABLE, LIBRARY,
+RUN_FILES = (MANIFEST, SUMMARY, REPORT, CONFIG, STORE, POOL, LLM_POOL, FITTED, TABLE, LEAK, LIBRARY,
              HEADS, COSTS, SWEEP_TEXT, SWEEP, SWEEP_DETAIL, LEDGER)
 RUN_MARKERS = (MANIFEST, LEDGER)  # files only a run directory holds
 # what the single-stage commands (extract, generate, synthesize, rank) write and a run reads

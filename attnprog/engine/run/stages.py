@@ -44,6 +44,8 @@ class RunState:
     fitted: list = field(default_factory=list)
     outputs: object = None
     table: object = None
+    leak: object = None  # LeakCheck of the best fits and the fitted programs
+    causal_table: object = None  # the table without leaky programs: what replacement uses
     library: object = None
     explained: dict = field(default_factory=dict)  # heads.json
     costs: object = None
@@ -120,6 +122,13 @@ def store_key(state: RunState) -> str:
 
 
 # --- programs: the pool, the LLM's, the fitted ones -----------------------------------------
+
+
+POOL_VERSION = 2  # bump when the generator's programs change; 2: causal same_word
+
+
+def pool_key(state: RunState) -> str:
+    return f"candidates={state.config.n_candidates}|pool=v{POOL_VERSION}"
 
 
 def run_pool(state: RunState) -> None:
@@ -227,7 +236,7 @@ def rank_key(state: RunState) -> str:
     key += f"|fit=v{state.keys['fit'].rsplit('|fit=v', 1)[1]}" if state.fitted else ""
     if state.config.heads:
         key += f"|heads={','.join(map(str, state.heads))}"
-    return key
+    return key + f"|leak=v{LEAK_VERSION}"
 
 
 def on_device(state: RunState, compute: Callable):
@@ -239,18 +248,26 @@ def on_device(state: RunState, compute: Callable):
         state.store.to("cpu")
 
 
+LEAK_VERSION = 1  # bump when the leak check changes what it measures
+
+
 def run_rank(state: RunState) -> None:
+    from attnprog.engine.leak import check_leaks
     from attnprog.engine.pool import rank_heads
 
     state.table = on_device(state, lambda store: rank_heads(store, state.outputs, state.heads,
                                                             ray=state.config.ray))
     state.table.save(state.path(rundir.TABLE))
+    state.leak = check_leaks(state.store, state.table, state.outputs, state.heads, state.fitted)
+    state.leak.save(state.path(rundir.LEAK), state.store.n_heads)
 
 
 def load_rank(state: RunState) -> None:
+    from attnprog.engine.leak import LeakCheck
     from attnprog.engine.rank import IoUTable
 
     state.table = IoUTable.load(state.path(rundir.TABLE))
+    state.leak = LeakCheck.load(state.path(rundir.LEAK))
 
 
 def heldout_best_fits(state: RunState) -> torch.Tensor:
@@ -271,6 +288,21 @@ def after_rank(state: RunState) -> None:
                "LAYER.HEAD")
     state.summary["best_fit_iou"] = {"mean": float(heldout.mean()),
                                      "median": float(heldout.median())}
+    echo_leaks(state)
+
+
+def echo_leaks(state: RunState) -> None:
+    """Print and record the leak check; replacement (costs, sweep) uses the causal table."""
+    state.causal_table = state.leak.causal_table(state.table)
+    figures = state.leak.figures([p.hash for p in state.fitted])
+    state.summary["leak"] = figures
+    state.echo(f"  leak check ({len(state.leak.texts)} held-out texts cut at 3 points, "
+               f"{rundir.LEAK}): {figures['leaky']} of {figures['checked']} programs read later "
+               f"tokens ({figures['leaky_fitted']} fitted); {figures['heads_swapped']} heads use "
+               f"their best causal program in costs and sweep instead of a leaky best fit")
+    if state.leak.unresolved:
+        state.echo(f"  warning: {len(state.leak.unresolved)} heads have no causal program among "
+                   "their best; costs and sweep use their leaky best fit")
 
 
 # --- library -------------------------------------------------------------------------------
@@ -370,7 +402,7 @@ def run_costs(state: RunState) -> None:
     from attnprog.engine.head_costs import head_costs, resolve_method
 
     c = state.config
-    state.costs = head_costs(state.model, state.store, state.table, split="selection",
+    state.costs = head_costs(state.model, state.store, state.causal_table, split="selection",
                              outputs=state.outputs, method=resolve_method(c.cost_method, state.model),
                              tokenizer=state.tokenizer, batch_size=c.batch_size,
                              resume=state.path(rundir.COSTS_PARTIAL))
@@ -407,10 +439,11 @@ def run_sweep(state: RunState) -> None:
     if c.ray:  # one task per fraction, each with its own model replica
         from attnprog.engine.distributed.sweep import sweep_on_ray
 
-        result = sweep_on_ray(c.model, state.store, state.table, address=c.ray,
+        result = sweep_on_ray(c.model, state.store, state.causal_table, address=c.ray,
                               device=state.device, **options)
     else:
-        result = perplexity_sweep(state.model, state.store, state.table, tokenizer=state.tokenizer,
+        result = perplexity_sweep(state.model, state.store, state.causal_table,
+                                  tokenizer=state.tokenizer,
                                   orders=sweep_orders(c), costs=state.costs, **options)
     state.sweep_text = result.to_text()
     state.summary["sweep"] = result.to_json()["ppl_increase"]
@@ -452,15 +485,15 @@ def after_report(state: RunState) -> None:
 
 STAGES = (
     Stage("extract", "extract attention", run_extract, files=(rundir.STORE,), after=after_extract),
-    Stage("pool", "program pool", run_pool, key=lambda s: f"candidates={s.config.n_candidates}",
+    Stage("pool", "program pool", run_pool, key=pool_key,
           files=(rundir.POOL,), load=load_pool_file, after=after_pool),
     Stage("llm", "ask an LLM for programs", run_llm, key=llm_key, files=(rundir.LLM_POOL,),
           load=load_llm, after=after_llm, wanted=lambda c: bool(c.llm_model)),
     Stage("fit", "fit a program to every head", run_fit, key=fit_key, files=(rundir.FITTED,),
           load=load_fit, after=after_fit, wanted=lambda c: c.fit),
     Stage("evaluate", "evaluate programs", run_evaluate),
-    Stage("rank", "rank programs against every head", run_rank, key=rank_key,
-          files=(rundir.TABLE,), load=load_rank, after=after_rank),
+    Stage("rank", "rank programs against every head, check leaks", run_rank, key=rank_key,
+          files=(rundir.TABLE, rundir.LEAK), load=load_rank, after=after_rank),
     Stage("library", "select a library (greedy coverage)", run_library, key=library_key,
           files=(rundir.LIBRARY,), load=load_library, after=after_library),
     Stage("heads", "type every head, name its program, find the shortest fit", run_heads,

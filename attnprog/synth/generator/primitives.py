@@ -160,14 +160,15 @@ def last_induction(s):
 
 
 def same_word(s):
-    """Token i attends to the tokens of earlier words spelled like its own word (any case)."""
-    spelling = {}
+    """Token i attends to the tokens of earlier words spelled like its own word so far (any case)."""
+    spelling, so_far = {}, []
     for w, t in zip(s.word_ids, s.tokens, strict=True):
         spelling[w] = spelling.get(w, "") + t
-    words = np.array([spelling[w].strip().lower() for w in s.word_ids])
+        so_far.append(spelling[w].strip().lower())  # token i's word up to token i: no later piece
     word_ids = np.asarray(s.word_ids)
+    words = np.array([spelling[w].strip().lower() for w in s.word_ids])  # earlier words: complete
     earlier_word = word_ids[:, None] > word_ids[None, :]
-    return ((words[:, None] == words[None, :]) & earlier_word).astype(float)
+    return ((np.array(so_far)[:, None] == words[None, :]) & earlier_word).astype(float)
 
 
 def word_start(s):

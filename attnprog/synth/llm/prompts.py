@@ -20,8 +20,11 @@ _NOTES = {
     "text": "the text", "ids": "token ids", "tokens": "decoded piece of each token (leading space kept)",
     "offsets": "(start, end) character span of each token in s.text",
     "word_ids": "index of the whitespace-separated word each token belongs to",
-    "pos": "POS tag per token (None without spaCy)",
-    "dep_head": "token index of each token's syntactic head (None without spaCy)",
+    "pos": "POS tag per token, from parsing the text up to that token (None without spaCy)",
+    "dep_head": "token index of each token's syntactic head if it is an earlier token, else "
+                "the token itself (None without spaCy)",
+    "dependents": "per token, the earlier tokens whose syntactic head it is (None without spaCy)",
+    "syntax_mode": "how pos and the arcs were made ('causal': from the text up to each token)",
     "n": "number of tokens",
 }
 

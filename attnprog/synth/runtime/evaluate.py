@@ -80,14 +80,16 @@ def evaluate_programs(
 
 
 def _prepare_texts(programs: list[Program], sentences: list[Sentence],
-                   corpus_hash: str | None) -> tuple[str, bool]:
-    """(the corpus hash, whether every text has POS tags); tags the texts if a program reads them."""
+                   corpus_hash: str | None) -> tuple[str, str]:
+    """(the corpus hash, how every text's POS tags were made: "causal", "full-text" or "" when
+    some text has none); tags the texts (causally) if a program reads them."""
     if not sentences:
         raise CorpusError("no texts to evaluate programs on: give at least one tokenised text")
     corpus = corpus_hash or hash_corpus(sentences)
     if _needs_syntax(programs, sentences):
         attach_syntax(sentences)  # no-op without spaCy; such programs then see pos=None
-    return corpus, all(s.has_syntax for s in sentences)
+    modes = {s.syntax_mode or "full-text" if s.has_syntax else "" for s in sentences}
+    return corpus, modes.pop() if len(modes) == 1 else ""
 
 
 @dataclass
@@ -98,7 +100,7 @@ class _Sandboxed:
     cache: OutputCache | None
     corpus: str
     tokenizer_id: str
-    with_syntax: bool
+    with_syntax: str  # the texts' syntax_mode ("" without syntax)
     outputs: dict = field(default_factory=dict)
 
     def refuse_or_reuse(self, programs, sentences, n_cells: int, helpers, check: bool) -> list[Program]:
@@ -205,21 +207,28 @@ def _needs_syntax(programs: list[Program], sentences: list[Sentence]) -> bool:
     return missing and any(_reads_syntax(p) for p in programs)
 
 
+_SYNTAX_ATTRIBUTES = ("pos", "dep_head", "dependents", "has_pos", "head_index", "dependent_matrix")
+
+
 def _reads_syntax(program: Program) -> bool:
-    """Whether the code (not a comment) reads ``.pos`` or ``.dep_head`` of something."""
-    if ".pos" not in program.source and "dep_head" not in program.source:
+    """Whether the code (not a comment) reads a syntax attribute (``.pos``, ``.dep_head``, the
+    fitted features' ``has_pos``...) of something."""
+    if not any(name in program.source for name in _SYNTAX_ATTRIBUTES):
         return False
     try:
         tree = ast.parse(program.source)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False
-    return any(isinstance(node, ast.Attribute) and node.attr in ("pos", "dep_head")
+    return any(isinstance(node, ast.Attribute) and node.attr in _SYNTAX_ATTRIBUTES
                for node in ast.walk(tree))
 
 
-def _cache_key(program: Program, tokenizer_id: str, with_syntax: bool) -> str:
-    """Outputs with and without POS tags are cached apart, for programs that read them."""
-    return tokenizer_id + "+syntax" if with_syntax and _reads_syntax(program) else tokenizer_id
+def _cache_key(program: Program, tokenizer_id: str, with_syntax: str) -> str:
+    """Outputs without POS tags, with causal ones and with whole-text ones ("+syntax", as
+    before tags were causal) are cached apart, for programs that read them."""
+    if not with_syntax or not _reads_syntax(program):
+        return tokenizer_id
+    return tokenizer_id + ("+causal-syntax" if with_syntax == "causal" else "+syntax")
 
 
 def _split_generated(programs: list[Program]) -> tuple[list[Program], list[Program]]:
