@@ -53,6 +53,8 @@ def test_run_prints_every_stage_and_the_sweep_with_both_baselines_then_resumes(t
     assert summary["store"]["heads"] == 270
     assert summary["ppl_increase"]["iou"]["0"]["programs"] == 0.0
     assert set(summary["ppl_increase"]) == {"iou", "cost"}  # both orders by default
+    assert summary["leak"]["leaky_fitted"] == 0 and summary["leak"]["checked"] >= 270  # causal fits
+    assert (tmp_path / "run" / "leak.json").is_file()
 
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr
