@@ -87,6 +87,17 @@ def input_embeddings(model, ids) -> TokenEmbeddings:
                            rows.detach().float().cpu().numpy(), source)
 
 
+def model_probes(model, tokenizer) -> list:
+    """The probe texts ``attnprog check`` runs programs on, tokenised as ``model`` sees them
+    and carrying its input embeddings (for ``embedding_similarity``)."""
+    from attnprog.synth.embeddings import attach_similarity
+    from attnprog.synth.features import probe_sentences, sentences_from_texts
+
+    probes = sentences_from_texts([p.text for p in probe_sentences()], tokenizer)
+    attach_similarity(probes, input_embeddings(model, [i for s in probes for i in s.ids]))
+    return probes
+
+
 def _place_model(model, device, dtype) -> torch.device:
     """Check the model runs eager attention, move it to ``device`` and ``dtype``; its device."""
     if getattr(model.config, "_attn_implementation", "eager") != "eager":
