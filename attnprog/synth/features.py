@@ -270,8 +270,10 @@ class Sentence:
         return self.token_similarity is not None
 
     def embedding_similarity(self, i, j) -> np.ndarray:
-        """Cosine between the model's input embeddings of tokens i and j (ints or index
-        arrays that broadcast, e.g. the grids [n, 1] and [1, n]); 1 for a token and itself."""
+        """Similarity in meaning: cosine between the model's input embeddings of tokens i and j.
+
+        i, j: ints or index arrays that broadcast (the grids [n, 1] and [1, n] give [n, n]);
+        1.0 for a token and itself or another copy of it."""
         if self.token_similarity is None:
             raise ValueError("this text carries no token embeddings; run it from a store "
                              "(attnprog run) or pass a model to `attnprog check --model`")

@@ -23,6 +23,8 @@ _NOTES = {
     "pos": "POS tag per token (None without spaCy)",
     "dep_head": "token index of each token's syntactic head (None without spaCy)",
     "n": "number of tokens",
+    "token_similarity": "[n, n] cosine of the tokens' input embeddings (read it with "
+                        "s.embedding_similarity)",
 }
 
 
