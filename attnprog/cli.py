@@ -134,17 +134,38 @@ def generate(
     typer.echo(f"wrote {out}: {len(pool)} programs in {len({p.family for p in pool})} families")
 
 
+def _check_model(spec: str):
+    """(tokenizer, probe sentences) for ``check --model``; (None, None) for the stand-in."""
+    from attnprog.engine.models import DEFAULT_MODEL, builtin_status
+
+    if spec == "auto":
+        spec = DEFAULT_MODEL if builtin_status(DEFAULT_MODEL) == "ready" else "none"
+    if spec == "none":
+        return None, None
+    from attnprog.engine.extract import model_probes
+    from attnprog.engine.models import load_model
+
+    lm, tokenizer = load_model(spec)
+    return tokenizer, model_probes(lm, tokenizer)
+
+
 @app.command(epilog=example("attnprog check my_program.py"))
 def check(
     path: Path = typer.Argument(..., help="a .py file: one program, or a library in the paper's layout"),
     name: str = typer.Option("", help="entry point (default: inferred)"),
     unsafe: bool = typer.Option(False, help="run without OS isolation where it is unavailable"),
+    model: str = typer.Option("auto", help="whose tokenizer and input embeddings paper-form "
+                              "programs get: a model (as for run), 'auto' (the built-in "
+                              "smollm2-135m when it is ready) or 'none' (a stand-in tokenizer "
+                              "that knows only the probe texts, no embeddings)"),
 ) -> None:
     """Validate programs in the sandbox and say what is wrong with each, if anything."""
     from attnprog.errors import ProgramError
     from attnprog.synth.runtime.validate import check_file
 
-    results = check_file(path, name=name or None, unsafe=unsafe)
+    tokenizer, probes = _check_model(model)
+    results = check_file(path, name=name or None, unsafe=unsafe, tokenizer=tokenizer,
+                         probes=probes)
     if len(results) == 1:
         program_name, reason = results[0]
         if reason:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -13,6 +14,7 @@ from attnprog.engine.corpus import Corpus, TokenizedCorpus, tokenize_corpus
 from attnprog.engine.models import attention_shape, context_size, model_id
 from attnprog.engine.store import AttentionStore, packed_offsets_tensor
 from attnprog.errors import ModelError, StoreError
+from attnprog.synth.embeddings import TokenEmbeddings
 
 
 def default_max_tokens(model, cap: int = 256) -> int:
@@ -57,17 +59,43 @@ def extract_attention(
             cells = attn[b, :, :, rows, cols].reshape(n_layers * n_heads, -1)  # [L*H, n(n+1)/2]
             attn_packed[:, int(offsets[s]) : int(offsets[s + 1])] = cells.float().to(store_device)
 
+    ids_packed = torch.tensor([i for ids in corpus.ids for i in ids], dtype=torch.int64)
     return AttentionStore(
         attn_packed=attn_packed,
         offsets=offsets,
         lengths=torch.tensor(lengths, dtype=torch.int64),
-        ids_packed=torch.tensor([i for ids in corpus.ids for i in ids], dtype=torch.int64),
+        ids_packed=ids_packed,
         texts=list(corpus.texts),
         tokens=[list(t) for t in corpus.tokens],
         spans=[list(s) for s in corpus.spans],
         splits=list(corpus.splits),
         meta=_store_meta(model, tokenizer, corpus),
+        embeddings=input_embeddings(model, ids_packed.tolist()),
     )
+
+
+@torch.no_grad()
+def input_embeddings(model, ids) -> TokenEmbeddings:
+    """The model's input-embedding rows (``get_input_embeddings()``) of the distinct ``ids``,
+    in float32, with where they came from."""
+    distinct = sorted({int(i) for i in ids})
+    weight = model.get_input_embeddings().weight
+    rows = weight[torch.tensor(distinct, dtype=torch.long, device=weight.device)]
+    source = (f"{model_id(model)}: get_input_embeddings() rows of the {len(distinct)} token ids "
+              f"the corpus uses ({str(weight.dtype).removeprefix('torch.')}, kept as float32)")
+    return TokenEmbeddings(np.asarray(distinct, dtype=np.int64),
+                           rows.detach().float().cpu().numpy(), source)
+
+
+def model_probes(model, tokenizer) -> list:
+    """The probe texts ``attnprog check`` runs programs on, tokenised as ``model`` sees them
+    and carrying its input embeddings (for ``embedding_similarity``)."""
+    from attnprog.synth.embeddings import attach_similarity
+    from attnprog.synth.features import probe_sentences, sentences_from_texts
+
+    probes = sentences_from_texts([p.text for p in probe_sentences()], tokenizer)
+    attach_similarity(probes, input_embeddings(model, [i for s in probes for i in s.ids]))
+    return probes
 
 
 def _place_model(model, device, dtype) -> torch.device:
@@ -148,7 +176,11 @@ def extract_or_load(
     dtype = kwargs.get("dtype") or next(model.parameters()).dtype
     dtype_name = str(dtype).removeprefix("torch.")
     if reuse and out.is_file() and store_matches(out, model, corpus, limit, dtype_name):
-        return AttentionStore.load(out, device=kwargs.get("store_device", "cpu")), True
+        store = AttentionStore.load(out, device=kwargs.get("store_device", "cpu"))
+        if store.embeddings is None:  # a store written before token embeddings were kept
+            store.embeddings = input_embeddings(model, store.ids_packed.tolist())
+            store.save(out)
+        return store, True
     if out.is_file():
         warnings.warn(f"{out} was made from another model or corpus: extracting again", stacklevel=2)
     store = extract_attention(model, tokenizer, corpus, **dict(kwargs, max_tokens=limit))

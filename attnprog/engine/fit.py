@@ -25,6 +25,7 @@ from attnprog.engine.store import AttentionStore
 from attnprog.kernels.iou import iou_from_l1, iou_from_l1_grad, segment_iou
 from attnprog.synth.features import attach_syntax
 from attnprog.synth.fitted import (
+    EMBEDDING_FEATURE_NAMES,
     FEATURE_NAMES,
     SYNTAX_FEATURE_NAMES,
     feature_packed,
@@ -52,6 +53,7 @@ class FitSettings:
     heads_per_chunk: int = 48  # bounds memory: [chunk, cells] tensors
     device: str = "cpu"
     syntax: bool = True  # offer POS / dependency features when spaCy is installed
+    embeddings: bool = True  # offer token-meaning features when the store keeps embeddings
     initial_share: float | None = None  # None: half the head's mean attention on token 0
     threads: int | None = None  # CPU threads; None: torch's default (every core)
 
@@ -288,11 +290,15 @@ def frequent_pieces(sentences: Sequence, count: int) -> list[str]:
     return [piece for piece, _ in counts.most_common(count)]
 
 
-def vocabulary(sentences: Sequence, key_tokens: int, query_tokens: int = 0) -> list[str]:
+def vocabulary(sentences: Sequence, key_tokens: int, query_tokens: int = 0,
+               embeddings: bool = True) -> list[str]:
     """The features a fit chooses from: every named feature (syntax ones when the texts have
-    POS tags), and the frequent tokens as keys and as queries (seen from which the first
-    token scores more or less)."""
+    POS tags, token-meaning ones when they carry embeddings and ``embeddings``), and the
+    frequent tokens as keys and as queries (seen from which the first token scores more or
+    less)."""
     syntax = list(SYNTAX_FEATURE_NAMES) if sentences and all(s.has_syntax for s in sentences) else []
+    if embeddings and sentences and all(s.has_embeddings for s in sentences):
+        syntax += list(EMBEDDING_FEATURE_NAMES)
     return (list(FEATURE_NAMES) + syntax
             + [key_token_name(p) for p in frequent_pieces(sentences, key_tokens)]
             + [query_token_name(p) for p in frequent_pieces(sentences, query_tokens)])
@@ -309,7 +315,7 @@ def fit_store(store: AttentionStore, split: str = "synthesis", settings: FitSett
     sentences = store.sentences(texts)
     if settings.syntax:
         attach_syntax(sentences)  # POS and dependency features when spaCy is installed
-    names = vocabulary(sentences, settings.key_tokens, settings.query_tokens)
+    names = vocabulary(sentences, settings.key_tokens, settings.query_tokens, settings.embeddings)
     data = corpus_features(sentences, names, device=settings.device)
     cells = torch.cat([torch.arange(int(store.offsets[s]), int(store.offsets[s + 1])) for s in texts])
     head_indices = list(range(store.n_rows)) if rows is None else list(rows)
@@ -357,4 +363,4 @@ def fitted_programs(store: AttentionStore, split: str = "synthesis",
     ]
 
 
-FIT_VERSION = "3"  # bump when the fitter changes what it produces; 3: causal syntax
+FIT_VERSION = "4"  # bump when the fitter changes what it produces; 3: causal syntax, 4: token meaning

@@ -78,6 +78,7 @@ def rank_heads(store: AttentionStore, outputs, heads: list[int], **rank_kwargs):
         attn_packed=store.attn_packed[head_indices.to(store.device)], offsets=store.offsets,
         lengths=store.lengths, ids_packed=store.ids_packed, texts=store.texts, tokens=store.tokens,
         spans=store.spans, splits=store.splits, meta=dict(store.meta, n_layers=1, n_heads=len(heads)),
+        embeddings=store.embeddings,
     )
     part = rank_table(narrow, outputs, **rank_kwargs)
     iou = torch.zeros(part.n_programs, store.n_rows)

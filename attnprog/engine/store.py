@@ -12,6 +12,7 @@ import torch
 
 from attnprog.errors import StoreError
 from attnprog.layout import causal_offsets
+from attnprog.synth.embeddings import TokenEmbeddings, attach_similarity
 from attnprog.synth.features import Sentence
 
 FORMAT_VERSION = "1"
@@ -28,6 +29,8 @@ class AttentionStore:
     lengths     [texts]                 int64 token count per text
     ids_packed  [n_tokens]              int64 token ids of all texts concatenated
                                         (n_tokens = sum of lengths)
+    embeddings                          the model's input-embedding rows of the token ids
+                                        used (None in stores written before they were kept)
     """
 
     attn_packed: torch.Tensor
@@ -39,6 +42,7 @@ class AttentionStore:
     spans: list[list[tuple[int, int]]]
     splits: list[str]
     meta: dict = field(default_factory=dict)
+    embeddings: TokenEmbeddings | None = None
 
     # --- shape -----------------------------------------------------------------------------
     @property
@@ -92,10 +96,13 @@ class AttentionStore:
     def sentences(self, indices=None) -> list[Sentence]:
         """``Sentence`` objects for the given texts (all when None), from the stored tokens."""
         indices = range(self.n_texts) if indices is None else indices
-        return [
+        sentences = [
             Sentence(self.texts[s], self.token_ids(s), self.tokens[s], self.spans[s])
             for s in indices
         ]
+        if self.embeddings is not None:  # token meaning: s.embedding_similarity(i, j)
+            attach_similarity(sentences, self.embeddings)
+        return sentences
 
     def split_indices(self, split: str | None) -> list[int]:
         """Indices of texts in a split ('synthesis', 'selection', 'heldout'); all when None."""
@@ -123,6 +130,7 @@ class AttentionStore:
             spans=[self.spans[s] for s in indices],
             splits=[self.splits[s] for s in indices],
             meta=dict(self.meta, corpus_hash=_subset_hash(self.meta.get("corpus_hash", ""), indices)),
+            embeddings=self.embeddings,
         )
 
     def to(self, device) -> AttentionStore:
@@ -143,6 +151,9 @@ class AttentionStore:
             "lengths": self.lengths.cpu().contiguous(),
             "ids_packed": self.ids_packed.cpu().contiguous(),
         }
+        if self.embeddings is not None:
+            tensors["embedding_ids"] = torch.from_numpy(self.embeddings.ids)
+            tensors["embedding_rows"] = torch.from_numpy(self.embeddings.rows)
         metadata = {
             "format": FORMAT_VERSION,
             "texts": json.dumps(self.texts),
@@ -151,6 +162,8 @@ class AttentionStore:
             "splits": json.dumps(self.splits),
             "meta": json.dumps(self.meta),
         }
+        if self.embeddings is not None:
+            metadata["embeddings_source"] = self.embeddings.source
         tmp = path.with_suffix(path.suffix + ".partial")
         save_file(tensors, str(tmp), metadata=metadata)
         tmp.replace(path)  # never leave a half-written store behind
@@ -193,7 +206,15 @@ class AttentionStore:
             spans=[[tuple(span) for span in spans] for spans in json.loads(metadata["spans"])],
             splits=json.loads(metadata["splits"]),
             meta=json.loads(metadata["meta"]),
+            embeddings=_embeddings(tensors, metadata),
         )
+
+
+def _embeddings(tensors: dict, metadata: dict) -> TokenEmbeddings | None:
+    if "embedding_ids" not in tensors:
+        return None
+    return TokenEmbeddings(tensors["embedding_ids"].numpy(), tensors["embedding_rows"].numpy(),
+                           metadata.get("embeddings_source", ""))
 
 
 def _subset_hash(corpus_hash: str, indices: list[int]) -> str:

@@ -68,6 +68,7 @@ class Sentence:
     dep_head: list[int] | None = None
     dependents: list[list[int]] | None = None
     syntax_mode: str = ""
+    token_similarity: np.ndarray | None = None  # [n, n] see attnprog.synth.embeddings
 
     def __post_init__(self) -> None:
         if not (len(self.ids) == len(self.tokens) == len(self.offsets)):
@@ -98,6 +99,8 @@ class Sentence:
         """Compute every cached per-token feature now (before copies are handed out)."""
         for name in _CACHED_FEATURES:
             getattr(self, name)
+        if self.token_similarity is not None:  # unpickled arrays are writable again
+            self.token_similarity.setflags(write=False)
         return self
 
     def _feature(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
@@ -280,6 +283,22 @@ class Sentence:
     def is_special(self) -> np.ndarray:
         """[n] bool: the token covers no text (BOS, EOS and other special tokens)."""
         return self._feature("special", lambda: [a == b for a, b in self.offsets])
+
+    # --- token meaning (the model's input embeddings) -------------------------------------
+    @property
+    def has_embeddings(self) -> bool:
+        """True when the similarity of the tokens' input embeddings is attached."""
+        return self.token_similarity is not None
+
+    def embedding_similarity(self, i, j) -> np.ndarray:
+        """Similarity in meaning: cosine between the model's input embeddings of tokens i and j.
+
+        i, j: ints or index arrays that broadcast (the grids [n, 1] and [1, n] give [n, n]);
+        1.0 for a token and itself or another copy of it."""
+        if self.token_similarity is None:
+            raise ValueError("this text carries no token embeddings; run it from a store "
+                             "(attnprog run) or pass a model to `attnprog check --model`")
+        return np.array(self.token_similarity[i, j], dtype=np.float64)
 
     # --- per-token indices ([n] int) -------------------------------------------------------
     @property

@@ -143,9 +143,21 @@ SYNTAX_FEATURES: tuple[Feature, ...] = (
     *(Feature(f"pos_{tag.lower()}", f"s.has_pos({tag!r})[j]", f"{{w}} on {tag} tokens")
       for tag in POS_TAGS),
 )  # fmt: skip
+# with the model's input embeddings (a store's texts): token meaning, as cosine similarity
+EMBEDDING_FEATURES: tuple[Feature, ...] = (
+    Feature("similar", "s.embedding_similarity(i, j) * (j < i)",
+            "{w} x similarity in meaning to the query"),
+    Feature("similar_to_previous", "s.embedding_similarity(np.maximum(i - 1, 0), j) * (j < i)",
+            "{w} x similarity to the token before the query"),
+    Feature("after_similar", "s.embedding_similarity(i, np.maximum(j - 1, 0)) * (j > 0)",
+            "{w} x similarity of the key's previous token to the query"),
+    Feature("similar_content", "s.embedding_similarity(i, j) * (j < i) * s.is_content_word[j]",
+            "{w} x similarity to the query, on content words"),
+)
 FEATURE_NAMES = tuple(f.name for f in FEATURES)
 SYNTAX_FEATURE_NAMES = tuple(f.name for f in SYNTAX_FEATURES)
-_BY_NAME = {f.name: f for f in FEATURES + SYNTAX_FEATURES}
+EMBEDDING_FEATURE_NAMES = tuple(f.name for f in EMBEDDING_FEATURES)
+_BY_NAME = {f.name: f for f in FEATURES + SYNTAX_FEATURES + EMBEDDING_FEATURES}
 KEY_TOKEN = "key_token:"  # + JSON string of a token piece: the key is that very token
 QUERY_TOKEN = "first_from_token:"  # + JSON piece: key 0, seen from a query that is that token
 
@@ -186,7 +198,7 @@ def feature(name: str) -> Feature:
 
 
 def _order(name: str) -> tuple:
-    known = FEATURE_NAMES + SYNTAX_FEATURE_NAMES
+    known = FEATURE_NAMES + SYNTAX_FEATURE_NAMES + EMBEDDING_FEATURE_NAMES
     return (known.index(name), "") if name in _BY_NAME else (len(known), name)
 
 
@@ -290,6 +302,11 @@ _SHORT_LABELS = {  # (label for a positive weight, for a negative one) where the
     "first_late": ("first token, more in later rows", "first token, less in later rows"),
     "induction": ("induction", "not induction"),
     "same_token": ("earlier copies", "not earlier copies"),
+    "similar": ("similar in meaning to the query", "unlike the query in meaning"),
+    "similar_to_previous": ("similar to the token before the query",
+                            "unlike the token before the query"),
+    "after_similar": ("after tokens similar to the query", "not after tokens similar to the query"),
+    "similar_content": ("content words similar to the query", "content words unlike the query"),
 }
 
 

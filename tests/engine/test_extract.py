@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -118,3 +119,34 @@ def test_subsets_with_different_texts_get_different_corpus_hashes(tiny_gpt2, cor
     first, second = store.subset([0, 1]), store.subset([0, 2])
     assert first.meta["corpus_hash"] != second.meta["corpus_hash"]
     assert store.subset([0, 1]).meta["corpus_hash"] == first.meta["corpus_hash"]
+
+
+def test_the_store_keeps_the_input_embeddings_of_the_tokens_it_uses(tiny_llama, corpus, tmp_path):
+    model, tokenizer = tiny_llama
+    store = extract_attention(model, tokenizer, corpus, progress=False)
+    assert store.embeddings.ids.tolist() == sorted(set(store.ids_packed.tolist()))
+    loaded = AttentionStore.load(store.save(tmp_path / "store.safetensors"))
+    assert (loaded.embeddings.rows == store.embeddings.rows).all()
+    assert "get_input_embeddings" in loaded.embeddings.source
+
+
+def test_embedding_similarity_is_the_cosine_of_the_models_input_embeddings(tiny_llama, corpus):
+    model, tokenizer = tiny_llama
+    store = extract_attention(model, tokenizer, corpus, progress=False)
+    s = store.sentences([0])[0]
+    weight = model.get_input_embeddings().weight.detach()[s.ids]  # [n, d]
+    direct = torch.nn.functional.cosine_similarity(weight[:, None], weight[None, :], dim=-1)
+    i, j = np.arange(s.n)[:, None], np.arange(s.n)[None, :]
+    assert np.allclose(s.embedding_similarity(i, j), direct.numpy(), atol=1e-6)
+    assert np.allclose(np.diag(s.embedding_similarity(i, j)), 1.0, atol=1e-6)
+
+
+def test_a_reused_store_without_embeddings_gets_them(tiny_gpt2, corpus, tmp_path):
+    model, tokenizer = tiny_gpt2
+    path = tmp_path / "store.safetensors"
+    old = extract_attention(model, tokenizer, corpus, progress=False)
+    old.embeddings = None  # as stores were written before embeddings were kept
+    old.save(path)
+    store, reused = extract_or_load(model, tokenizer, corpus, path, progress=False)
+    assert reused and store.embeddings is not None
+    assert AttentionStore.load(path).embeddings is not None

@@ -107,3 +107,40 @@ def test_an_edited_fitted_program_is_no_longer_trusted():
     assert not fitted.is_fitted(edited)
     with pytest.raises(ProgramError, match="sandbox"):
         fitted.evaluate_fitted([edited], probe_sentences())
+
+
+def with_embeddings(sentences):
+    from attnprog.synth.embeddings import TokenEmbeddings, attach_similarity
+
+    rows = np.random.default_rng(1).normal(size=(50_000, 16))
+    attach_similarity(sentences, TokenEmbeddings(np.arange(50_000), rows, "random (test)"))
+    return sentences
+
+
+SIMILARITY_FIT = {"share": 0.2, "weights": {"similar": 1.4, "after_similar": 0.8,
+                                            "similar_to_previous": -0.6, "similar_content": 0.5,
+                                            "previous_1": 1.1}}
+
+
+def test_a_fitted_program_using_similarity_reproduces_its_matrices_in_the_sandbox():
+    program = fitted.program_from_fit(SIMILARITY_FIT, head="L0.H1")
+    assert "s.embedding_similarity(i, j)" in program.source
+    sentences = with_embeddings(probe_sentences())
+    expected = fitted.evaluate_fitted([program], sentences)[0]
+    with Sandbox(1, progress=False) as box:
+        (run,) = box.run([program], sentences)
+    assert not run.failed.any(), run.reason
+    np.testing.assert_allclose(run.values, expected, atol=1e-5)
+
+
+def test_similarity_terms_read_as_token_meaning():
+    words = fitted.describe_fit(SIMILARITY_FIT)
+    assert "+1.4 x similarity in meaning to the query" in words
+    assert fitted.term_label("similar_to_previous", 1.0) == "similar to the token before the query"
+
+
+def test_the_similarity_feature_is_the_cosine_to_earlier_tokens():
+    (s,) = with_embeddings([Sentence.from_text("The cat saw the cat.")])
+    (similar,) = fitted.feature_dense(s, ["similar"])
+    assert similar[4, 1] == pytest.approx(1.0, abs=1e-6)  # the second " cat" and the first
+    assert not np.triu(similar).any()  # neither itself nor later tokens

@@ -140,6 +140,7 @@ class RunRecord:
             "spec": model_spec, "id": model_id, "file_hash": revision.removeprefix("sha256:") or None,
             "type": store.meta.get("model_type"), "layers": store.n_layers, "heads": store.n_heads,
             "kv_heads": store.meta.get("n_kv_heads"), "dtype": store.meta.get("dtype"),
+            "embeddings": store.embeddings.source if store.embeddings is not None else None,
         }
         self.manifest["corpus"] = {
             "spec": corpus_spec, "hash": store.meta.get("corpus_hash"),

@@ -26,6 +26,8 @@ _NOTES = {
     "dependents": "per token, the earlier tokens whose syntactic head it is (None without spaCy)",
     "syntax_mode": "how pos and the arcs were made ('causal': from the text up to each token)",
     "n": "number of tokens",
+    "token_similarity": "[n, n] cosine of the tokens' input embeddings (read it with "
+                        "s.embedding_similarity)",
 }
 
 

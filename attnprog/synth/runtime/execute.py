@@ -19,6 +19,7 @@ from attnprog.synth.features import Sentence
 from attnprog.synth.policy import entry_point
 from attnprog.synth.program import Program, normalise_packed
 from attnprog.synth.runtime.paper_form import adapt_paper_form
+from attnprog.synth.runtime.paper_helpers import PaperHelpers
 
 _MAX_REASON = 300
 
@@ -75,11 +76,13 @@ def escape(text: str) -> str:
 def compile_program(source: str, name: str, tokenizer=None) -> Callable[[Sentence], object]:
     """Execute ``source`` and return its entry point as ``f(s) -> matrix``: the function
     ``name``, else the one :func:`~attnprog.synth.policy.entry_point` infers. Paper-form
-    functions get ``tokenizer`` (the model's, when given) or a per-sentence stand-in.
+    functions get ``tokenizer`` (the model's, when given) or a per-sentence stand-in, and
+    every program the paper authors' helpers (:mod:`.paper_helpers`) unless it defines them.
 
     Raises ProgramError when the source does not compile or defines no such function.
     """
-    namespace: dict = {"__name__": "attnprog_program", "np": np}
+    helpers = PaperHelpers()
+    namespace: dict = {"__name__": "attnprog_program", "np": np, **helpers.namespace()}
     try:
         code = compile(source, filename(name), "exec")
     except SyntaxError as err:
@@ -95,7 +98,7 @@ def compile_program(source: str, name: str, tokenizer=None) -> Callable[[Sentenc
     if not callable(function):
         raise ProgramError(f"the source defines no function named `{name}`; define `def {name}(s)`")
     if call_form(function) == "paper":
-        return adapt_paper_form(function, tokenizer)
+        return adapt_paper_form(function, tokenizer, helpers)
     return function
 
 

@@ -110,12 +110,16 @@ class SentenceTokenizer:
         return max(self._s.ids, default=-1) + 1
 
 
-def adapt_paper_form(function: Callable, tokenizer=None) -> Callable[[Sentence], object]:
+def adapt_paper_form(function: Callable, tokenizer=None, helpers=None) -> Callable[[Sentence], object]:
     """Wrap ``f(sentence: str, tokenizer) -> (label, matrix)`` as ``g(s) -> matrix``; the
-    function gets ``tokenizer`` when given, else a :class:`SentenceTokenizer`."""
+    function gets ``tokenizer`` when given, else a :class:`SentenceTokenizer`. ``helpers``
+    (a :class:`~attnprog.synth.runtime.paper_helpers.PaperHelpers`) is bound to each call."""
 
     def native(s: Sentence):
-        result = function(s.text, tokenizer if tokenizer is not None else SentenceTokenizer(s))
+        given = tokenizer if tokenizer is not None else SentenceTokenizer(s)
+        if helpers is not None:
+            helpers.bind(s, given)
+        result = function(s.text, given)
         if isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], str):
             return result[1]
         return result

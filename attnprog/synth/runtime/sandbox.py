@@ -42,6 +42,7 @@ from attnprog.synth.runtime.isolation import (
     require_isolation,
     wrap_command,
 )
+from attnprog.synth.runtime.paper_helpers import SPACY_HELPERS
 from attnprog.synth.runtime.worker import MAX_REASON_CHARS, seconds
 
 __all__ = ["ProgramResult", "Sandbox", "run_in_sandbox", "uses_spacy", "modules_needed"]
@@ -573,7 +574,8 @@ def _progress_bar(total: int, enabled: bool):
 
 def modules_needed(programs: Sequence[Program], with_tokenizer: bool = False) -> set[str]:
     """Heavy modules the programs import (spaCy, transformers, torch), read from their code,
-    not their comments: workers load these before forking. With ``with_tokenizer``,
+    not their comments: workers load these before forking (spaCy also for programs that call
+    the authors' spaCy helpers, :mod:`.paper_helpers`). With ``with_tokenizer``,
     paper-form programs need transformers (the model's tokenizer) and torch where they ask
     it for ``return_tensors="pt"`` (the stand-in tokenizer returns numpy arrays)."""
     needed: set[str] = set()
@@ -591,6 +593,9 @@ def modules_needed(programs: Sequence[Program], with_tokenizer: bool = False) ->
                 needed.add(node.module.split(".")[0])
             elif with_tokenizer and isinstance(node, ast.Constant) and node.value == "pt":
                 needed.add("torch")  # the real tokenizer's return_tensors="pt" makes tensors
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                  and node.func.id in SPACY_HELPERS):
+                needed.add("spacy")  # the authors' helpers parse with spaCy
     return needed & set(_PRELOADABLE)
 
 

@@ -31,9 +31,11 @@ class ValidationResult:
         return self.ok
 
 
-def check_file(path, name: str | None = None, unsafe: bool = False) -> list[tuple[str, str]]:
+def check_file(path, name: str | None = None, unsafe: bool = False, *, tokenizer=None,
+               probes=None) -> list[tuple[str, str]]:
     """Validate the programs of a file: one program (entry point ``name`` or inferred), or
     a library in the paper's layout (many ``f(sentence, tokenizer)`` beside helpers).
+    ``tokenizer``: the model's, for paper-form programs, with ``probes`` tokenised by it.
     Returns (entry point, "" or the escaped reason) per program."""
     source = read_source(path)
     library = library_programs(source, str(path)) if name is None else []
@@ -44,7 +46,7 @@ def check_file(path, name: str | None = None, unsafe: bool = False) -> list[tupl
         if entry is None:
             raise ProgramError(f"{path}: no program function found; define `def program(s)`")
         programs = [Program(source=source, name=entry, family="custom")]
-    results = validate_many(programs, unsafe=unsafe)
+    results = validate_many(programs, probes=probes, unsafe=unsafe, tokenizer=tokenizer)
     return [(p.name, escape(r.reason)) for p, r in zip(programs, results, strict=True)]
 
 
@@ -58,10 +60,12 @@ def validate(program: Program, probes=None, sandbox=None) -> ValidationResult:
 
 
 def validate_many(
-    programs: Sequence[Program], probes=None, sandbox=None, *, unsafe: bool = False
+    programs: Sequence[Program], probes=None, sandbox=None, *, unsafe: bool = False,
+    tokenizer=None,
 ) -> list[ValidationResult]:
     """:func:`validate` for many programs with one sandbox run. ``unsafe``: run without OS
-    isolation where it is unavailable (only for the sandbox made here, not a given one)."""
+    isolation where it is unavailable; ``tokenizer``: the model's, for paper-form programs
+    (both only for the sandbox made here, not a given one)."""
     probes = list(probes) if probes is not None else probe_sentences()
     results: list[ValidationResult | None] = [None] * len(programs)
     to_run = []
@@ -72,17 +76,18 @@ def validate_many(
         else:
             to_run.append(i)
     if to_run:
-        runs = _run_probes([programs[i] for i in to_run], probes, sandbox, unsafe)
+        runs = _run_probes([programs[i] for i in to_run], probes, sandbox, unsafe, tokenizer)
         for i, run in zip(to_run, runs, strict=True):
             results[i] = _judge_probe_run(run, probes)
     return results
 
 
-def _run_probes(programs, probes, sandbox, unsafe: bool):
+def _run_probes(programs, probes, sandbox, unsafe: bool, tokenizer=None):
     if sandbox is not None:
         return sandbox.run(programs, probes, progress=False)
     workers = 1 if len(programs) < 8 else None
-    with Sandbox(workers, progress=False, spacy=uses_spacy(programs), unsafe=unsafe) as box:
+    with Sandbox(workers, progress=False, spacy=uses_spacy(programs), unsafe=unsafe,
+                 tokenizer=tokenizer) as box:
         return box.run(programs, probes)
 
 

@@ -82,3 +82,29 @@ def test_check_file_unsafe_leaves_the_environment_alone(tmp_path, monkeypatch):
     path.write_text(NATIVE)
     assert check_file(path, unsafe=True) == [("program", "")]
     assert "ATTNPROG_UNSAFE_SANDBOX" not in os.environ
+
+
+PARTS_AND_MEANING = '''
+import numpy as np
+
+def program(sentence, tokenizer):
+    tokens = tokenize(sentence, tokenizer)
+    first_word = tokenizer.tokenize(sentence.split()[0])  # another text than the sentence
+    n = len(tokens)
+    out = np.eye(n)
+    for i in range(1, n):
+        out[i, 0] = len(first_word) + embedding_similarity(tokens, i, 0, tokenizer)
+    return "first word, and meaning", out
+'''
+
+
+def test_check_with_a_model_tokenises_any_text_and_knows_token_meaning(tmp_path, tiny_gpt2):
+    from attnprog.engine.extract import model_probes
+
+    model, tokenizer = tiny_gpt2
+    path = tmp_path / "parts.py"
+    path.write_text(PARTS_AND_MEANING)
+    assert check_file(path, tokenizer=tokenizer, probes=model_probes(model, tokenizer)) == [
+        ("program", "")]
+    (_, reason), = check_file(path)  # the stand-in knows the probe text only
+    assert "only tokenises the sentence being explained" in reason
