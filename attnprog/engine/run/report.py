@@ -125,7 +125,8 @@ def _replacement_rows(summary: dict) -> list[tuple[str, str, str, str]]:
                              f"ppl_increase_{fraction:g}_{order}", _fmt(value, signed=True), paper))
     for budget, shares in sorted((summary.get("replaceable_share") or {}).items(), key=lambda b: float(b[0])):
         if isinstance(shares, dict):
-            rows.append((f"heads replaceable by programs within +{budget} % perplexity (selection / held-out)",
+            rows.append((f"heads replaceable by programs within +{budget} % perplexity "
+                         "(selection / held-out)",
                          f"replaceable_share_{budget}",
                          f"{_fmt(shares.get('selection'), percent=True)} / "
                          f"{_fmt(shares.get('heldout'), percent=True)}", ""))
@@ -268,7 +269,8 @@ def _grid_html(heads: list[dict], n_layers: int, n_heads: int) -> list[str]:
              "(the pattern most of its attention follows), the held-out IoU of its best program and "
              "that program's name. Click a cell to open the head in the viewer.</p>",
              _grid_filters_html(heads),
-             "<table class='grid'><tr><th></th>" + "".join(f"<th>H{h}</th>" for h in range(n_heads)) + "</tr>"]
+             "<table class='grid'><tr><th></th>" + "".join(f"<th>H{h}</th>" for h in range(n_heads))
+             + "</tr>"]
     for layer in range(n_layers):
         parts.append(f"<tr><th>L{layer}</th>")
         for head in range(n_heads):
