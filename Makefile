@@ -32,13 +32,18 @@ demo: setup
 test: setup browser
 	$(PY) -m pytest -q
 
-# The report test opens the page in Debian's headless chromium; installed here when missing
-# (needs root and a Debian mirror; without it that test skips and says why).
+# The report tests open the page in Debian's headless chromium and drive it through its
+# chromedriver (selenium, pointed at both by path); installed here when missing (needs root and
+# a Debian mirror; without them those tests skip and say why).
 browser:
 	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
 	  apt-get install -y -q chromium >/dev/null 2>&1 || \
 	  (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
 	  echo "could not install chromium: the browser test will skip"
+	@command -v chromedriver >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+	  apt-get install -y -q chromium-driver >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium-driver >/dev/null 2>&1) || \
+	  echo "could not install chromium-driver: the browser tests that drive the page will skip"
 
 test-fast: setup browser
 	$(PY) -m pytest -q -m "not slow"

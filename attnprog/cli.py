@@ -411,8 +411,8 @@ def replace(
 def report_command(
     run_dir: Path = typer.Argument(..., help="a run directory written by `attnprog run`"),
     out: Path = typer.Option(None, help="where to write the page (default: RUN_DIR/report.html)"),
-    texts: int = typer.Option(2, help="held-out texts drawn per head"),
-    tokens: int = typer.Option(24, help="tokens per heatmap axis"),
+    texts: int = typer.Option(5, help="held-out texts in the attention viewer"),
+    tokens: int = typer.Option(48, help="tokens shown per held-out text (the first ones)"),
 ) -> None:
     """Rebuild a run's self-contained HTML report (summary, IoU grid, curves, every head)."""
     from attnprog.engine.run.report import write_report

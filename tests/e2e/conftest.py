@@ -1,7 +1,10 @@
-"""End-to-end fixtures: a real headless Chromium (Debian's `chromium`) to open reports with."""
+"""End-to-end fixtures: a real headless Chromium (Debian's `chromium`) to open reports with, driven
+by selenium through Debian's `chromedriver` (both by path: selenium's driver manager never runs),
+and one tiny run whose report the tests open."""
 
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -51,3 +54,41 @@ def chromium() -> Chromium:
         pytest.skip("chromium is not installed and `make test` could not install it "
                     "(apt-get install -y chromium needs root and a Debian mirror)")
     return Chromium(binary)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A selenium-driven headless Chromium (1200 x 1000) that logs every network request; skips only
+    where chromium, its driver or selenium are not installed."""
+    binary, driver = _find_chromium(), shutil.which("chromedriver")
+    if binary is None or driver is None:
+        pytest.skip("chromium or chromedriver is not installed and `make test` could not install them "
+                    "(apt-get install -y chromium chromium-driver needs root and a Debian mirror)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install "
+                                    "-e '.[dev]')")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--window-size=1200,1000", *FLAGS[1:]):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    with tempfile.TemporaryDirectory(prefix="attnprog-chromium-") as profile:
+        options.add_argument(f"--user-data-dir={profile}")
+        session = webdriver.Chrome(service=Service(executable_path=driver), options=options)
+        try:
+            yield session
+        finally:
+            session.quit()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """`attnprog run` on the tiny model: (run directory, what it printed)."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", "from attnprog.cli import main; main()", "run", "--out", str(out),
+         "--model", "tiny-gpt2", "--limit", "30", "--max-tokens", "24", "--candidates", "100",
+         "--fraction", "0.25", "--seed", "3"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout

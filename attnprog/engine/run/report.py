@@ -1,9 +1,11 @@
-"""The run's report: one self-contained HTML file (no network; images are data URIs).
+"""The run's report: one self-contained HTML file that opens offline (scripts, styles and data
+inline; the library curve is a PNG data URI).
 
 First the headline figures beside the paper's, then a layer x head grid coloured by held-out
-IoU (each cell links to its head), the IoU-vs-library-size and perplexity-vs-fraction curves
-(matplotlib, Agg), the library, and one section per head: its best program's source and
-heatmaps of real attention beside the program's output on two held-out texts.
+IoU that people filter by type, IoU and name; clicking a cell opens that head in the attention
+viewer (a held-out text as tokens: hover or pin a query token to see where the head, its
+program or their difference attends) with the head at a glance under it; then the library
+curve, the replacement charts (drawn by the page's script) and the library.
 """
 
 from __future__ import annotations
@@ -13,61 +15,33 @@ import html
 import io
 import json
 import math
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from attnprog.engine.heads import head_label, head_label_of
 from attnprog.engine.run import rundir
+from attnprog.engine.run.head_glance import head_infos, head_section_html
 from attnprog.engine.run.rundir import PAPER
+from attnprog.engine.run.sweep_chart import chart_data, interval, ppl_sweep, sweep_curves
+from attnprog.engine.run.viewer import VIEWER_TEXTS, VIEWER_TOKENS, viewer_data, viewer_texts
 from attnprog.errors import StoreError
 
-HEATMAP_TOKENS = 24  # tokens shown per heatmap axis: the matrix's top-left block, exact rows
-HEATMAP_TEXTS = 2
-CELL_PX = 11  # pixels per matrix entry; token labels are 11 px apart to match
 TYPE_SHORT = {"first token": "first", "previous token": "previous", "duplicate token": "duplicate",
-              "punctuation": "punct", "recent window": "window"}  # grid cells are 10 letters wide
+              "punctuation": "punct", "recent window": "window"}  # grid cells are narrow
+GRID_NAME = 22  # characters of a program's name a grid cell shows (the whole name on hover)
+ASSETS = ("report.css", "chart.js", "viewer.js")  # package data beside this module, inlined
+VIEWS = ("model", "program", "diff")
 
 
-# --- reading the run directory ------------------------------------------------------------------
+def asset(name: str) -> str:
+    """The text of one of the page's asset files (attnprog/engine/run/assets/)."""
+    return resources.files("attnprog.engine.run").joinpath("assets", name).read_text(encoding="utf-8")
 
 
 def _read_json(path: Path, default=None):
     return json.loads(path.read_text()) if path.is_file() else default
-
-
-def sweep_curves(sweep: dict | None) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """``sweep.json`` as {order: {condition: [(fraction, % increase), ...]}}; reads both
-    {fraction: {condition: x}} (one order, named "IoU") and {order: {fraction: {condition: x}}}."""
-    if not sweep:
-        return {}
-
-    def is_fraction(key) -> bool:
-        try:
-            float(key)
-            return True
-        except (TypeError, ValueError):
-            return False
-
-    orders = {"IoU": sweep} if all(is_fraction(k) for k in sweep) else sweep
-    curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for order, by_fraction in orders.items():
-        if not isinstance(by_fraction, dict):
-            continue
-        for fraction, by_condition in by_fraction.items():
-            if not (is_fraction(fraction) and isinstance(by_condition, dict)):
-                continue
-            for condition, value in by_condition.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    curves.setdefault(str(order), {}).setdefault(condition, []).append(
-                        (float(fraction), float(value)))
-    for conditions in curves.values():
-        for points in conditions.values():
-            points.sort()
-    return curves
-
-
-# --- figures -------------------------------------------------------------------------------------
 
 
 def _png(fig) -> str:
@@ -80,18 +54,13 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _pyplot():
+def library_curve_figure(library: dict, best_fit_mean: float | None) -> str:
+    """Mean IoU over heads against library size, with the best-fit ceiling and the baselines."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; the report must build on a headless machine
     import matplotlib.pyplot as plt
 
-    return plt
-
-
-def library_curve_figure(library: dict, best_fit_mean: float | None) -> str:
-    """Mean IoU over heads against library size, with the best-fit ceiling and the baselines."""
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=90, layout="constrained")
     sizes = np.arange(1, len(library["curve_heldout"]) + 1)
     ax.plot(sizes, library["curve_selection"], label="library, selection texts", color="#888")
@@ -109,137 +78,7 @@ def library_curve_figure(library: dict, best_fit_mean: float | None) -> str:
     return _png(fig)
 
 
-def perplexity_figure(curves: dict) -> str:
-    """% perplexity increase against the share of heads replaced, for every order and condition."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=90, layout="constrained")
-    styles = ["-", "--", "-.", ":"]
-    colours = {"programs": "#1f77b4", "uniform": "#d62728", "random": "#9467bd"}
-    for k, (order, conditions) in enumerate(curves.items()):
-        for condition, points in conditions.items():
-            x, y = zip(*points)
-            label = condition if len(curves) == 1 else f"{condition} ({order} order)"
-            ax.plot(100 * np.asarray(x), y, styles[k % len(styles)], marker="o", ms=3,
-                    color=colours.get(condition), label=label)
-    ax.axhline(0, color="black", lw=0.5)
-    ax.plot([25], [PAPER["ppl_increase_at_25_percent"]], "k*", ms=9, label="paper, programs at 25 %")
-    ax.set_yscale("symlog", linthresh=10)
-    ax.set_xlabel("heads replaced (%)")
-    ax.set_ylabel("perplexity increase (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _png(fig)
-
-
-def _token_label(piece: str) -> str:
-    piece = piece.replace("\n", "\u23ce").replace("\t", "\u21e5")
-    piece = piece.replace("\u0120", "\u00b7").replace("\u2581", "\u00b7").replace(" ", "\u00b7")
-    return (piece[:9] + "\u2026") if len(piece) > 10 else piece
-
-
-def heatmap_png(matrix: np.ndarray, cell: int = CELL_PX) -> str:
-    """One attention matrix as a PNG data URI: ``cell`` pixels per entry, matplotlib's "Blues"
-    scaled to the largest entry below the first row (row 0 always holds a single 1). Drawn
-    directly, not as a matplotlib figure: 4 heatmaps x 270 heads would take minutes to lay
-    out on 2 CPU cores, and the axes are HTML text."""
-    import matplotlib
-    from PIL import Image
-
-    top = max(float(matrix[1:].max() if len(matrix) > 1 else matrix.max()), 1e-9)
-    rgba = matplotlib.colormaps["Blues"](np.clip(matrix / top, 0.0, 1.0), bytes=True)
-    image = Image.fromarray(rgba[..., :3], "RGB").quantize(colors=32)
-    image = image.resize((matrix.shape[1] * cell, matrix.shape[0] * cell), Image.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="png", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def head_heatmaps(panels: list[tuple[np.ndarray, np.ndarray, list[str]]], head: str) -> str:
-    """HTML: per text, real attention beside the program's output, tokens on both axes
-    (rows: the attending token, columns: the token attended to)."""
-    e = html.escape
-    parts = []
-    for t, (attention, program, tokens) in enumerate(panels):
-        labels = [e(_token_label(token)) for token in tokens]
-        n = len(labels)
-        rows = "".join(f"<div>{label}</div>" for label in labels)
-        columns = "".join(f"<div>{label}</div>" for label in labels)
-        size = n * CELL_PX
-        cells = []
-        for name, matrix in (("attention", attention), ("program", program)):
-            cells.append(
-                f"<td><div class='cap'>{name}</div><img width='{size}' height='{size}' "
-                f"alt='{name} of {e(head)} on held-out text {t + 1}' src='{heatmap_png(matrix)}'>"
-                f"<div class='xl'>{columns}</div></td>")
-        parts.append(f"<table class='hm'><tr><td class='yl'><div class='cap'>text {t + 1}</div>"
-                     f"{rows}</td>{''.join(cells)}</tr></table>")
-    return "".join(parts)
-
-
-# --- head panels -----------------------------------------------------------------------------------
-
-
-def _dense(packed: np.ndarray, n: int, keep: int) -> np.ndarray:
-    """The top-left ``keep`` x ``keep`` block of a packed causal n x n matrix."""
-    rows, cols = np.tril_indices(n)
-    dense = np.zeros((n, n), dtype=np.float32)
-    dense[rows, cols] = packed
-    return dense[:keep, :keep]
-
-
-def heatmap_texts(store, count: int = HEATMAP_TEXTS) -> list[int]:
-    """Store indices of the held-out texts to draw: the first ``count`` with enough tokens."""
-    held = store.split_indices("heldout") if "heldout" in store.splits else list(range(store.n_texts))
-    long = [s for s in held if int(store.lengths[s]) >= 8]
-    return (long or held)[:count]
-
-
-def head_panels(store, programs: dict[int, object], texts: list[int], keep: int = HEATMAP_TOKENS):
-    """{head_index: [(attention, program output, tokens) per text]} for every head in
-    ``programs`` (head_index -> Program), evaluating each distinct program once on the chosen
-    texts."""
-    from attnprog.synth.runtime.evaluate import evaluate_programs
-
-    unique = list({p.hash: p for p in programs.values()}.values())
-    sentences = store.sentences(texts)
-    outputs = evaluate_programs(unique, sentences, tokenizer_id=store.meta.get("tokenizer_id", ""),
-                                progress=False)
-    position = {p.hash: k for k, p in enumerate(unique)}
-    offsets = np.asarray(outputs.offsets)
-    panels = {}
-    for head_index, program in programs.items():
-        panels[head_index] = []
-        for t, s in enumerate(texts):
-            n = int(store.lengths[s])
-            k = min(n, keep)
-            attention = store.dense(head_index, s).cpu().numpy()[:k, :k]
-            values = outputs.values[position[program.hash], offsets[t] : offsets[t + 1]]
-            panels[head_index].append((attention, _dense(values, n, k), store.tokens[s][:k]))
-    return panels
-
-
-# --- HTML ------------------------------------------------------------------------------------------
-
-_CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:0 16px 48px;color:#222}
-h1{margin-bottom:0}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:36px}
-.sub{color:#666;margin-top:2px}
-table{border-collapse:collapse}td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:left}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-.headline td:first-child{color:#444}.headline td.ours{font-weight:600}
-.grid td{width:62px;height:30px;padding:1px 2px;border:1px solid #fff;font-size:9px;line-height:1.1;
- text-align:center;overflow:hidden}
-.grid a{color:inherit;text-decoration:none;display:block}.grid th{font-size:10px;text-align:center}
-pre{background:#f6f8fa;padding:8px;overflow-x:auto;font-size:12px;margin:6px 0}
-.head{border-top:1px solid #eee;margin-top:18px}.head img{max-width:100%}
-details summary{cursor:pointer}
-.hm{margin:4px 0}.hm td{vertical-align:top;border:0;padding:0 6px 0 0}
-.hm .cap{font-size:11px;color:#555;height:16px}
-.hm .yl{text-align:right;font:9px/11px monospace;padding-top:16px}.hm .yl>div{height:11px;overflow:hidden}
-.hm .xl{display:flex;height:64px}.hm .xl>div{width:11px;writing-mode:vertical-rl;font:9px/11px monospace;
- overflow:hidden;white-space:nowrap}
-.hm img{display:block;image-rendering:pixelated;border:1px solid #ccc}
-"""
+# --- the headline table ----------------------------------------------------------------------------
 
 
 def _colour(iou: float) -> tuple[str, str]:
@@ -271,6 +110,35 @@ def _heads_rows(summary: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _replacement_rows(summary: dict) -> list[tuple[str, str, str, str]]:
+    """Perplexity with programs in place (with its interval when the sweep measured one), and the
+    share of heads that can be replaced within a perplexity budget, when present."""
+    rows = []
+    for order, conditions in sweep_curves(ppl_sweep(summary)).items():
+        for fraction, value in conditions.get("programs", []):
+            if fraction > 0:
+                paper = f"+{PAPER['ppl_increase_at_25_percent']:.0f} %" if abs(fraction - 0.25) < 1e-9 else ""
+                suffix = "" if order == "IoU" else f", {order} order"
+                bounds = interval(summary.get("ppl_increase_ci"), order, fraction, "programs")
+                ci = f" (interval {bounds[0]:+.1f} to {bounds[1]:+.1f} %)" if bounds else ""
+                rows.append((f"perplexity, {100 * fraction:g} % of heads replaced{suffix}{ci}",
+                             f"ppl_increase_{fraction:g}_{order}", _fmt(value, signed=True), paper))
+    for budget, shares in sorted((summary.get("replaceable_share") or {}).items(), key=lambda b: float(b[0])):
+        if isinstance(shares, dict):
+            rows.append((f"heads replaceable by programs within +{budget} % perplexity "
+                         "(selection / held-out)",
+                         f"replaceable_share_{budget}",
+                         f"{_fmt(shares.get('selection'), percent=True)} / "
+                         f"{_fmt(shares.get('heldout'), percent=True)}", ""))
+    protocol = summary.get("paper_protocol_iou")
+    if isinstance(protocol, dict) and protocol.get("mean") is not None:
+        rows.append(("best-fit IoU by the paper's protocol (chosen and scored on the same texts), "
+                     "mean (min to max)", "paper_protocol_iou",
+                     f"{_fmt(protocol.get('mean'))} ({_fmt(protocol.get('min'))} to "
+                     f"{_fmt(protocol.get('max'))})", ""))
+    return rows
+
+
 def _headline_rows(summary: dict, n_heads: int) -> list[tuple[str, str, str, str]]:
     """(label, key, our figure, the paper's) for the summary table."""
     paper_iou = " / ".join(f"{100 * v:.0f} %" for v in PAPER["best_fit_iou"].values())
@@ -292,13 +160,7 @@ def _headline_rows(summary: dict, n_heads: int) -> list[tuple[str, str, str, str
     rows += _heads_rows(summary)
     for name, value in (summary.get("baseline_iou") or {}).items():
         rows.append((f"{name} baseline IoU", f"baseline_{name.replace(' ', '_')}", _fmt(value), ""))
-    for order, conditions in sweep_curves(summary.get("ppl_increase")).items():
-        for fraction, value in conditions.get("programs", []):
-            if fraction > 0:
-                paper = f"+{PAPER['ppl_increase_at_25_percent']:.0f} %" if abs(fraction - 0.25) < 1e-9 else ""
-                suffix = "" if order == "IoU" else f", {order} order"
-                rows.append((f"perplexity, {100 * fraction:g} % of heads replaced{suffix}",
-                             f"ppl_increase_{fraction:g}_{order}", _fmt(value, signed=True), paper))
+    rows += _replacement_rows(summary)
     qa = summary.get("qa_accuracy")
     if qa:
         rows.append(("QA accuracy, unmodified", "qa_before", _fmt(qa.get("before"), percent=True), ""))
@@ -310,19 +172,33 @@ def _headline_rows(summary: dict, n_heads: int) -> list[tuple[str, str, str, str
     return rows
 
 
-def render_html(*, summary: dict, manifest: dict, library: dict | None, sweep_figure: str | None,
-                library_figure: str | None, heads: list[dict], n_layers: int, n_heads: int,
-                sweep_text: str = "", titles: dict[str, str] | None = None) -> str:
+# --- the page ----------------------------------------------------------------------------------------
+
+
+def render_html(*, summary: dict, manifest: dict, library: dict | None, library_figure: str | None,
+                heads: list[dict], n_layers: int, n_heads: int, sweep_text: str = "",
+                titles: dict[str, str] | None = None, viewer: dict | None = None,
+                charts: list[dict] | None = None) -> str:
     """The report page from prepared pieces (``heads``: one dict per explained head, keyed by
-    ``head_index``; ``titles``: program hash -> name, from heads.json)."""
+    ``head_index``; ``titles``: program hash -> name, from heads.json; ``viewer``: the viewer's
+    data from :func:`viewer_data`; ``charts``: from :func:`chart_data`)."""
+    data = {"viewer": viewer, "charts": charts or [],
+            "paper": {"fraction": 0.25, "ppl_increase": PAPER["ppl_increase_at_25_percent"]}}
     parts = (_page_top_html(manifest, n_layers, n_heads)
              + _summary_html(summary, len(heads))
              + _grid_html(heads, n_layers, n_heads)
-             + _curves_html(library_figure, sweep_figure, sweep_text)
+             + _viewer_html(heads, n_heads, viewer)
+             + _curves_html(library_figure, bool(charts), sweep_text)
              + _library_html(library, titles)
-             + _heads_html(heads, n_heads)
-             + ["</body></html>"])
+             + [_data_script(data), f"<script>{asset('chart.js')}\n{asset('viewer.js')}</script>",
+                "</body></html>"])
     return "\n".join(parts)
+
+
+def _data_script(data: dict) -> str:
+    """The page's data as a JSON script element ("</" escaped so no string can end it)."""
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/")
+    return f"<script type='application/json' id='attnprog-data'>{text}</script>"
 
 
 def _page_top_html(manifest: dict, n_layers: int, n_heads: int) -> list[str]:
@@ -333,7 +209,9 @@ def _page_top_html(manifest: dict, n_layers: int, n_heads: int) -> list[str]:
     device = manifest.get("device", {}).get("cuda") or "cpu"
     return [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>attnprog report: {e(str(model.get('id', '')))}</title><style>{_CSS}</style></head><body>",
+        f"<title>attnprog report: {e(str(model.get('id', '')))}</title><style>{asset('report.css')}</style>",
+        # with scripts on, only the chosen head's section shows; without, every one does
+        "<script>document.documentElement.classList.add('js')</script></head><body>",
         "<h1>attnprog report</h1>",
         f"<p class='sub'>{e(str(model.get('id', '?')))}: {model.get('layers', n_layers)} layers x "
         f"{model.get('heads', n_heads)} heads; corpus {e(str(corpus.get('spec', '?')))} "
@@ -357,49 +235,94 @@ def _summary_html(summary: dict, n_explained: int) -> list[str]:
     return parts
 
 
-def _grid_html(heads: list[dict], n_layers: int, n_heads: int) -> list[str]:
-    """Layers x heads, each cell coloured by held-out IoU and linked to its head's section."""
+def _grid_filters_html(heads: list[dict]) -> str:
+    """The grid's filters: type, IoU range, and a search over head, type and program name."""
+    types = sorted({h.get("type") or h["family"] for h in heads})
+    options = "".join(f"<option>{html.escape(t)}</option>" for t in types)
+    return ("<div class='filters' id='grid-filters'><label>type <select id='type-filter'>"
+            f"<option value=''>any</option>{options}</select></label> "
+            "<label>IoU from <input id='iou-min' type='number' min='0' max='1' step='0.05' value='0'>"
+            "</label> <label>to <input id='iou-max' type='number' min='0' max='1' step='0.05' value='1'>"
+            "</label> <label>search <input id='grid-search' type='search' placeholder='L18.H3, previous, "
+            "\u2019the\u2019\u2026'></label> <span id='grid-count'></span></div>")
+
+
+def _grid_cell_html(info: dict, label: str) -> str:
+    from attnprog.synth.titles import shorten
+
     e = html.escape
+    background, colour = _colour(info["heldout_iou"])
+    kind = info.get("type") or info["family"]
+    title = info.get("title") or info["name"]
+    about = f"{info['type']} head; " if info.get("type") else ""
+    return (f"<td data-head='{label}' data-type='{e(kind)}' data-iou='{info['heldout_iou']:.4f}' "
+            f"data-name='{e(title)}' style='background:{background};color:{colour}' "
+            f"title='{label}: {e(about)}{e(title)} ({e(info['family'])}), IoU {info['heldout_iou']:.3f}'>"
+            f"<a href='#{label}'><b>{e(TYPE_SHORT.get(kind, kind[:10]))}</b> {info['heldout_iou']:.2f}"
+            f"<br><span>{e(shorten(title, GRID_NAME))}</span></a></td>")
+
+
+def _grid_html(heads: list[dict], n_layers: int, n_heads: int) -> list[str]:
+    """Layers x heads, each cell coloured by held-out IoU and opening its head in the viewer."""
     by_head_index = {h["head_index"]: h for h in heads}
     parts = ["<h2 id='grid'>Heads by held-out IoU</h2><p class='sub'>Each cell: the head's type "
-             "(the pattern most of its attention follows; hover for its best program's name), "
-             "and the held-out IoU of that program.</p><table class='grid'><tr><th></th>"
-             + "".join(f"<th>H{h}</th>" for h in range(n_heads)) + "</tr>"]
+             "(the pattern most of its attention follows), the held-out IoU of its best program and "
+             "that program's name. Click a cell to open the head in the viewer.</p>",
+             _grid_filters_html(heads),
+             "<table class='grid'><tr><th></th>" + "".join(f"<th>H{h}</th>" for h in range(n_heads))
+             + "</tr>"]
     for layer in range(n_layers):
         parts.append(f"<tr><th>L{layer}</th>")
         for head in range(n_heads):
             info = by_head_index.get(layer * n_heads + head)
-            if info is None:
-                parts.append("<td style='background:#eee'></td>")
-                continue
-            background, colour = _colour(info["heldout_iou"])
-            label = head_label_of(layer, head)
-            kind = info.get("type") or info["family"]
-            about = f"{info['type']} head; " if info.get("type") else ""
-            parts.append(
-                f"<td style='background:{background};color:{colour}' title='{label}: {e(about)}"
-                f"{e(info.get('title') or info['name'])} ({e(info['family'])}), IoU "
-                f"{info['heldout_iou']:.3f}'><a href='#{label}'>"
-                f"{e(TYPE_SHORT.get(kind, kind[:10]))}<br>{info['heldout_iou']:.2f}</a></td>")
+            parts.append("<td class='none'></td>" if info is None
+                         else _grid_cell_html(info, head_label_of(layer, head)))
         parts.append("</tr>")
     parts.append("</table>")
     return parts
 
 
-def _curves_html(library_figure: str | None, sweep_figure: str | None, sweep_text: str) -> list[str]:
+def _viewer_html(heads: list[dict], n_heads: int, viewer: dict | None) -> list[str]:
+    """The attention viewer's controls and token row (filled by the page's script), then every
+    head's section (the script shows the chosen one)."""
+    e = html.escape
+    labels = [head_label(h["head_index"], n_heads) for h in heads]
+    first = labels[0] if labels else ""
+    parts = ["<h2 id='head'>A head, its program, and where each attends</h2>"]
+    if viewer and viewer["texts"]:
+        head_options = "".join(f"<option value='{label}'>{label}: {e(h.get('title') or h['name'])}</option>"
+                               for label, h in zip(labels, heads))
+        text_options = "".join(f"<option value='{k}'>held-out text {k + 1}</option>"
+                               for k in range(len(viewer["texts"])))
+        buttons = "".join(f"<button type='button' data-view-button='{v}'>{v}</button>" for v in VIEWS)
+        parts.append(
+            f"<div id='viewer' data-head='{first}' data-view='model' data-text='0'>"
+            f"<div class='controls'><label>head <select id='head-select'>{head_options}</select></label> "
+            f"<label>text <select id='text-select'>{text_options}</select></label> "
+            f"<span class='views'>{buttons}</span></div>"
+            "<p class='sub'>Hover a token to see where it attends (click to pin it): the head's "
+            "attention (blue), its program's (orange), or program minus head (orange: the program "
+            "attends more, blue: less). Each row is scaled to its largest entry.</p>"
+            "<div id='tokens' class='tokens'></div><p id='row-info' class='row-info'></p></div>")
+    parts += [head_section_html(info, n_heads) for info in heads]
+    return parts
+
+
+def _curves_html(library_figure: str | None, charts: bool, sweep_text: str) -> list[str]:
     parts = ["<h2 id='curves'>Library size and head replacement</h2>"]
     if library_figure:
         parts.append(f"<p><img alt='mean IoU against library size' src='{library_figure}'></p>")
-    if sweep_figure:
-        parts.append(f"<p><img alt='perplexity increase against heads replaced' src='{sweep_figure}'></p>")
+    if charts:
+        parts.append("<div id='replacement'></div>")
     if sweep_text:
-        parts.append(f"<pre>{html.escape(sweep_text)}</pre>")
+        parts.append(f"<details><summary>the sweep as text</summary><pre>{html.escape(sweep_text)}</pre>"
+                     "</details>")
     return parts
 
 
 def _library_html(library: dict | None, titles: dict[str, str] | None = None) -> list[str]:
     """The library's programs in order, each by name (``titles``: hash -> name, else derived
-    from the program) with its source and the heads it explains."""
+    from the program) with its source and the heads it explains (linked)."""
     from attnprog.synth.program import Program
     from attnprog.synth.titles import program_title
 
@@ -412,107 +335,22 @@ def _library_html(library: dict | None, titles: dict[str, str] | None = None) ->
              "<table><tr><th>#</th><th>program</th><th>family</th><th>gain</th><th>heads</th></tr>"]
     for k, program in enumerate(library["programs"]):
         names = program.get("heads", [])
-        shown = ", ".join(names[:12]) + (f", ... ({len(names)})" if len(names) > 12 else "")
+        shown = ", ".join(f"<a href='#{e(n)}'>{e(n)}</a>" for n in names[:12])
+        shown += f", ... ({len(names)})" if len(names) > 12 else ""
         parts.append(
             f"<tr><td class='num'>{k + 1}</td><td><details><summary>"
             f"{e(titles.get(program['hash']) or program_title(Program.from_dict(program)))} "
             f"<small>{e(program['hash'])}</small></summary><pre>{e(program['source'].strip())}</pre>"
             f"</details></td><td>{e(program['family'])}</td><td class='num'>{program['gain']:.4f}</td>"
-            f"<td>{e(shown)}</td></tr>")
+            f"<td>{shown}</td></tr>")
     parts.append("</table>")
     return parts
 
 
-def _head_about_html(info: dict) -> str:
-    """A head's pattern scores and its fitted program's held-out IoU by number of terms (from
-    heads.json; empty for a run without it)."""
-    e = html.escape
-    parts = []
-    if info.get("type_scores"):
-        parts.append("pattern scores (share of attention): " + " &middot; ".join(
-            f"{e(name)} {score:.2f}" for name, score in info["type_scores"].items()))
-    if info.get("iou_by_terms"):
-        parts.append("its fitted program by number of terms (held-out IoU): " + " &middot; ".join(
-            f"{k}: {iou:.3f}" for k, iou in info["iou_by_terms"].items())
-            + f"; {info['terms_needed']} within 0.01 of the best")
-    return "".join(f"<p class='sub'>{part}</p>" for part in parts)
-
-
-def _head_source_html(info: dict) -> str:
-    """The best program's source; first the shortest program that fits when there is a shorter
-    one within 0.01 of the best's held-out IoU (else the shortest beside the best)."""
-    e = html.escape
-    best = f"<pre>{e(info['source'].strip())}</pre>"
-    shortest = info.get("shortest") or {}
-    if not shortest.get("source"):
-        return best
-    terms = f"{shortest['terms']} term{'' if shortest['terms'] == 1 else 's'}"
-    about = (f"its own fitted program cut to {terms}, <b>{e(shortest['name'])}</b>, IoU "
-             f"{shortest['heldout_iou']:.3f} held-out")
-    cut = f"<pre>{e(shortest['source'].strip())}</pre>"
-    if shortest["heldout_iou"] >= info["heldout_iou"] - 0.01:
-        return (f"<p>The shortest program that fits: {about}</p>{cut}<details><summary>the best "
-                f"program, {e(info.get('title') or info['name'])}</summary>{best}</details>")
-    return f"{best}<details><summary>the shortest fit: {about}</summary>{cut}</details>"
-
-
-def _heads_html(heads: list[dict], n_heads: int) -> list[str]:
-    """One section per head: its type, its best program by name, the shortest program that fits
-    when there is a shorter one, and its heatmaps."""
-    e = html.escape
-    parts = ["<h2 id='heads'>Every head</h2>"]
-    for info in heads:
-        label = head_label(info["head_index"], n_heads)
-        kind = f"{info['type']} head · " if info.get("type") else ""
-        parts.append(
-            f"<div class='head' id='{label}'><h3>{label}: {e(kind)}{e(info.get('title') or info['name'])}"
-            f"</h3><p class='sub'>best fit: {e(info['family'])} program {e(info['hash'])}, IoU "
-            f"{info['heldout_iou']:.3f} held-out ({info['selection_iou']:.3f} selection)"
-            + (f"; in the library it uses #{info['library_position'] + 1} "
-               f"(IoU {info['library_iou']:.3f})" if info.get("library_position") is not None else "")
-            + " &middot; <a href='#grid'>back to the grid</a></p>"
-            + _head_about_html(info) + _head_source_html(info))
-        if info.get("heatmaps"):
-            parts.append(info["heatmaps"])
-        parts.append("</div>")
-    return parts
-
-
-def head_infos(table, library: dict | None, explained: dict | None) -> list[dict]:
-    """One dict per explained head for the page: its best program (named, from heads.json when
-    there is one), IoU, place in the library, and what heads.json says about it."""
-    from attnprog.synth.titles import program_title
-
-    entries = {e["head_index"]: e for e in (explained or {}).get("heads", [])}
-    head_indices = (table.meta.get("heads") or (library or {}).get("heads")
-                    or list(range(table.iou.shape[1])))
-    best_iou, best_index = table.best()
-    heldout = table.heldout_iou if table.heldout_iou is not None else best_iou
-    library_of = {}
-    if library:
-        for k, head_index in enumerate(library["heads"]):
-            library_of[head_index] = (library["assignment"][k], library["heldout_iou"][k])
-    heads = []
-    for head_index in head_indices:
-        program = table.programs[int(best_index[head_index])]
-        position, library_iou = library_of.get(head_index, (None, None))
-        entry = entries.get(head_index, {})
-        heads.append({"head_index": head_index, "program": program, "name": program.name,
-                      "title": entry.get("program", {}).get("name") or program_title(program),
-                      "family": program.family, "hash": program.hash, "source": program.source,
-                      "heldout_iou": float(heldout[head_index]),
-                      "selection_iou": float(best_iou[head_index]),
-                      "library_position": position, "library_iou": library_iou,
-                      **{key: entry[key] for key in ("type", "type_scores", "iou_by_terms",
-                                                     "terms_needed", "shortest") if key in entry}})
-    return heads
-
-
 def write_report(run_dir: str | Path, out: str | Path | None = None, store=None,
-                 texts: int = HEATMAP_TEXTS, tokens: int = HEATMAP_TOKENS, progress: bool = True) -> Path:
-    """Build ``report.html`` (or ``out``) from a run directory; ``store`` skips reloading it."""
-    from tqdm.auto import tqdm
-
+                 texts: int = VIEWER_TEXTS, tokens: int = VIEWER_TOKENS) -> Path:
+    """Build ``report.html`` (or ``out``) from a run directory: ``texts`` held-out texts in the
+    viewer, each cut to ``tokens`` tokens; ``store`` skips reloading the attention."""
     from attnprog.engine.head_entries import program_names
     from attnprog.engine.rank import IoUTable
     from attnprog.engine.store import AttentionStore
@@ -525,28 +363,20 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, store=None,
     if store is None:
         store = AttentionStore.load(run_dir / rundir.STORE)
     summary = _read_json(run_dir / rundir.SUMMARY, {})
-    manifest = _read_json(run_dir / rundir.MANIFEST, {})
     library = _read_json(run_dir / rundir.LIBRARY)
-    sweep = _read_json(run_dir / rundir.SWEEP)
+    if not ppl_sweep(summary):  # a run that stopped before its summary: the sweep file alone
+        summary = dict(summary, ppl_increase=_read_json(run_dir / rundir.SWEEP))
     sweep_text = (run_dir / rundir.SWEEP_TEXT).read_text() if (run_dir / rundir.SWEEP_TEXT).is_file() else ""
-
     explained = rundir.read_heads(run_dir)
     heads = head_infos(table, library, explained)
-
-    chosen = heatmap_texts(store, texts)
-    if chosen:
-        panels = head_panels(store, {h["head_index"]: h["program"] for h in heads}, chosen, tokens)
-        for info in tqdm(heads, desc="report", unit="head", disable=None if progress else True):
-            head_index = info["head_index"]
-            info["heatmaps"] = head_heatmaps(panels[head_index], head_label(head_index, table.n_heads))
-    best_fit_mean = summary.get("mean_best_fit_iou")
-    curves = sweep_curves(sweep)
+    chosen = viewer_texts(store, texts)
     page = render_html(
-        summary=summary, manifest=manifest, library=library,
-        sweep_figure=perplexity_figure(curves) if curves else None,
-        library_figure=library_curve_figure(library, best_fit_mean) if library else None,
+        summary=summary, manifest=_read_json(run_dir / rundir.MANIFEST, {}), library=library,
+        library_figure=library_curve_figure(library, summary.get("mean_best_fit_iou")) if library else None,
         heads=heads, n_layers=table.n_layers, n_heads=table.n_heads, sweep_text=sweep_text,
         titles=program_names(explained),
+        viewer=viewer_data(store, {h["head_index"]: h["program"] for h in heads}, chosen, tokens),
+        charts=chart_data(summary, len(heads), _read_json(run_dir / rundir.SWEEP_DETAIL)),
     )
     path = Path(out) if out else run_dir / rundir.REPORT
     tmp = path.with_suffix(".html.partial")

@@ -469,7 +469,8 @@ def after_sweep(state: RunState) -> None:
 
 # --- the report ----------------------------------------------------------------------------
 
-REPORT_VERSION = 3  # bump when the page changes; 2: heads written L18.H3; 3: types and names
+REPORT_VERSION = 4  # bump when the page changes; 2: heads written L18.H3; 3: types and names;
+# 4: the attention viewer, searchable grid, heads at a glance, replacement charts drawn in the page
 
 
 def run_report(state: RunState) -> None:
