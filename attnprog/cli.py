@@ -471,3 +471,7 @@ def main() -> None:
     except AttnProgError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":  # `python -m attnprog.cli` as well as the `attnprog` script
+    main()
