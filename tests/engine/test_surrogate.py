@@ -10,8 +10,8 @@ from attnprog import Surrogate
 from attnprog.engine.batching import make_batch, pad_token_id
 from attnprog.engine.nll import token_logprobs
 from attnprog.engine.replace import OutputsRow, replace_heads
-from attnprog.engine.store import AttentionStore
 from attnprog.engine.run import rundir
+from attnprog.engine.store import AttentionStore
 from attnprog.errors import ModelError
 from attnprog.synth.runtime.evaluate import evaluate_programs
 from tests.engine.surrogate_run import PREVIOUS, make_run
