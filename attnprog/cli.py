@@ -407,6 +407,31 @@ def replace(
     typer.echo(result.to_text())
 
 
+@app.command("surrogate", epilog=example(
+    'attnprog surrogate runs/demo --prompt "Once upon a time" --max-new-tokens 20'))
+def surrogate_command(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `attnprog run`"),
+    prompt: str = typer.Option("", help="text to continue (greedy), with and without replacement"),
+    max_new_tokens: int = typer.Option(20, help="tokens to generate"),
+    fraction: float = typer.Option(0.25, help="share of heads replaced, as in the sweep"),
+    order: str = typer.Option("cost", help="'cost' (cheapest first) or 'iou' (best fit first)"),
+    score: Path = typer.Option(None, help="a text file: perplexity of its lines with and "
+                               "without replacement"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    batch_size: int = typer.Option(8),
+) -> None:
+    """Run the model with a run's heads replaced by their programs on new text: generate a
+    continuation beside the unmodified model's, or score a file's lines."""
+    from attnprog.engine.run.surrogate_command import SurrogateConfig, run_surrogate
+
+    config = SurrogateConfig(run=run_dir, prompt=prompt, max_new_tokens=max_new_tokens,
+                             fraction=fraction, order=order, score=score, device=device,
+                             batch_size=batch_size)
+    if not prompt and score is None:
+        raise AttnProgError("nothing to do: give --prompt TEXT, --score FILE or both")
+    run_surrogate(config, echo=typer.echo)
+
+
 @app.command("report", epilog=example("attnprog report runs/demo"))
 def report_command(
     run_dir: Path = typer.Argument(..., help="a run directory written by `attnprog run`"),

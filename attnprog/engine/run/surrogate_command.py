@@ -1,0 +1,66 @@
+"""`attnprog surrogate RUN`: a prompt's continuation with the run's heads replaced beside the
+unmodified model's, and with a text file the perplexity of its lines with and without."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from attnprog.errors import CorpusError
+
+
+@dataclass
+class SurrogateConfig:
+    """What `attnprog surrogate` does; the CLI fills it."""
+
+    run: Path
+    prompt: str = ""
+    max_new_tokens: int = 20
+    fraction: float = 0.25
+    order: str = "cost"
+    score: Path | None = None
+    device: str = "auto"
+    batch_size: int = 8
+
+
+def run_surrogate(config: SurrogateConfig, echo: Callable[[str], None] = print) -> dict:
+    """Build the surrogate, generate and score as ``config`` asks; return the figures."""
+    from attnprog.engine.surrogate import Surrogate
+
+    surrogate = Surrogate.from_run(config.run, config.fraction, config.order, device=config.device)
+    plain = Surrogate(surrogate.model, surrogate.tokenizer, {})
+    info = surrogate.info
+    echo(f"{len(surrogate.heads)} of {info['n_candidates']} heads replaced ({config.order} order, "
+         f"{100 * config.fraction:g} %); leak check: {info['leak']}")
+    for line in surrogate.describe():
+        echo(f"  {line}")
+    figures: dict = {"heads": len(surrogate.heads)}
+    if config.prompt:
+        replaced = surrogate.generate(config.prompt, config.max_new_tokens)
+        unmodified = plain.generate(config.prompt, config.max_new_tokens)
+        echo(f"prompt:      {config.prompt!r}")
+        echo(f"replaced:    {replaced.continuation!r}")
+        echo(f"unmodified:  {unmodified.continuation!r}")
+        figures["continuation"] = {"replaced": replaced.continuation,
+                                   "unmodified": unmodified.continuation}
+    if config.score is not None:
+        lines = _lines(Path(config.score))
+        sentences = surrogate.sentences(lines)
+        keep = [s for s in sentences if s.n > 1]
+        figures["perplexity"] = {"replaced": surrogate.perplexity(keep, config.batch_size),
+                                 "unmodified": plain.perplexity(keep, config.batch_size)}
+        ppl = figures["perplexity"]
+        echo(f"perplexity on {len(keep)} lines of {config.score}: replaced {ppl['replaced']:.3f}, "
+             f"unmodified {ppl['unmodified']:.3f} "
+             f"({100 * (ppl['replaced'] / ppl['unmodified'] - 1):+.1f} %)")
+    return figures
+
+
+def _lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise CorpusError(f"no text file at {path}: give a file with one text per line")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise CorpusError(f"{path} has no non-empty lines to score")
+    return lines

@@ -1,0 +1,199 @@
+"""A surrogate model: the model with chosen heads computed by their programs, on any text.
+
+``Surrogate(model, tokenizer, {(layer, head): program})`` or ``Surrogate.from_run(run_dir)``
+(the heads a run's sweep replaces at a fraction). Each forward pass computes the replaced
+heads' program matrices for its texts (``engine.program_rows``: attnprog's own programs in
+this process, others in the sandbox) and runs the model through ``engine.replace`` with them.
+Generation is greedy and recomputes every row per new token (programs are causal, so the
+rows of earlier tokens do not change); there is no KV cache yet.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from attnprog.engine.batching import batches_by_length, make_batch, pad_token_id
+from attnprog.engine.heads import head_label_of
+from attnprog.engine.program_rows import program_path, program_rows
+from attnprog.engine.replace import dense_from_packed, head_counts, replace_heads
+from attnprog.errors import ModelError
+from attnprog.layout import causal_offsets
+
+
+@dataclass
+class Generation:
+    """A greedy continuation: the whole sequence as a Sentence, and the new tokens."""
+
+    sentence: object  # attnprog.synth.features.Sentence: prompt and continuation
+    new_ids: list[int]
+    continuation: str
+
+
+@dataclass
+class Timings:
+    """Seconds spent computing program rows and in the model, summed over calls."""
+
+    rows: float = 0.0
+    model: float = 0.0
+    calls: int = 0
+
+
+@dataclass
+class Surrogate:
+    """``model`` with ``heads`` {(layer, head): Program} replaced by their programs.
+
+    ``paths`` says how each head's program is computed (see ``engine.program_rows``);
+    ``info`` what ``from_run`` read (order, fraction, leak check, swaps).
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    heads: Mapping
+    impl: str = "auto"
+    info: dict = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
+
+    def __post_init__(self) -> None:
+        if self.model.training:
+            raise ModelError("a surrogate is inference-only: call model.eval() first")
+        n_layers, n_heads = head_counts(self.model)
+        self.heads = {(int(lay), int(h)): p for (lay, h), p in dict(self.heads).items()}
+        for layer, head in self.heads:
+            if not (0 <= layer < n_layers and 0 <= head < n_heads):
+                raise ModelError(f"head {head_label_of(layer, head)} does not exist: the model "
+                                 f"has {n_layers} layers x {n_heads} heads")
+        self.programs = list({p.hash: p for p in self.heads.values()}.values())
+        self.paths = [program_path(p) for p in self.programs]
+        row_of = {p.hash: k for k, p in enumerate(self.programs)}
+        self._row_of_head = {key: row_of[p.hash] for key, p in self.heads.items()}
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, fraction: float = 0.25, order: str = "cost", *,
+                 device: str = "auto", impl: str = "auto") -> Surrogate:
+        """The run's model with the heads its sweep replaces at ``fraction`` in ``order``
+        ("cost": cheapest first, "iou": best fit first), each by its best causal program."""
+        from attnprog.engine.models import load_model
+        from attnprog.engine.run.surrogate_heads import run_config, run_heads
+
+        model, tokenizer = load_model(run_config(Path(run_dir)).model, device=device,
+                                      attn_implementation="sdpa")
+        chosen = run_heads(Path(run_dir), fraction, order, tokenizer)
+        info = {"run": str(run_dir), "order": order, "fraction": fraction,
+                "n_candidates": chosen.n_candidates, "leak": chosen.leak, "swaps": chosen.swaps,
+                "max_tokens": chosen.max_tokens}
+        return cls(model, tokenizer, chosen.heads, impl=impl, info=info)
+
+    # --- texts in ----------------------------------------------------------------------------
+    def sentences(self, texts: Sequence) -> list:
+        """Sentences for texts (strings are tokenised as the model sees them; Sentences kept)."""
+        from attnprog.synth.features import sentences_from_texts
+
+        texts = list(texts)
+        raw = [k for k, t in enumerate(texts) if isinstance(t, str)]
+        if raw:
+            for k, s in zip(raw, sentences_from_texts([texts[k] for k in raw], self.tokenizer),
+                            strict=True):
+                texts[k] = s
+        return texts
+
+    def describe(self) -> list[str]:
+        """One line per replaced head: its label, program and how the program runs."""
+        from attnprog.synth.titles import program_title
+
+        path_of = dict(zip([p.hash for p in self.programs], self.paths, strict=True))
+        return [f"{head_label_of(*key):<7} {path_of[p.hash]:<24} {program_title(p)}"
+                for key, p in sorted(self.heads.items())]
+
+    # --- forward passes ----------------------------------------------------------------------
+    def head_sources(self, sentences: Sequence, width: int) -> dict:
+        """replace_heads' sources for one batch: each head's [batch, query_pos, key_pos]
+        program matrices, texts right-padded to ``width``."""
+        if not self.heads:
+            return {}
+        values = program_rows(self.programs, sentences, self.tokenizer, self.paths)
+        offsets = causal_offsets([s.n for s in sentences])
+        dense = dense_from_packed(values, offsets, range(len(sentences)), width)
+        return {key: dense[row] for key, row in self._row_of_head.items()}
+
+    @torch.no_grad()
+    def forward_batch(self, sentences: Sequence) -> torch.Tensor:
+        """Logits [batch, query_pos, vocab] of one right-padded batch of Sentences."""
+        device = next(self.model.parameters()).device
+        batch = make_batch([s.ids for s in sentences], pad_id=pad_token_id(self.tokenizer),
+                           sentences=list(sentences), device=device)
+        start = time.perf_counter()
+        sources = self.head_sources(sentences, batch.width)
+        middle = time.perf_counter()
+        if not sources:  # nothing replaced: the model as it is, with its own attention
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                use_cache=False).logits
+        else:
+            with replace_heads(self.model, sources, impl=self.impl) as replacement:
+                logits = replacement.forward(batch).logits
+        self.timings.rows += middle - start
+        self.timings.model += time.perf_counter() - middle
+        self.timings.calls += 1
+        return logits
+
+    def logits(self, texts: Sequence, batch_size: int = 8) -> list[torch.Tensor]:
+        """Each text's logits [query_pos, vocab] (texts: strings or Sentences)."""
+        sentences = self.sentences(texts)
+        result: list[torch.Tensor] = [torch.empty(0)] * len(sentences)
+        for group in batches_by_length([s.n for s in sentences], batch_size):
+            logits = self.forward_batch([sentences[k] for k in group])
+            for b, k in enumerate(group):
+                result[k] = logits[b, : sentences[k].n].float().cpu()
+        return result
+
+    def token_logprobs(self, texts: Sequence, batch_size: int = 8) -> list[np.ndarray]:
+        """log p(token t | tokens < t), t = 1..n-1, per text: float64 (as ``engine.nll``)."""
+        sentences = self.sentences(texts)
+        result: list[np.ndarray] = [np.zeros(0)] * len(sentences)
+        for group in batches_by_length([s.n for s in sentences], batch_size):
+            logits = self.forward_batch([sentences[k] for k in group])
+            for b, k in enumerate(group):
+                n = sentences[k].n
+                targets = torch.as_tensor(sentences[k].ids[1:], device=logits.device)
+                logp = -F.cross_entropy(logits[b, : n - 1].float(), targets, reduction="none")
+                result[k] = logp.double().cpu().numpy()
+        return result
+
+    def perplexity(self, texts: Sequence, batch_size: int = 8) -> float:
+        """Perplexity over every predicted token of ``texts``."""
+        from attnprog.engine.nll import perplexity
+
+        return perplexity(self.token_logprobs(texts, batch_size))
+
+    # --- generation --------------------------------------------------------------------------
+    def generate(self, prompt, max_new_tokens: int = 20, stop_at_eos: bool = True) -> Generation:
+        """Greedy continuation of ``prompt`` (a string or Sentence), heads replaced throughout.
+
+        Each step runs the whole sequence again: the replaced heads' rows for the tokens so
+        far, then a full forward pass (no KV cache); the new token's text extends the prompt's.
+        """
+        s = self.sentences([prompt])[0]
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        new_ids: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(self.forward_batch([s])[0, s.n - 1].argmax())
+            new_ids.append(token)
+            s = _extended(s, token, self.tokenizer.decode([token]))
+            if stop_at_eos and token == eos:
+                break
+        return Generation(s, new_ids, "".join(s.tokens[s.n - len(new_ids):]))
+
+
+def _extended(s, token: int, piece: str):
+    """``s`` with one more token, its text ``piece`` appended (earlier spans unchanged)."""
+    from attnprog.synth.features import Sentence
+
+    end = len(s.text)
+    return Sentence(text=s.text + piece, ids=[*s.ids, token], tokens=[*s.tokens, piece],
+                    offsets=[*s.offsets, (end, end + len(piece))])

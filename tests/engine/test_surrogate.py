@@ -1,0 +1,104 @@
+"""The surrogate: on any text, the sweep's replaced model; generation is its greedy argmax."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from attnprog import Surrogate
+from attnprog.engine.batching import make_batch, pad_token_id
+from attnprog.engine.nll import token_logprobs
+from attnprog.engine.replace import OutputsRow, replace_heads
+from attnprog.engine.run import rundir
+from attnprog.engine.store import AttentionStore
+from attnprog.errors import ModelError
+from attnprog.synth.runtime.evaluate import evaluate_programs
+from tests.engine.surrogate_run import PREVIOUS, make_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_gpt2):
+    return make_run(tmp_path_factory.mktemp("surrogate") / "run", *tiny_gpt2)
+
+
+@pytest.fixture(scope="module")
+def surrogate(run_dir):
+    return Surrogate.from_run(run_dir, fraction=0.75, order="cost")
+
+
+@pytest.fixture(scope="module")
+def heldout(run_dir):
+    store = AttentionStore.load(run_dir / rundir.STORE)
+    texts = store.split_indices("heldout")
+    return store, texts
+
+
+def sweep_path_sources(surrogate, store, texts):
+    """The sweep's sources: every program evaluated on the store's texts (the sandbox path)."""
+    programs = list({p.hash: p for p in surrogate.heads.values()}.values())
+    outputs = evaluate_programs(programs, store.sentences(texts), progress=False)
+    row = {p.hash: k for k, p in enumerate(programs)}
+    return {key: OutputsRow(outputs, row[p.hash]) for key, p in surrogate.heads.items()}
+
+
+def test_logits_on_heldout_texts_equal_the_sweeps_replaced_model(surrogate, heldout):
+    store, texts = heldout
+    sources = sweep_path_sources(surrogate, store, texts)
+    ids = [store.token_ids(s) for s in texts]
+    batch = make_batch(ids, pad_id=pad_token_id(surrogate.tokenizer), indices=list(range(len(ids))))
+    with replace_heads(surrogate.model, sources) as replacement:
+        expected = replacement.forward(batch).logits
+    got = surrogate.logits(store.sentences(texts))
+    assert {"fitted (in-process)", "generator (in-process)", "golden (in-process)",
+            "sandbox (output cache)"} <= set(surrogate.paths)  # every path is compared
+    for b, s in enumerate(texts):
+        torch.testing.assert_close(got[b], expected[b, : store.lengths[s]], atol=1e-5, rtol=0)
+
+
+def test_token_logprobs_equal_the_sweeps_on_heldout_texts(surrogate, heldout):
+    store, texts = heldout
+    sources = sweep_path_sources(surrogate, store, texts)
+    expected = token_logprobs(surrogate.model, [store.token_ids(s) for s in texts], sources,
+                              pad_id=pad_token_id(surrogate.tokenizer))
+    got = surrogate.token_logprobs(store.sentences(texts))
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_replacing_heads_changes_the_logits(surrogate, heldout):
+    store, texts = heldout
+    plain = Surrogate(surrogate.model, surrogate.tokenizer, {})
+    replaced, unmodified = surrogate.logits(store.sentences(texts[:1])), plain.logits(
+        store.sentences(texts[:1]))
+    assert not torch.allclose(replaced[0], unmodified[0], atol=1e-4)
+
+
+def test_a_run_directory_copied_elsewhere_gives_the_same_logits(surrogate, run_dir, tmp_path):
+    copy = shutil.copytree(run_dir, tmp_path / "elsewhere" / "run")
+    moved = Surrogate.from_run(copy, fraction=0.75, order="cost")
+    texts = ["A sentence the run never saw.", "Another one, longer, with a comma."]
+    for a, b in zip(moved.logits(texts), surrogate.logits(texts), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_generation_is_the_argmax_of_a_forward_over_the_generated_sequence(surrogate):
+    generation = surrogate.generate("The cat sat", max_new_tokens=6, stop_at_eos=False)
+    s = generation.sentence
+    assert len(generation.new_ids) == 6 and s.ids[-6:] == generation.new_ids
+    logits = surrogate.logits([s])[0]
+    start = s.n - 6
+    assert logits[start - 1 : s.n - 1].argmax(dim=-1).tolist() == generation.new_ids
+
+
+def test_raw_texts_and_batches_of_mixed_lengths_give_each_texts_own_logits(surrogate):
+    texts = ["Short one.", "A much longer text, which pads the shorter one in its batch."]
+    together = surrogate.logits(texts, batch_size=2)
+    alone = [surrogate.logits([t])[0] for t in texts]
+    for a, b in zip(together, alone, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_a_head_the_model_lacks_is_refused(tiny_gpt2):
+    with pytest.raises(ModelError, match="L7.H0"):
+        Surrogate(*tiny_gpt2, {(7, 0): PREVIOUS})
