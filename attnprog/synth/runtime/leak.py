@@ -22,8 +22,11 @@ CUT_POINTS = (0.3, 0.55, 0.8)  # where texts are cut, as shares of their length
 
 def prefix_sentence(s: Sentence, i: int) -> Sentence:
     """The text as it stood when token i arrived: tokens 0..i and the characters they cover."""
-    return Sentence(text=s.text[: prefix_end(s.offsets, i)], ids=s.ids[: i + 1],
-                    tokens=s.tokens[: i + 1], offsets=s.offsets[: i + 1])
+    prefix = Sentence(text=s.text[: prefix_end(s.offsets, i)], ids=s.ids[: i + 1],
+                      tokens=s.tokens[: i + 1], offsets=s.offsets[: i + 1])
+    if s.token_similarity is not None:  # a pair's similarity depends on those two tokens only
+        prefix.token_similarity = s.token_similarity[: i + 1, : i + 1]
+    return prefix
 
 
 def cut_points(n: int, shares: Sequence[float] = CUT_POINTS) -> list[int]:

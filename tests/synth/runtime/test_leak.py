@@ -1,7 +1,9 @@
 """The leak check: a program whose row i reads a later token is flagged, a causal one is not."""
 
+import numpy as np
 import pytest
 
+from attnprog.synth.embeddings import TokenEmbeddings, attach_similarity
 from attnprog.synth.features import Sentence, syntax_available
 from attnprog.synth.fitted import program_from_fit
 from attnprog.synth.program import Program
@@ -60,3 +62,14 @@ def test_a_fitted_program_on_whole_text_parses_leaks_and_on_causal_ones_does_not
     [whole] = program_leaks([fitted], TEXTS, causal_syntax=False)
     [causal] = program_leaks([fitted], TEXTS)
     assert is_leaky(whole) and not is_leaky(causal)
+
+
+def test_a_fitted_program_reading_token_meaning_is_not_flagged():
+    rng = np.random.default_rng(0)
+    texts = [Sentence.from_text(t.text, bos="<s>") for t in TEXTS]
+    ids = sorted({i for s in texts for i in s.ids})
+    attach_similarity(texts, TokenEmbeddings(np.array(ids), rng.normal(size=(len(ids), 8))))
+    fitted = program_from_fit({"share": 0.1, "weights": {"similar": 2.0, "after_similar": 1.0,
+                                                         "previous_1": 1.0}})
+    [leak] = program_leaks([fitted], texts)
+    assert not is_leaky(leak)  # the prefix keeps its tokens' similarities
