@@ -125,7 +125,8 @@ def _kl(base_logp: torch.Tensor, logp: torch.Tensor) -> np.ndarray:
     """[batch, query_pos] KL(base ‖ replaced) in nats, one text at a time (temporaries of
     vocab × tokens stay small)."""
     rows = [(b.exp() * (b - r)).sum(-1) for b, r in zip(base_logp, logp, strict=True)]
-    return torch.stack(rows).double().cpu().numpy()
+    # KL >= 0; float32 rounding of nearly equal distributions can dip just below
+    return torch.stack(rows).clamp_min(0.0).double().cpu().numpy()
 
 
 def _scatter(result: list, texts: Sequence[int], lengths: Sequence[int], values) -> None:
