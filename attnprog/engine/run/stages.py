@@ -442,13 +442,14 @@ def _protocol(state: RunState) -> dict:
 def _protocol_text(state: RunState) -> str:
     figures = state.detail["figures"]
     paper, (low, high) = figures["paper_protocol_iou"], figures["mean_best_fit_iou_ci"]
+    how = figures.get("paper_protocol", {})
     ours = (f"mean best-fit IoU, ours (chosen on selection, reported on held-out texts): "
             f"{heldout_best_fits(state).mean():.3f} [95 % interval over texts {low:.3f}, "
             f"{high:.3f}]")
     if paper is None:
         return ours + "\nthe paper's protocol: too few held-out texts for a draw"
     return (ours + f"\nthe paper's protocol (chosen and reported on the same "
-            f"{paper['texts_per_draw']} held-out texts, {paper['draws']} draws): mean "
+            f"{how['texts_per_draw']} held-out texts, {how['draws']} draws): mean "
             f"{paper['mean']:.3f}, min {paper['min']:.3f}, max {paper['max']:.3f}")
 
 
