@@ -45,6 +45,8 @@ from attnprog.engine.sweep_result import (  # noqa: F401 - part of this module's
     SweepRow,
 )
 from attnprog.errors import AttnProgError, ModelError, StoreError
+from attnprog.layout import causal_offsets, text_cells
+from attnprog.synth.runtime.outputs import ProgramOutputs
 
 STANDARD_FRACTIONS = (0.0, 0.05, 0.10, 0.25, 0.50, 0.75, 1.0)
 QA_CONDITIONS = ("programs", "uniform", "random")  # QA for the first random seed only
@@ -255,18 +257,39 @@ class _Runner:
     def outputs_on(self, texts, needed, own_split: bool):
         """(outputs, program -> row, corpus indices) for ``needed`` programs on ``texts``;
         outputs given for the sweep's split only serve that split (``own_split``)."""
-        whole_store = self.outputs is not None and n_texts_of(self.outputs) == self.store.n_texts
-        given = self.outputs if whole_store or own_split else None
+        needed = sorted(needed)
+        if self.outputs is not None and n_texts_of(self.outputs) == self.store.n_texts:
+            # the store's outputs: only these rows on these texts' cells (a store's worth of
+            # hundreds of rows is gigabytes), read by position
+            if self.outputs.n_programs != len(self.table.programs):
+                raise StoreError(f"program outputs hold {self.outputs.n_programs} programs, the "
+                                 f"IoU table {len(self.table.programs)}: evaluate the table's "
+                                 "programs")
+            return (_rows_on_texts(self.outputs, needed, texts, self.store.lengths),
+                    {p: row for row, p in enumerate(needed)}, None)
         outputs, row_of = outputs_for(
-            self.table, sorted(needed), given, lambda: self.store.sentences(texts),
-            self.store.n_texts if whole_store else len(texts), self.progress,
+            self.table, needed, self.outputs if own_split else None,
+            lambda: self.store.sentences(texts), len(texts), self.progress,
         )
-        return outputs, row_of, texts if whole_store else None
+        return outputs, row_of, None
 
     def logprobs(self, texts, heads: dict, corpus_indices, desc: str) -> list:
         return token_logprobs(self.model, self.token_ids(texts), heads, batch_size=self.batch_size,
                               impl=self.impl, pad_id=self.pad_id, corpus_indices=corpus_indices,
                               progress=self.progress, desc=desc)
+
+
+def _rows_on_texts(outputs, rows, texts, lengths) -> ProgramOutputs:
+    """ProgramOutputs of ``rows`` of ``outputs`` on ``texts`` only, packed in that order."""
+    if hasattr(outputs, "rows_at"):  # streamed: generator rows computed on these texts only
+        values = outputs.rows_at(rows, texts)
+    else:
+        values = np.asarray(outputs.values)[np.ix_(rows, text_cells(outputs.offsets, texts))]
+    return ProgramOutputs(
+        programs=[outputs.programs[p] for p in rows], values=values,
+        failed=np.asarray(outputs.failed)[np.ix_(rows, texts)],
+        offsets=causal_offsets([int(lengths[s]) for s in texts]),
+    )
 
 
 def _measure(plan: _Plan, run: _Runner, texts, variants: list[Variant]):
@@ -363,7 +386,7 @@ def _replaceable(plan: _Plan, run: _Runner, rows, base_lp, cost_split: str, spli
     found_selection = replaceable_shares(_increase_at(plan, run, selection, cost_split, False),
                                          n, limits, steps=steps)
     found_heldout = replaceable_shares(
-        _increase_at(plan, run, run.store.split_indices(split), split, True), n, limits,
+        _increase_at(plan, run, run.store.split_indices(split), split, True, base), n, limits,
         steps=HELDOUT_STEPS, known=known, first={k: v.count for k, v in found_selection.items()})
     shares = {}
     for limit in limits:
@@ -377,11 +400,14 @@ def _replaceable(plan: _Plan, run: _Runner, rows, base_lp, cost_split: str, spli
     return shares
 
 
-def _increase_at(plan: _Plan, run: _Runner, texts, split: str, own_split: bool):
-    """k -> % perplexity increase on ``texts`` with the k cheapest heads' programs."""
+def _increase_at(plan: _Plan, run: _Runner, texts, split: str, own_split: bool,
+                 base: float | None = None):
+    """k -> % perplexity increase on ``texts`` with the k cheapest heads' programs (``base``:
+    the unmodified perplexity there, measured when not given)."""
     needed = {int(plan.best_index[h]) for h in plan.head_orders["cost"]}
     outputs, row_of, corpus_indices = run.outputs_on(texts, needed, own_split)
-    base = perplexity(run.logprobs(texts, {}, None, f"{split} unmodified"))
+    if base is None:
+        base = perplexity(run.logprobs(texts, {}, None, f"{split} unmodified"))
 
     def increase_at(count: int) -> float:
         heads = plan.sources(("programs", 0, plan.first("cost", count)), (outputs, row_of))
