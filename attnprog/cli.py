@@ -41,7 +41,8 @@ def run(
     limit: int = typer.Option(0, help="use only the first N texts (0: all)"),
     max_tokens: int = typer.Option(128, help="truncate texts to this many tokens"),
     candidates: int = typer.Option(5000, help="generator programs added to the golden library"),
-    fraction: float = typer.Option(0.25, help="largest share of heads replaced in the sweep"),
+    fraction: float = typer.Option(1.0, help="largest share of heads replaced in the sweep "
+                                   "(0, 5, 10, 25, 50, 75, 100 % up to it)"),
     qa: bool = typer.Option(True, help="score the built-in QA sample in the sweep"),
     order: str = typer.Option("both", help=ORDER_HELP),
     cost_method: str = typer.Option("auto", help=COST_METHOD_HELP),
@@ -373,7 +374,7 @@ def replace(
     table: Path = typer.Option(..., help="IoU table from `attnprog rank` (same store)"),
     fraction: float = typer.Option(
         1.0, help="largest share of heads to replace; the sweep runs the standard fractions "
-        "0, 5, 10, 25, 50, 100 % up to it, plus this value when it is not one of them"
+        "0, 5, 10, 25, 50, 75, 100 % up to it, plus this value when it is not one of them"
     ),
     qa: Path = typer.Option(None, help="multiple-choice JSONL (context/choices/label, HellaSwag, "
                             "PIQA or ARC fields); default: the built-in sample"),
@@ -382,11 +383,13 @@ def replace(
     split: str = typer.Option("heldout", help="texts of the store to measure perplexity on"),
     batch_size: int = typer.Option(8),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    seed: int = typer.Option(0, help="seed of the random-program baseline"),
+    seed: int = typer.Option(0, help="seed of the random-program control (seeds SEED, SEED+1, ...)"),
+    random_seeds: int = typer.Option(3, help="random-program draws per row; the mean is shown"),
     order: str = typer.Option("both", help=ORDER_HELP),
     cost_method: str = typer.Option("auto", help=COST_METHOD_HELP),
 ) -> None:
-    """Replace heads by their best-fit programs and print the perplexity and QA sweep table."""
+    """Replace heads by their best-fit programs and by controls (uniform, random program, zero and
+    mean ablation); print perplexity with intervals, KL, the replaceable share and QA."""
     from attnprog.engine.models import load_model
     from attnprog.engine.qa import load_qa
     from attnprog.engine.rank import IoUTable
@@ -402,7 +405,8 @@ def replace(
     result = perplexity_sweep(
         lm, attention, ious, fractions=fractions, split=split, orders=orders,
         cost_method=cost_method, qa_items=None if no_qa else load_qa(qa), tokenizer=tokenizer,
-        qa_source=str(qa or "built-in sample"), seed=seed, batch_size=batch_size,
+        qa_source=str(qa or "built-in sample"), seed=seed, random_seeds=random_seeds,
+        batch_size=batch_size,
     )
     typer.echo(result.to_text())
 

@@ -13,8 +13,11 @@ size; any other mask it does not recognise is used as given, on the reference pa
 does not know raises ``ModelError`` instead of being dropped.
 
 A source is a ``Program`` (run through ``synth.runtime.evaluate``), ``"uniform"`` (the uniform causal
-matrix), ``OutputsRow(outputs, row)`` (precomputed program outputs on a corpus; batches then
-carry corpus indices), or a tensor [B, n, n] (fixed matrices, for tests).
+matrix), ``"zero"`` (an all-zero matrix, so the head's output is exactly zero: zero ablation),
+``OutputsRow(outputs, row)`` (precomputed program outputs on a corpus; batches then carry corpus
+indices), a tensor [B, n, n] (fixed matrices, for tests), or ``MeanOutput(vector)``: the head
+attends normally and its output, before the output projection, is replaced by a fixed vector
+[head_dim] at every position (mean ablation, see ``engine.ablation``).
 """
 
 from __future__ import annotations
@@ -139,8 +142,21 @@ def attnprog_attention(
                                            **features)
     else:
         out = override_attention(query, key, value, flags, program_probs, **mask, **features,
-                                 impl=impl)
+                                 impl=impl)  # [B, H, n, D]
+    if state is not None:
+        out = _fixed_outputs(out, state)
     return out.transpose(1, 2), None
+
+
+def _fixed_outputs(out: torch.Tensor, state: LayerOverride) -> torch.Tensor:
+    """Mean-ablated heads output their fixed vector at every position; a capture records
+    every head's output [B, H, n, D] as the output projection would read it."""
+    if state.mean_heads is not None:
+        values = state.mean_values.to(device=out.device, dtype=out.dtype)  # [F, D]
+        out[:, state.mean_heads.to(out.device)] = values[None, :, None, :]
+    if state.capture is not None:
+        state.capture.append(out.detach())
+    return out
 
 
 def _check_kwargs(module: torch.nn.Module, kwargs: dict) -> None:
@@ -196,6 +212,13 @@ def register() -> None:
 
 
 # --- batches and matrix sources ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MeanOutput:
+    """A head's fixed output vector [head_dim], used at every position (mean ablation)."""
+
+    vector: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -269,13 +292,17 @@ class LayerOverride:
     """What one attention module needs: flags [H] bool, Π [B, flagged, n, n], kernel choice.
 
     ``probe``, when a list, switches the module to probing (see ``engine.head_costs``): heads
-    attend normally and (output, flagged heads, (Π − A)·V) is appended to it.
+    attend normally and (output, flagged heads, (Π − A)·V) is appended to it. ``mean_heads``
+    [F] output ``mean_values`` [F, head_dim] instead; ``capture``, a list, receives every output.
     """
 
     flags: torch.Tensor
     program_probs: torch.Tensor | None = None
     impl: str = "auto"
     probe: list | None = None
+    mean_heads: torch.Tensor | None = None
+    mean_values: torch.Tensor | None = None
+    capture: list | None = None
 
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -309,10 +336,16 @@ class HeadReplacement:
     heads: dict = field(default_factory=dict)
     tokenizer: object = None
     impl: str = "auto"
+    capture: dict | None = None  # layer -> list of outputs [B, H, n, D], when set
 
     def __post_init__(self) -> None:
         self.n_layers, self.n_heads = head_counts(self.model)
         self.modules = attention_modules(self.model)
+        self.use(self.heads)
+
+    def use(self, heads: Mapping) -> None:
+        """Replace ``heads`` (layer, head) -> source from the next batch on."""
+        self.heads = dict(heads)
         for key in self.heads:
             layer, head = key
             if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
@@ -331,10 +364,19 @@ class HeadReplacement:
         program_keys = []
         by_outputs: dict[int, list] = {}
         uniform = None  # one array for every "uniform" head: it is the same matrix
+        zero = None  # likewise for "zero" heads, whose empty rows must stay empty
         for key, source in self.heads.items():
+            if isinstance(source, MeanOutput):
+                continue  # not a matrix: the head's output is fixed after attention
             if isinstance(source, str):
-                if source != "uniform":
-                    raise ModelError(f"unknown head source {source!r}: use 'uniform' or a Program")
+                if source not in ("uniform", "zero"):
+                    raise ModelError(f"unknown head source {source!r}: use 'uniform', 'zero' "
+                                     "or a Program")
+                if source == "zero":
+                    if zero is None:
+                        zero = np.zeros((batch.size, batch.width, batch.width), np.float32)
+                    matrices[key] = zero
+                    continue
                 if uniform is None:
                     uniform = uniform_causal(batch.lengths, batch.width)
                 matrices[key] = uniform
@@ -364,7 +406,8 @@ class HeadReplacement:
         if program_keys:
             matrices.update(self._program_matrices(program_keys, batch))
         for block in {id(block): block for block in matrices.values()}.values():
-            _fix_empty_rows(block, batch.lengths)
+            if block is not zero:  # zero ablation keeps its rows empty: the head outputs 0
+                _fix_empty_rows(block, batch.lengths)
         return matrices
 
     def _program_matrices(self, keys, batch: Batch) -> dict:
@@ -394,7 +437,19 @@ class HeadReplacement:
                 stacked = np.stack([matrices[(layer, head)] for head in heads], axis=1)
                 # Π in the model's dtype, as eager attention casts its probabilities
                 probs = torch.from_numpy(stacked).to(device=device, dtype=dtype)
-            setattr(module, _STATE_ATTR, LayerOverride(flags, probs, self.impl))
+            state = LayerOverride(flags, probs, self.impl, **self._means(layer))
+            if self.capture is not None:
+                state.capture = self.capture.setdefault(layer, [])
+            setattr(module, _STATE_ATTR, state)
+
+    def _means(self, layer: int) -> dict:
+        """LayerOverride's mean_heads and mean_values for the layer's mean-ablated heads."""
+        heads = sorted(h for (lay, h), source in self.heads.items()
+                       if lay == layer and isinstance(source, MeanOutput))
+        if not heads:
+            return {}
+        vectors = [torch.as_tensor(self.heads[(layer, h)].vector).float() for h in heads]
+        return {"mean_heads": torch.tensor(heads), "mean_values": torch.stack(vectors)}
 
     def clear(self) -> None:
         for module in self.modules.values():

@@ -1,34 +1,57 @@
-"""What replacing heads costs: perplexity and multiple-choice QA sweeps.
+"""What replacing heads costs: perplexity, KL and multiple-choice QA sweeps, with controls.
 
-Heads are replaced, each by its best program, at 0, 5, 10, 25, 50 and 100 % of all heads, in
-one or both of two orders: descending best-fit IoU ("iou"), or cheapest first by each head's
-measured single-replacement cost on the selection split ("cost", see ``engine.head_costs``).
-Two baselines replace the same heads, in each order, with the uniform causal matrix and with
-a random program from the pool. Perplexity is reported as the % increase over the unmodified
-model on held-out texts; QA as accuracy, scoring each choice by the mean log-prob of its
-tokens given the context.
+Heads are replaced at 0, 5, 10, 25, 50, 75 and 100 % of all heads, in one or both of two
+orders: descending best-fit IoU ("iou"), or cheapest first by each head's measured
+single-replacement cost on the selection split ("cost", see ``engine.head_costs``). The same
+heads, in each order, also get four controls: the uniform causal matrix, a random program from
+the pool (``random_seeds`` draws; the mean is reported), zero ablation (an all-zero matrix: the
+head contributes nothing) and mean ablation (the head's output before the output projection
+replaced by its mean over the selection texts, see ``engine.ablation``).
+
+On held-out texts: the % perplexity increase over the unmodified model with a 95 % bootstrap
+interval over texts (``engine.bootstrap``), and the KL divergence of the next-token distribution
+from the unmodified model's per predicted token (one unmodified forward per batch serves every
+condition; heads replaced identically in both orders, e.g. all of them, run once). QA accuracy
+scores each choice by the mean log-prob of its tokens given the context, for programs, uniform
+and the first random seed only (the ablations and further seeds skip QA, to save time).
+
+In cost order, the replaceable share is the largest share of heads whose programs stay within
++16 % (and +5 %) perplexity: found by a capped bisection on the selection texts, then searched
+again on the held-out texts starting from that count (``engine.share``); both are reported.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from attnprog.engine.ablation import head_output_means
 from attnprog.engine.batching import pad_token_id
+from attnprog.engine.bootstrap import ppl_increase_interval
 from attnprog.engine.head_costs import head_costs
-from attnprog.engine.heads import head_label
-from attnprog.engine.nll import perplexity, token_logprobs
+from attnprog.engine.nll import perplexity, score_against_base, token_logprobs
 from attnprog.engine.qa import QAItem, qa_accuracy, qa_predictions, tokenise_qa
-from attnprog.engine.replace import OutputsRow, best_fit, n_texts_of, outputs_for
+from attnprog.engine.replace import MeanOutput, OutputsRow, best_fit, n_texts_of, outputs_for
+from attnprog.engine.share import DEFAULT_STEPS, LIMITS, replaceable_shares
+from attnprog.engine.sweep_result import (  # noqa: F401 - part of this module's interface
+    CONDITIONS,
+    ORDER_HEADINGS,
+    ORDER_TITLES,
+    SweepResult,
+    SweepRow,
+)
 from attnprog.errors import AttnProgError, ModelError, StoreError
+from attnprog.layout import causal_offsets, text_cells
+from attnprog.synth.runtime.outputs import ProgramOutputs
 
-STANDARD_FRACTIONS = (0.0, 0.05, 0.10, 0.25, 0.50, 1.0)
-CONDITIONS = ("programs", "uniform", "random")
+STANDARD_FRACTIONS = (0.0, 0.05, 0.10, 0.25, 0.50, 0.75, 1.0)
+QA_CONDITIONS = ("programs", "uniform", "random")  # QA for the first random seed only
+RANDOM_SEEDS = 3
+HELDOUT_STEPS = 4  # the held-out search starts between sweep fractions it already measured
 
 
 def fractions_up_to(limit: float) -> list[float]:
@@ -41,139 +64,7 @@ def fractions_up_to(limit: float) -> list[float]:
     return chosen
 
 
-# --- the sweep -------------------------------------------------------------------------------
-
-
-@dataclass
-class SweepRow:
-    fraction: float
-    n_heads: int
-    mean_iou: float  # mean best-fit IoU of the replaced heads, held-out when known (nan at 0 %)
-    perplexity: dict[str, float]  # condition -> perplexity
-    qa_accuracy: dict[str, float] = field(default_factory=dict)
-    order: str = "iou"  # which head order chose the replaced heads (see ORDERS)
-
-
-@dataclass
-class SweepResult:
-    """Perplexity (and QA accuracy) with a growing share of heads replaced; prints as a table.
-
-    ``rows`` holds one row per (order, fraction), orders in ``orders``' sequence. From Python,
-    ``increases()`` is {order: {fraction: {condition: % increase}}}; ``to_json()`` gives the
-    same with fractions as strings ("0", "0.05", ...) under "ppl_increase", beside
-    "mean_iou" {order: {fraction: IoU or null}}, "n_heads" {fraction: count},
-    "perplexity" {order: {fraction: {condition: ppl}}}, "qa_accuracy" (same shape, when QA
-    ran), "heads" {order: ["L18.H3", ...] in replacement order} and "head_costs"
-    (how the cost order was measured, when it ran).
-    """
-
-    model: str
-    n_texts: int
-    n_tokens: int
-    base_perplexity: float
-    rows: list[SweepRow]
-    base_qa_accuracy: float | None = None
-    n_questions: int = 0
-    qa_source: str = ""
-    orders: dict[str, list[int]] = field(default_factory=dict)  # order -> head indices, in order
-    n_heads_per_layer: int = 0
-    cost_info: dict = field(default_factory=dict)
-
-    def increase(self, row: SweepRow, condition: str) -> float:
-        """% perplexity increase over the unmodified model."""
-        return 100.0 * (row.perplexity[condition] / self.base_perplexity - 1.0)
-
-    def order_names(self) -> list[str]:
-        return list(dict.fromkeys(row.order for row in self.rows))
-
-    def rows_for(self, order: str) -> list[SweepRow]:
-        return [row for row in self.rows if row.order == order]
-
-    def increases(self) -> dict[str, dict[float, dict[str, float]]]:
-        """{order: {fraction: {condition: % perplexity increase}}}."""
-        return {order: {row.fraction: {c: self.increase(row, c) for c in row.perplexity}
-                        for row in self.rows_for(order)}
-                for order in self.order_names()}
-
-    def to_json(self) -> dict:
-        """Plain JSON: see the class docstring for the keys."""
-
-        def by_fraction(order, value):
-            return {f"{row.fraction:g}": value(row) for row in self.rows_for(order)}
-
-        orders = self.order_names()
-        data = {
-            "model": self.model, "n_texts": self.n_texts, "n_tokens": self.n_tokens,
-            "base_perplexity": self.base_perplexity, "orders": orders,
-            "ppl_increase": {o: by_fraction(o, lambda r: {c: self.increase(r, c)
-                                                          for c in r.perplexity})
-                             for o in orders},
-            "mean_iou": {o: by_fraction(o, lambda r: None if math.isnan(r.mean_iou)
-                                        else r.mean_iou) for o in orders},
-            "n_heads": {f"{row.fraction:g}": row.n_heads for row in self.rows},
-            "perplexity": {o: by_fraction(o, lambda r: dict(r.perplexity)) for o in orders},
-        }  # fmt: skip
-        if self.base_qa_accuracy is not None:
-            data["base_qa_accuracy"] = self.base_qa_accuracy
-            data["qa_source"], data["n_questions"] = self.qa_source, self.n_questions
-            data["qa_accuracy"] = {o: by_fraction(o, lambda r: dict(r.qa_accuracy))
-                                   for o in orders}
-        if self.orders and self.n_heads_per_layer:
-            data["heads"] = {o: [head_label(h, self.n_heads_per_layer) for h in head_indices]
-                             for o, head_indices in self.orders.items()}
-        if self.cost_info:
-            data["head_costs"] = dict(self.cost_info)
-        return data
-
-    def to_text(self) -> str:
-        orders = self.order_names()
-        lines = [
-            f"Head replacement on {self.model}: {self.n_texts} held-out texts, {self.n_tokens} "
-            f"predicted tokens; unmodified perplexity {self.base_perplexity:.3f}",
-            "perplexity increase over the unmodified model; heads replaced "
-            + " | ".join(ORDER_TITLES.get(o, o) for o in orders),
-        ]
-        if self.cost_info:
-            info = self.cost_info
-            lines.append(f"cost order: each head's ΔNLL when replaced alone ({info['method']}), "
-                         f"on {len(info['texts'])} {info['split']} texts")
-        if self.base_qa_accuracy is not None:
-            lines.append(f"QA: {self.qa_source}, {self.n_questions} questions; unmodified "
-                         f"accuracy {100 * self.base_qa_accuracy:.1f} %")
-        block = f"{'mean IoU':>8}  " + "  ".join(f"{c:>9}" for c in CONDITIONS)
-        width = len(block)
-        lines += ["", f"{'':>12}  " + " | ".join(f"{ORDER_HEADINGS.get(o, o):^{width}}"
-                                                 for o in orders)]
-        lines.append(f"{'heads':>12}  " + " | ".join(block for _ in orders))
-        by_order = {o: self.rows_for(o) for o in orders}
-        for i, row in enumerate(by_order[orders[0]]):
-            label = f"{100 * row.fraction:g} % ({row.n_heads})"
-            cells = []
-            for o in orders:
-                r = by_order[o][i]
-                iou = "-" if math.isnan(r.mean_iou) else f"{r.mean_iou:.3f}"
-                cells.append(f"{iou:>8}  " + "  ".join(f"{self.increase(r, c):+8.1f}%"
-                                                       for c in CONDITIONS))
-            lines.append(f"{label:>12}  " + " | ".join(cells))
-        if self.base_qa_accuracy is not None:
-            block = "  ".join(f"{c:>9}" for c in CONDITIONS)
-            lines += ["", "QA accuracy", f"{'':>12}  " + " | ".join(
-                f"{ORDER_HEADINGS.get(o, o):^{len(block)}}" for o in orders)]
-            for i, row in enumerate(by_order[orders[0]]):
-                label = f"{100 * row.fraction:g} % ({row.n_heads})"
-                cells = ["  ".join(f"{100 * by_order[o][i].qa_accuracy[c]:8.1f}%"
-                                   for c in CONDITIONS) for o in orders]
-                lines.append(f"{label:>12}  " + " | ".join(cells))
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.to_text()
-
-
 ORDERS = ("iou", "cost")
-ORDER_TITLES = {"iou": "in descending IoU order (iou)",
-                "cost": "cheapest first by measured cost (cost)"}
-ORDER_HEADINGS = {"iou": "descending IoU", "cost": "cheapest first"}
 
 
 def orders_from_option(option: str) -> tuple[str, ...]:
@@ -202,12 +93,15 @@ def perplexity_sweep(
     tokenizer=None,
     qa_source: str = "",
     seed: int = 0,
+    random_seeds: int = RANDOM_SEEDS,
+    share_limits: Sequence[float] = LIMITS,
+    share_steps: int = DEFAULT_STEPS,
     batch_size: int = 8,
     impl: str = "auto",
     progress: bool = True,
     heads: Sequence[int] | None = None,
 ) -> SweepResult:
-    """Replace 0..100 % of heads by best programs and both baselines, for each head order.
+    """Replace 0..100 % of heads by best programs and every control, for each head order.
 
     ``orders``: "iou" (best fit first) and/or "cost" (cheapest first by ``costs``, a
     ``HeadCosts`` measured on ``cost_split``; measured here with ``cost_method`` when None).
@@ -215,32 +109,31 @@ def perplexity_sweep(
     store's texts (when None, only the programs needed run, through ``synth.runtime.evaluate``).
     ``qa_items`` adds QA accuracy (needs ``tokenizer``; ``qa_outputs`` likewise covers the
     tokenised QA texts). ``heads`` (head indices) limits replacement to those heads; fractions are
-    then shares of them.
+    then shares of them. ``share_limits`` (% perplexity; empty: no search) and ``share_steps``
+    set the replaceable-share search, which needs the cost order and ``cost_split`` texts.
     """
     best_iou, best_index = best_fit(table)
     _check_table_fits(best_iou, store)
+    if random_seeds < 1:
+        raise AttnProgError(f"random_seeds must be at least 1, got {random_seeds}")
     measure_costs = lambda: head_costs(model, store, table, split=cost_split, outputs=outputs,
                                        method=cost_method, tokenizer=tokenizer,
                                        batch_size=batch_size, impl=impl, progress=progress)
     head_orders, costs = _head_orders(orders, best_iou, costs, measure_costs, store, split)
-    plan = _plan(head_orders, heads, fractions, table, best_iou, best_index, seed, store.n_heads)
-
-    texts, needed = store.split_indices(split), plan.needed()
-    outputs, row_of, corpus_indices = _text_outputs(store, table, texts, needed, outputs, progress)
-    qa_pairs, qa_outputs, qa_row_of = _qa_outputs(qa_items, tokenizer, table, needed, qa_outputs,
-                                                  progress)
-    scorer = _Scorer(model, [store.token_ids(s) for s in texts], outputs, row_of, corpus_indices,
-                     pad_token_id(tokenizer), batch_size, impl, progress,
-                     qa_items, qa_pairs, qa_outputs, qa_row_of)
-
-    base_lp, base_acc = scorer.run(lambda _: {}, "unmodified")
-    base = perplexity(base_lp)
-    steps = [(name, fraction) for name in plan.head_orders for fraction in fractions]
-    rows = [_sweep_row(plan, scorer, name, fraction, base, base_acc)
-            for name, fraction in tqdm(steps, desc="sweep", unit="fraction",
-                                       disable=None if progress else True)]
-    return _sweep_result(model, store, texts, base_lp, base, base_acc, rows, plan, costs,
-                         qa_items, qa_source)
+    plan = _plan(head_orders, heads, fractions, table, best_iou, best_index, seed, random_seeds,
+                 store.n_heads)
+    run = _Runner(model, store, table, outputs, pad_token_id(tokenizer), batch_size, impl, progress)
+    plan.mean_split = cost_split if cost_split in store.splits else split
+    plan.means = head_output_means(model, run.token_ids(store.split_indices(plan.mean_split)),
+                                   batch_size=batch_size, pad_id=run.pad_id, impl=impl)
+    texts = store.split_indices(split)
+    base_lp, scores = _measure(plan, run, texts, plan.variants(fractions, CONDITIONS))
+    qa = _QA(run, plan, qa_items, tokenizer, qa_outputs, qa_source)
+    rows = [_sweep_row(plan, name, fraction, base_lp, scores, qa)
+            for name in plan.head_orders for fraction in fractions]
+    replaceable = _replaceable(plan, run, rows, base_lp, cost_split, split, share_limits,
+                               share_steps)
+    return _sweep_result(model, store, texts, base_lp, rows, plan, costs, qa, replaceable)
 
 
 def _check_table_fits(best_iou, store) -> None:
@@ -269,41 +162,66 @@ def _head_orders(names, best_iou, costs, measure_costs, store, split):
     return head_orders, costs
 
 
+# a variant is one forward's worth of replacement: (condition, seed index, head indices sorted)
+Variant = tuple[str, int, tuple[int, ...]]
+
+
 @dataclass
 class _Plan:
-    """Which heads each order replaces at each fraction, and the programs they get."""
+    """Which heads each order replaces at each fraction, and what each condition gives them."""
 
     head_orders: dict[str, np.ndarray]  # order -> head indices, in replacement order
     counts: dict[float, int]  # fraction -> heads replaced
     iou: np.ndarray  # head_index -> best-fit IoU as reported (held-out when the table has it)
     best_index: np.ndarray  # head_index -> its best-fit program
-    random_index: np.ndarray  # head_index -> the random baseline's program
+    random_index: list[np.ndarray]  # per seed: head_index -> the random control's program
     n_heads: int  # per layer
+    means: torch.Tensor | None = None  # [layers, heads, head_dim] for mean ablation
+    mean_split: str = ""
 
     @property
     def most(self) -> int:
         return max(self.counts.values(), default=0)
 
-    def needed(self) -> list[int]:
-        """The only programs that ever run: best fits and random picks of the replaced heads."""
-        replaced = {int(h) for order in self.head_orders.values() for h in order[: self.most]}
-        return sorted({int(self.best_index[h]) for h in replaced}
-                      | {int(self.random_index[h]) for h in replaced})
+    def first(self, name: str, count: int) -> tuple[int, ...]:
+        """The first ``count`` heads of order ``name``, as a variant holds them."""
+        return tuple(sorted(int(h) for h in self.head_orders[name][:count]))
 
-    def sources(self, order, condition: str, count: int, row_map) -> dict:
-        """replace_heads' sources: the first ``count`` heads of ``order`` under ``condition``."""
-        heads = {}
-        for h in order[:count]:
+    def variants(self, fractions, conditions, seeds: int | None = None) -> list[Variant]:
+        """Every distinct replacement the sweep runs (orders that agree run once)."""
+        seeds = len(self.random_index) if seeds is None else seeds
+        found = {}
+        for name in self.head_orders:
+            for fraction in fractions:
+                heads = self.first(name, self.counts[fraction])
+                for condition in conditions if heads else ():
+                    for i in range(seeds if condition == "random" else 1):
+                        found[(condition, i, heads)] = None
+        return list(found)
+
+    def programs_of(self, variant: Variant) -> set[int]:
+        condition, i, heads = variant
+        table = {"programs": self.best_index, "random": self.random_index[i]}.get(condition)
+        return set() if table is None else {int(table[h]) for h in heads}
+
+    def sources(self, variant: Variant, row_map) -> dict:
+        """replace_heads' sources for ``variant``, programs read from ``row_map``."""
+        condition, i, heads = variant
+        found = {}
+        for h in heads:
             key = divmod(int(h), self.n_heads)
-            if condition == "uniform":
-                heads[key] = "uniform"
+            if condition in ("uniform", "zero"):
+                found[key] = condition
+            elif condition == "mean":
+                found[key] = MeanOutput(self.means[key])
             else:
-                program = self.best_index[h] if condition == "programs" else self.random_index[h]
-                heads[key] = OutputsRow(row_map[0], row_map[1][int(program)])
-        return heads
+                program = (self.best_index if condition == "programs" else self.random_index[i])[h]
+                found[key] = OutputsRow(row_map[0], row_map[1][int(program)])
+        return found
 
 
-def _plan(head_orders, heads, fractions, table, best_iou, best_index, seed, n_heads) -> _Plan:
+def _plan(head_orders, heads, fractions, table, best_iou, best_index, seed, random_seeds,
+          n_heads) -> _Plan:
     if heads is not None:  # only these heads are replaced, each order keeps its sequence
         chosen = np.asarray(list(heads), dtype=np.int64)
         head_orders = {name: order[np.isin(order, chosen)] for name, order in head_orders.items()}
@@ -314,86 +232,193 @@ def _plan(head_orders, heads, fractions, table, best_iou, best_index, seed, n_he
     reported_iou = best_iou if heldout is None else torch.as_tensor(heldout).float().cpu().numpy()
     n_candidates = len(next(iter(head_orders.values())))  # every order holds the same heads
     counts = {f: int(round(f * n_candidates)) for f in fractions}
-    random_index = np.random.default_rng(seed).integers(0, len(table.programs), size=len(best_iou))
+    random_index = [np.random.default_rng(seed + i).integers(0, len(table.programs),
+                                                             size=len(best_iou))
+                    for i in range(random_seeds)]  # seed i + 0 is the single-seed control
     return _Plan(head_orders, counts, reported_iou, best_index, random_index, n_heads)
 
 
-def _text_outputs(store, table, texts, needed, outputs, progress):
-    """(outputs, program -> row, corpus indices for token_logprobs) on the sweep's texts."""
-    # outputs on the whole store are addressed by store index, on the split by position
-    whole_store = outputs is not None and n_texts_of(outputs) == store.n_texts
-    outputs, row_of = outputs_for(
-        table, needed, outputs, lambda: store.sentences(texts),
-        store.n_texts if whole_store else len(texts), progress,
-    )
-    return outputs, row_of, texts if whole_store else None
-
-
-def _qa_outputs(qa_items, tokenizer, table, needed, qa_outputs, progress):
-    """(tokenised QA pairs, outputs on them, program -> row), or Nones without QA items."""
-    if not qa_items:
-        return None, qa_outputs, None
-    if tokenizer is None:
-        raise ModelError("QA scoring needs the model's tokenizer: pass tokenizer=")
-    qa_pairs = tokenise_qa(qa_items, tokenizer)
-    qa_outputs, qa_row_of = outputs_for(
-        table, needed, qa_outputs, lambda: [p.sentence for p in qa_pairs], len(qa_pairs), progress,
-    )
-    return qa_pairs, qa_outputs, qa_row_of
-
-
 @dataclass
-class _Scorer:
-    """Runs the model on the sweep's texts (and QA pairs) with some heads replaced."""
+class _Runner:
+    """The model, the texts and the program outputs the sweep's forward passes read."""
 
     model: object
-    token_ids: list
-    outputs: object
-    row_of: dict
-    corpus_indices: list[int] | None
-    pad_id: int | None
+    store: object
+    table: object
+    outputs: object  # as given: on the whole store, on the sweep's split, or None
+    pad_id: int
     batch_size: int
     impl: str
     progress: bool
-    qa_items: Sequence[QAItem] | None
-    qa_pairs: list | None
-    qa_outputs: object
-    qa_row_of: dict | None
 
-    def run(self, heads_for, desc: str):
-        """(token log-probs, QA accuracy or None) with ``heads_for((outputs, row_of))`` replaced."""
-        lp = token_logprobs(self.model, self.token_ids, heads_for((self.outputs, self.row_of)),
-                            batch_size=self.batch_size, impl=self.impl, pad_id=self.pad_id,
-                            corpus_indices=self.corpus_indices, progress=self.progress, desc=desc)
-        if self.qa_pairs is None:
-            return lp, None
-        qa_heads = heads_for((self.qa_outputs, self.qa_row_of))
-        # QA texts are short: bigger batches, fewer forward passes
-        qa_lp = token_logprobs(self.model, [p.ids for p in self.qa_pairs], qa_heads,
-                               batch_size=4 * self.batch_size, impl=self.impl, pad_id=self.pad_id,
-                               progress=self.progress, desc=desc + " QA")
-        return lp, qa_accuracy(self.qa_items, qa_predictions(self.qa_items, self.qa_pairs, qa_lp))
+    def token_ids(self, texts) -> list:
+        return [self.store.token_ids(s) for s in texts]
+
+    def outputs_on(self, texts, needed, own_split: bool):
+        """(outputs, program -> row, corpus indices) for ``needed`` programs on ``texts``;
+        outputs given for the sweep's split only serve that split (``own_split``)."""
+        needed = sorted(needed)
+        if self.outputs is not None and n_texts_of(self.outputs) == self.store.n_texts:
+            # the store's outputs: only these rows on these texts' cells (a store's worth of
+            # hundreds of rows is gigabytes), read by position
+            if self.outputs.n_programs != len(self.table.programs):
+                raise StoreError(f"program outputs hold {self.outputs.n_programs} programs, the "
+                                 f"IoU table {len(self.table.programs)}: evaluate the table's "
+                                 "programs")
+            return (_rows_on_texts(self.outputs, needed, texts, self.store.lengths),
+                    {p: row for row, p in enumerate(needed)}, None)
+        outputs, row_of = outputs_for(
+            self.table, needed, self.outputs if own_split else None,
+            lambda: self.store.sentences(texts), len(texts), self.progress,
+        )
+        return outputs, row_of, None
+
+    def logprobs(self, texts, heads: dict, corpus_indices, desc: str) -> list:
+        return token_logprobs(self.model, self.token_ids(texts), heads, batch_size=self.batch_size,
+                              impl=self.impl, pad_id=self.pad_id, corpus_indices=corpus_indices,
+                              progress=self.progress, desc=desc)
 
 
-def _sweep_row(plan: _Plan, scorer: _Scorer, name: str, fraction: float, base: float,
-               base_acc: float | None) -> SweepRow:
+def _rows_on_texts(outputs, rows, texts, lengths) -> ProgramOutputs:
+    """ProgramOutputs of ``rows`` of ``outputs`` on ``texts`` only, packed in that order."""
+    if hasattr(outputs, "rows_at"):  # streamed: generator rows computed on these texts only
+        values = outputs.rows_at(rows, texts)
+    else:
+        values = np.asarray(outputs.values)[np.ix_(rows, text_cells(outputs.offsets, texts))]
+    return ProgramOutputs(
+        programs=[outputs.programs[p] for p in rows], values=values,
+        failed=np.asarray(outputs.failed)[np.ix_(rows, texts)],
+        offsets=causal_offsets([int(lengths[s]) for s in texts]),
+    )
+
+
+def _measure(plan: _Plan, run: _Runner, texts, variants: list[Variant]):
+    """(unmodified log-probs, {variant: TextScores}) on ``texts``. Variants run in groups
+    (programs and matrix-free controls; each random seed) so that only one group's program
+    outputs are in memory at a time."""
+    groups: dict[object, list[Variant]] = {}
+    for variant in variants:
+        groups.setdefault(variant[1] if variant[0] == "random" else "fixed", []).append(variant)
+    base, scores = None, {}
+    for name, group in tqdm(groups.items(), desc="sweep", unit="group",
+                            disable=None if run.progress else True):
+        needed = set().union(*(plan.programs_of(v) for v in group))
+        outputs, row_of, corpus_indices = run.outputs_on(texts, needed, own_split=True)
+        heads = [plan.sources(v, (outputs, row_of)) for v in group]
+        base, measured = score_against_base(
+            run.model, run.token_ids(texts), heads, batch_size=run.batch_size, impl=run.impl,
+            pad_id=run.pad_id, corpus_indices=corpus_indices, progress=run.progress,
+            desc=f"sweep {name}")
+        scores.update(zip(group, measured, strict=True))
+    if base is None:  # nothing replaced at any fraction: the unmodified run alone
+        base = run.logprobs(texts, {}, None, "unmodified")
+    return base, scores
+
+
+class _QA:
+    """QA accuracy of the unmodified model and of every QA variant (none without items)."""
+
+    def __init__(self, run: _Runner, plan: _Plan, items, tokenizer, qa_outputs, source: str):
+        self.items, self.source, self.accuracy, self.base = items, source, {}, None
+        if not items:
+            return
+        if tokenizer is None:
+            raise ModelError("QA scoring needs the model's tokenizer: pass tokenizer=")
+        pairs = tokenise_qa(items, tokenizer)
+        variants = plan.variants(plan.counts, QA_CONDITIONS, seeds=1)
+        needed = sorted(set().union(set(), *(plan.programs_of(v) for v in variants)))
+        outputs, row_of = outputs_for(run.table, needed, qa_outputs,
+                                      lambda: [p.sentence for p in pairs], len(pairs), run.progress)
+        ids = [p.ids for p in pairs]
+
+        def accuracy(heads: dict, desc: str) -> float:
+            # QA texts are short: bigger batches, fewer forward passes
+            lp = token_logprobs(run.model, ids, heads, batch_size=4 * run.batch_size,
+                                impl=run.impl, pad_id=run.pad_id, progress=run.progress, desc=desc)
+            return qa_accuracy(items, qa_predictions(items, pairs, lp))
+
+        self.base = accuracy({}, "unmodified QA")
+        for variant in variants:
+            self.accuracy[variant] = accuracy(plan.sources(variant, (outputs, row_of)),
+                                              f"QA {variant[0]} {len(variant[2])} heads")
+
+
+def _sweep_row(plan: _Plan, name: str, fraction: float, base_lp, scores: dict,
+               qa: _QA) -> SweepRow:
     """Every condition with the first heads of order ``name`` replaced, ``fraction`` of them."""
-    order, count = plan.head_orders[name], plan.counts[fraction]
-    ppl, acc = {}, {}
+    count = plan.counts[fraction]
+    heads = plan.first(name, count)
+    base, base_nll = perplexity(base_lp), np.array([-lp.sum() for lp in base_lp])
+    tokens = np.array([len(lp) for lp in base_lp])
+    row = SweepRow(fraction, count, float("nan"), {}, order=name)
     for condition in CONDITIONS:
         if count == 0:  # nothing replaced: the unmodified run, exactly
-            ppl[condition], acc[condition] = base, base_acc
+            row.perplexity[condition], row.kl[condition], row.ci[condition] = base, 0.0, [0.0, 0.0]
             continue
-        lp, acc[condition] = scorer.run(lambda m, c=condition: plan.sources(order, c, count, m),
-                                        f"{name} {100 * fraction:g}% {condition}")
-        ppl[condition] = perplexity(lp)
-    mean_iou = float(plan.iou[order[:count]].mean()) if count else float("nan")
-    return SweepRow(fraction, count, mean_iou, ppl, acc if scorer.qa_pairs is not None else {},
-                    order=name)
+        seeds = range(len(plan.random_index) if condition == "random" else 1)
+        measured = [scores[(condition, i, heads)] for i in seeds]
+        ppls = [perplexity(m.logprobs) for m in measured]
+        nll = np.array([[-lp.sum() for lp in m.logprobs] for m in measured])  # [seeds, texts]
+        row.perplexity[condition] = float(np.mean(ppls))
+        row.kl[condition] = float(np.mean([m.mean_kl() for m in measured]))
+        row.ci[condition] = list(ppl_increase_interval(base_nll, nll, tokens))
+        if condition == "random":
+            row.random_perplexities = ppls
+    if qa.items:
+        row.qa_accuracy = {c: qa.base if count == 0 else qa.accuracy[(c, 0, heads)]
+                           for c in QA_CONDITIONS}
+    if count:
+        row.mean_iou = float(plan.iou[list(heads)].mean())
+    return row
 
 
-def _sweep_result(model, store, texts, base_lp, base, base_acc, rows, plan: _Plan, costs,
-                  qa_items, qa_source) -> SweepResult:
+def _replaceable(plan: _Plan, run: _Runner, rows, base_lp, cost_split: str, split: str,
+                 limits, steps: int) -> dict:
+    """{"16": {...}, "5": {...}}: the replaceable share in cost order, by bisection on the
+    selection texts, then on the held-out texts from there (empty without the cost order)."""
+    if "cost" not in plan.head_orders or not limits or cost_split not in run.store.splits:
+        return {}
+    selection = run.store.split_indices(cost_split)
+    n = len(plan.head_orders["cost"])
+    base = perplexity(base_lp)
+    known = {r.n_heads: 100.0 * (r.perplexity["programs"] / base - 1.0)
+             for r in rows if r.order == "cost"}
+    found_selection = replaceable_shares(_increase_at(plan, run, selection, cost_split, False),
+                                         n, limits, steps=steps)
+    found_heldout = replaceable_shares(
+        _increase_at(plan, run, run.store.split_indices(split), split, True, base), n, limits,
+        steps=HELDOUT_STEPS, known=known, first={k: v.count for k, v in found_selection.items()})
+    shares = {}
+    for limit in limits:
+        sel, held = found_selection[limit], found_heldout[limit]
+        shares[f"{limit:g}"] = {
+            "selection": sel.share, "heldout": held.share, "count": sel.count,
+            "selection_above": sel.above, "heldout_count": held.count,
+            "heldout_above": held.above, "n_heads": n, "order": "cost",
+            "heldout_increase_at_selection_share": held.measured.get(sel.count),
+        }
+    return shares
+
+
+def _increase_at(plan: _Plan, run: _Runner, texts, split: str, own_split: bool,
+                 base: float | None = None):
+    """k -> % perplexity increase on ``texts`` with the k cheapest heads' programs (``base``:
+    the unmodified perplexity there, measured when not given)."""
+    needed = {int(plan.best_index[h]) for h in plan.head_orders["cost"]}
+    outputs, row_of, corpus_indices = run.outputs_on(texts, needed, own_split)
+    if base is None:
+        base = perplexity(run.logprobs(texts, {}, None, f"{split} unmodified"))
+
+    def increase_at(count: int) -> float:
+        heads = plan.sources(("programs", 0, plan.first("cost", count)), (outputs, row_of))
+        lp = run.logprobs(texts, heads, corpus_indices, f"{split} share search, {count} heads")
+        return 100.0 * (perplexity(lp) / base - 1.0)
+
+    return increase_at
+
+
+def _sweep_result(model, store, texts, base_lp, rows, plan: _Plan, costs, qa: _QA,
+                  replaceable: dict) -> SweepResult:
     cost_info = {}
     if "cost" in plan.head_orders:
         cost_info = {"method": costs.method, "split": costs.split, "texts": list(costs.texts),
@@ -403,13 +428,17 @@ def _sweep_result(model, store, texts, base_lp, base, base_acc, rows, plan: _Pla
         model=str(store.meta.get("model_id", type(model).__name__)),
         n_texts=len(texts),
         n_tokens=sum(len(lp) for lp in base_lp),
-        base_perplexity=base,
+        base_perplexity=perplexity(base_lp),
         rows=rows,
-        base_qa_accuracy=base_acc,
-        n_questions=len(qa_items or []),
-        qa_source=qa_source,
+        base_qa_accuracy=qa.base,
+        n_questions=len(qa.items or []),
+        qa_source=qa.source,
         orders={name: [int(h) for h in order[: plan.most]]
                 for name, order in plan.head_orders.items()},
         n_heads_per_layer=plan.n_heads,
         cost_info=cost_info,
+        random_seeds=len(plan.random_index),
+        mean_split=plan.mean_split,
+        qa_conditions=QA_CONDITIONS if qa.items else (),
+        replaceable=replaceable,
     )

@@ -10,6 +10,7 @@ import torch
 from attnprog.engine.head_costs import HeadCosts
 from attnprog.engine.store import AttentionStore, packed_offsets_tensor
 from attnprog.engine.sweep import (
+    CONDITIONS,
     fractions_up_to,
     orders_from_option,
     perplexity_sweep,
@@ -141,7 +142,9 @@ def test_both_orders_appear_side_by_side_in_text_and_json(tiny_gpt2):
     data = json.loads(json.dumps(result.to_json()))  # plain JSON, round-trips
     for order in ("iou", "cost"):
         assert set(data["ppl_increase"][order]) == {"0", "0.25"}
-        assert set(data["ppl_increase"][order]["0.25"]) == {"programs", "uniform", "random"}
+        assert set(data["ppl_increase"][order]["0.25"]) == set(CONDITIONS)
+        assert set(data["kl"][order]["0.25"]) == set(CONDITIONS)
+        assert all(len(v) == 2 for v in data["ppl_increase_ci"][order]["0.25"].values())
         assert data["mean_iou"][order]["0"] is None and data["mean_iou"][order]["0.25"] > 0
     assert data["n_heads"] == {"0": 0, "0.25": 2}
     header = result.to_text().splitlines()
@@ -183,3 +186,57 @@ def test_order_option_names_both_orders_or_one():
     assert orders_from_option("cost") == ("cost",)
     with pytest.raises(AttnProgError, match="use cost, iou or both"):
         orders_from_option("random")
+
+
+# --- controls, KL, intervals and the replaceable share ---------------------------------------
+
+
+def test_every_control_has_kl_and_an_interval_around_its_increase(tiny_gpt2):
+    model, _ = tiny_gpt2
+    store = make_store(LENGTHS, splits=SPLITS)
+    programs, outputs = program_outputs(LENGTHS)
+    table = SmallTable(torch.rand(2, 8, generator=torch.Generator().manual_seed(5)), programs)
+    result = perplexity_sweep(model, store, table, fractions=(0.0, 0.5), outputs=outputs,
+                              random_seeds=2, progress=False)
+    first, half = result.rows
+    assert all(first.kl[c] == 0.0 and first.ci[c] == [0.0, 0.0] for c in CONDITIONS)
+    for condition in CONDITIONS:
+        low, high = half.ci[condition]
+        assert half.kl[condition] > 0.0
+        assert low <= result.increase(half, condition) <= high
+    assert len(half.random_perplexities) == 2
+    assert half.perplexity["random"] == pytest.approx(np.mean(half.random_perplexities))
+    assert result.mean_split == "selection"
+    text = result.to_text()
+    assert "zero" in text and "mean" in text and "KL" in text
+
+
+def test_orders_replacing_the_same_heads_agree(tiny_gpt2):
+    model, _ = tiny_gpt2
+    store = make_store(LENGTHS, splits=SPLITS)
+    programs, outputs = program_outputs(LENGTHS)
+    table = SmallTable(torch.rand(2, 8, generator=torch.Generator().manual_seed(6)), programs)
+    costs = given_costs(np.linspace(0.0, 1.0, 8), store)
+    result = perplexity_sweep(model, store, table, fractions=(0.0, 1.0), outputs=outputs,
+                              orders=("iou", "cost"), costs=costs, share_limits=(),
+                              progress=False)
+    every = {row.order: row for row in result.rows if row.fraction == 1.0}
+    assert every["iou"].perplexity == every["cost"].perplexity
+    assert every["iou"].kl == every["cost"].kl
+
+
+def test_replaceable_share_is_searched_on_selection_and_heldout_texts(tiny_gpt2):
+    model, _ = tiny_gpt2
+    store = make_store(LENGTHS, splits=SPLITS)
+    programs, outputs = program_outputs(LENGTHS)
+    table = SmallTable(torch.rand(2, 8, generator=torch.Generator().manual_seed(7)), programs)
+    costs = given_costs(np.linspace(0.0, 1.0, 8), store)
+    result = perplexity_sweep(model, store, table, fractions=(0.0, 0.5), outputs=outputs,
+                              orders=("cost",), costs=costs, share_limits=(16.0, 5.0),
+                              progress=False)
+    shares = result.to_json()["replaceable_share"]
+    assert set(shares) == {"16", "5"}
+    for share in shares.values():
+        assert 0.0 <= share["heldout"] <= 1.0 and 0.0 <= share["selection"] <= 1.0
+    assert shares["5"]["selection"] <= shares["16"]["selection"]
+    assert "replaceable share" in result.to_text()

@@ -5,7 +5,9 @@ Each task loads its own replica of the model (one GPU per task on a GPU cluster)
 together in the order asked for. Heads, best fits and the random baseline's picks depend only
 on the table and the seed, never on which fractions a call runs, so every row is the one the
 single-process sweep computes (up to the float rounding of a different thread count).
-A task whose worker is lost is run again by Ray.
+A task whose worker is lost is run again by Ray. Every control, KL and interval of a row is
+computed within its task; the replaceable-share search spans fractions, so pass
+``share_limits=()`` (the run does): each task would otherwise repeat it.
 """
 
 from __future__ import annotations

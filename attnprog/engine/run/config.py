@@ -16,7 +16,7 @@ class RunConfig:
     limit: int = 0  # first N texts only (0: all)
     max_tokens: int = 128
     n_candidates: int = 5000  # generator programs, on top of the golden library
-    fraction: float = 0.25  # largest share of heads replaced in the sweep
+    fraction: float = 1.0  # largest share of heads replaced in the sweep
     qa: bool = True
     order: str = "both"  # heads replaced by "iou" (best fit first), "cost" (cheapest first), "both"
     cost_method: str = "auto"  # head costs: "exact" (a pass per head), "fisher", "taylor", "linear"

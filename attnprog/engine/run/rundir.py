@@ -26,8 +26,19 @@ from attnprog.errors import AttnProgError, StoreError
 
 PACKAGES = ("attnprog", "torch", "transformers", "numpy", "numba", "triton", "safetensors",
             "matplotlib", "spacy", "tqdm", "typer")
-PAPER = {"best_fit_iou": {"GPT-2": 0.69, "TinyLlama-1.1B": 0.74, "Llama-3.2-3B": 0.79},
-         "ppl_increase_at_25_percent": 16.0}  # "Explaining Attention with Program Synthesis"
+PAPER = {  # "Explaining Attention with Program Synthesis" and its authors' corrected follow-up
+    "best_fit_iou": {"GPT-2": 0.69, "TinyLlama-1.1B": 0.74, "Llama-3.2-3B": 0.79},
+    "best_fit_iou_protocol": "best fit chosen and reported on the same 5 sentences",
+    "ppl_increase_at_25_percent": 16.0,
+    "ppl_increase_at_25_percent_protocol": "original: a hook composed the program onto the "
+                                           "head's output instead of replacing its attention",
+    "ppl_increase_at_25_percent_corrected": {"GPT-2": 32.5, "TinyLlama-1.1B": 17.2,
+                                             "Llama-3.2-3B": 15.1, "Qwen3-8B-Base": 1.8},
+    "zero_ablation_at_25_percent": {"GPT-2": 47.1, "Qwen3-8B-Base": 23.6},
+    "corrected_protocol": "follow-up: the program's matrix replaces the head's attention; zero "
+                          "ablation of the same heads beside it",
+    "replaceable_share_at_16_percent": {"GPT-2": 22 / 144, "Qwen3-8B-Base": 624 / 1152},
+}
 
 
 # --- every file of a run directory, named once -------------------------------------------------
@@ -187,6 +198,9 @@ def read_heads(directory: Path) -> dict | None:
 
 # --- summary ---------------------------------------------------------------------------------
 
+# the sweep's figures summary.json holds under these keys, beside "ppl_increase"
+SWEEP_FIGURES = ("kl", "ppl_increase_ci", "replaceable_share")
+
 
 def sweep_detail(result) -> dict:
     """Everything a SweepResult holds, as JSON (whatever its fields), plus each row's increase."""
@@ -242,6 +256,7 @@ def headline(best_fit_iou, library=None, sweep: dict | None = None, detail: dict
         "base_perplexity": (detail or {}).get("base_perplexity"),
         "paper": PAPER,
     }
+    figures.update((detail or {}).get("figures", {}))  # KL, intervals, shares, the paper's protocol
     return figures
 
 

@@ -422,10 +422,16 @@ def after_costs(state: RunState) -> None:
                f"{1000 * costs.min():.2f}, dearest {1000 * costs.max():.2f}")
 
 
+# bump when the sweep's output changes; 2: zero and mean ablation, KL, intervals, 3 random
+# seeds, the replaceable share and the paper's protocol
+SWEEP_VERSION = 2
+
+
 def sweep_key(state: RunState) -> str:
     c = state.config
     return (f"{state.keys['rank']}|fraction={c.fraction}|qa={c.qa}|seed={c.seed}"
-            f"|order={','.join(sweep_orders(c))}|costs={state.keys.get('costs', '')}")
+            f"|order={','.join(sweep_orders(c))}|costs={state.keys.get('costs', '')}"
+            f"|sweep=v{SWEEP_VERSION}")
 
 
 def run_sweep(state: RunState) -> None:
@@ -439,18 +445,45 @@ def run_sweep(state: RunState) -> None:
     if c.ray:  # one task per fraction, each with its own model replica
         from attnprog.engine.distributed.sweep import sweep_on_ray
 
+        # each task sweeps some fractions: the replaceable-share search is not split up
         result = sweep_on_ray(c.model, state.store, state.causal_table, address=c.ray,
-                              device=state.device, **options)
+                              device=state.device, share_limits=(), **options)
     else:
         result = perplexity_sweep(state.model, state.store, state.causal_table,
                                   tokenizer=state.tokenizer,
                                   orders=sweep_orders(c), costs=state.costs, **options)
-    state.sweep_text = result.to_text()
-    state.summary["sweep"] = result.to_json()["ppl_increase"]
+    data = result.to_json()
+    state.summary["sweep"] = data["ppl_increase"]
     state.detail = rundir.sweep_detail(result)
+    state.detail["figures"] = {key: data[key] for key in rundir.SWEEP_FIGURES}
+    state.detail["figures"].update(_protocol(state))
+    state.sweep_text = result.to_text() + "\n\n" + _protocol_text(state)
     state.path(rundir.SWEEP_TEXT).write_text(state.sweep_text + "\n")
     state.path(rundir.SWEEP).write_text(json.dumps(state.summary["sweep"], indent=2))
     state.path(rundir.SWEEP_DETAIL).write_text(json.dumps(state.detail, indent=2))
+
+
+def _protocol(state: RunState) -> dict:
+    """The paper's protocol and our held-out figure's interval, on the explained heads."""
+    from attnprog.engine.protocol import protocol_figures
+
+    best_index = torch.as_tensor(state.table.best()[1])
+    return protocol_figures(state.store, state.outputs, best_index, state.heads,
+                            seed=state.config.seed)
+
+
+def _protocol_text(state: RunState) -> str:
+    figures = state.detail["figures"]
+    paper, (low, high) = figures["paper_protocol_iou"], figures["mean_best_fit_iou_ci"]
+    how = figures.get("paper_protocol", {})
+    ours = (f"mean best-fit IoU, ours (chosen on selection, reported on held-out texts): "
+            f"{heldout_best_fits(state).mean():.3f} [95 % interval over texts {low:.3f}, "
+            f"{high:.3f}]")
+    if paper is None:
+        return ours + "\nthe paper's protocol: too few held-out texts for a draw"
+    return (ours + f"\nthe paper's protocol (chosen and reported on the same "
+            f"{how['texts_per_draw']} held-out texts, {how['draws']} draws): mean "
+            f"{paper['mean']:.3f}, min {paper['min']:.3f}, max {paper['max']:.3f}")
 
 
 def load_sweep(state: RunState) -> None:
@@ -502,7 +535,7 @@ STAGES = (
     Stage("costs", "measure each head's cost replaced alone", run_costs, key=costs_key,
           files=(rundir.COSTS,), load=load_costs, after=after_costs,
           wanted=lambda c: "cost" in sweep_orders(c)),
-    Stage("sweep", "replace heads: perplexity and QA", run_sweep, key=sweep_key,
+    Stage("sweep", "replace heads: perplexity, KL and QA, with controls", run_sweep, key=sweep_key,
           files=(rundir.SWEEP_TEXT, rundir.SWEEP, rundir.SWEEP_DETAIL), load=load_sweep,
           after=after_sweep),
     Stage("report", "write the report", run_report,

@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from attnprog.cli import app
+from attnprog.engine.run import rundir
 from attnprog.engine.run.rundir import check_run_dir
 from attnprog.errors import StoreError
 
@@ -87,3 +88,16 @@ def test_a_missing_file_is_named(tmp_path):
     ledger.record("library", "k")
     assert ledger.why("library", "k", [tmp_path / "library.json"]) == "redoing library: library.json missing"
     assert ledger.why("sweep", "k", []) == ""  # never finished here: nothing to explain
+
+
+def test_headline_holds_the_sweeps_figures_under_their_own_keys():
+    figures = {"kl": {"cost": {"0.25": {"zero": 0.1}}},
+               "ppl_increase_ci": {"cost": {"0.25": {"zero": [1.0, 2.0]}}},
+               "replaceable_share": {"16": {"selection": 0.4, "heldout": 0.38}},
+               "paper_protocol_iou": {"mean": 0.7, "min": 0.6, "max": 0.8}}
+    sweep = {"cost": {"0.25": {"zero": 9.0}}}
+    summary = rundir.headline([0.5, 0.6], sweep=sweep, detail={"figures": figures})
+    assert summary["ppl_increase"] == sweep
+    for key, value in figures.items():
+        assert summary[key] == value
+    assert set(rundir.SWEEP_FIGURES) <= set(figures)
