@@ -110,6 +110,15 @@ def _heads_rows(summary: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+# the paper's figures at 25 % of heads: the original hook, and its authors' corrected replacement
+_PAPER_AT_25 = (f"+{PAPER['ppl_increase_at_25_percent']:.0f} % (original: program composed onto the "
+                "head's output); corrected, attention replaced: " + ", ".join(
+                    f"{model} +{value:g} %"
+                    for model, value in PAPER["ppl_increase_at_25_percent_corrected"].items()))
+_PAPER_SHARE = "corrected sweeps: " + ", ".join(
+    f"{model} {100 * share:.0f} %" for model, share in PAPER["replaceable_share_at_16_percent"].items())
+
+
 def _replacement_rows(summary: dict) -> list[tuple[str, str, str, str]]:
     """Perplexity with programs in place (with its interval when the sweep measured one), and the
     share of heads that can be replaced within a perplexity budget, when present."""
@@ -117,7 +126,7 @@ def _replacement_rows(summary: dict) -> list[tuple[str, str, str, str]]:
     for order, conditions in sweep_curves(ppl_sweep(summary)).items():
         for fraction, value in conditions.get("programs", []):
             if fraction > 0:
-                paper = f"+{PAPER['ppl_increase_at_25_percent']:.0f} %" if abs(fraction - 0.25) < 1e-9 else ""
+                paper = _PAPER_AT_25 if abs(fraction - 0.25) < 1e-9 else ""
                 suffix = "" if order == "IoU" else f", {order} order"
                 bounds = interval(summary.get("ppl_increase_ci"), order, fraction, "programs")
                 ci = f" (interval {bounds[0]:+.1f} to {bounds[1]:+.1f} %)" if bounds else ""
@@ -129,13 +138,15 @@ def _replacement_rows(summary: dict) -> list[tuple[str, str, str, str]]:
                          "(selection / held-out)",
                          f"replaceable_share_{budget}",
                          f"{_fmt(shares.get('selection'), percent=True)} / "
-                         f"{_fmt(shares.get('heldout'), percent=True)}", ""))
+                         f"{_fmt(shares.get('heldout'), percent=True)}",
+                         _PAPER_SHARE if budget == "16" else ""))
     protocol = summary.get("paper_protocol_iou")
     if isinstance(protocol, dict) and protocol.get("mean") is not None:
         rows.append(("best-fit IoU by the paper's protocol (chosen and scored on the same texts), "
                      "mean (min to max)", "paper_protocol_iou",
                      f"{_fmt(protocol.get('mean'))} ({_fmt(protocol.get('min'))} to "
-                     f"{_fmt(protocol.get('max'))})", ""))
+                     f"{_fmt(protocol.get('max'))})",
+                     " / ".join(f"{100 * v:.0f} %" for v in PAPER["best_fit_iou"].values())))
     return rows
 
 

@@ -502,8 +502,9 @@ def after_sweep(state: RunState) -> None:
 
 # --- the report ----------------------------------------------------------------------------
 
-REPORT_VERSION = 4  # bump when the page changes; 2: heads written L18.H3; 3: types and names;
-# 4: the attention viewer, searchable grid, heads at a glance, replacement charts drawn in the page
+REPORT_VERSION = 5  # bump when the page changes; 2: heads written L18.H3; 3: types and names;
+# 4: the attention viewer, searchable grid, heads at a glance, replacement charts drawn in the page;
+# 5: the paper column holds the corrected figures and the replaceable shares
 
 
 def run_report(state: RunState) -> None:
