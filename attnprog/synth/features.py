@@ -444,12 +444,19 @@ def _word_ids(text: str, offsets: Sequence[tuple[int, int]]) -> list[int]:
 
 
 def probe_sentences() -> list[Sentence]:
-    """Three short texts ``validate()`` runs every program on."""
-    return [
+    """Three short texts ``validate()`` runs every program on, with a stand-in token meaning
+    (one-hot embeddings: a token is similar only to its own copies) so that programs reading
+    ``embedding_similarity`` can be checked without a model."""
+    probes = [
         Sentence.from_text("The cat sat on the mat.", bos="<s>"),
         Sentence.from_text('She said, "Paris is big." Then she left, and the cat followed her.'),
         Sentence.from_text("When Mary and John went to the store, John gave a drink to Mary."),
     ]
+    for s in probes:
+        ids = np.asarray(s.ids)
+        s.token_similarity = (ids[:, None] == ids[None, :]).astype(np.float32)
+        s.token_similarity.setflags(write=False)
+    return probes
 
 
 # --- building from a Hugging Face tokenizer ----------------------------------------------------

@@ -37,8 +37,9 @@ def test_summary_holds_the_headline_figures_under_plain_keys(tiny_run):
     assert all(summary.get(key) is not None for key in SUMMARY_KEYS), summary
     assert 0.0 <= summary["median_best_fit_iou"] <= 1.0 and summary["heads"] == 8
     assert 1 <= summary["library_size"] <= 8
-    assert set(summary["ppl_increase"]["iou"]["0.25"]) == {"programs", "uniform", "random"}
-    assert set(summary["ppl_increase"]["cost"]["0.25"]) == {"programs", "uniform", "random"}
+    conditions = {"programs", "uniform", "random", "zero", "mean"}
+    assert set(summary["ppl_increase"]["iou"]["0.25"]) == conditions
+    assert set(summary["ppl_increase"]["cost"]["0.25"]) == conditions
     assert set(summary["qa_accuracy"]) == {"before", "after"}
     assert set(summary["qa_accuracy"]["after"]["0.25"]) == {"programs", "uniform", "random"}
 
