@@ -129,6 +129,7 @@ class Surrogate:
         batch = make_batch([s.ids for s in sentences], pad_id=pad_token_id(self.tokenizer),
                            sentences=list(sentences), device=device)
         start = time.perf_counter()
+        self._attach_meaning(sentences)
         sources = self.head_sources(sentences, batch.width)
         middle = time.perf_counter()
         if not sources:  # nothing replaced: the model as it is, with its own attention
@@ -141,6 +142,19 @@ class Surrogate:
         self.timings.model += time.perf_counter() - middle
         self.timings.calls += 1
         return logits
+
+    def _attach_meaning(self, sentences: Sequence) -> None:
+        """Token meaning for programs that read it: the model's own input embeddings of each
+        new text's tokens (texts from a store already carry them)."""
+        from attnprog.synth.embeddings import TokenEmbeddings, attach_similarity
+
+        bare = [s for s in sentences if s.token_similarity is None]
+        if not bare:
+            return
+        ids = np.unique(np.concatenate([np.asarray(s.ids, dtype=np.int64) for s in bare]))
+        weight = self.model.get_input_embeddings().weight
+        rows = weight[torch.as_tensor(ids, device=weight.device)].detach().float().cpu().numpy()
+        attach_similarity(bare, TokenEmbeddings(ids, rows))
 
     def logits(self, texts: Sequence, batch_size: int = 8) -> list[torch.Tensor]:
         """Each text's logits [query_pos, vocab] (texts: strings or Sentences)."""

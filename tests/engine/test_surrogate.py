@@ -102,3 +102,18 @@ def test_raw_texts_and_batches_of_mixed_lengths_give_each_texts_own_logits(surro
 def test_a_head_the_model_lacks_is_refused(tiny_gpt2):
     with pytest.raises(ModelError, match="L7.H0"):
         Surrogate(*tiny_gpt2, {(7, 0): PREVIOUS})
+
+
+def test_a_program_reading_token_meaning_gets_the_models_own_embeddings(tiny_gpt2):
+    from attnprog.synth.embeddings import TokenEmbeddings, attach_similarity
+    from attnprog.synth.fitted import program_from_fit
+
+    model, tokenizer = tiny_gpt2
+    meaning = program_from_fit({"share": 0.1, "weights": {"similar": 3.0, "previous_1": 1.0}})
+    surrogate = Surrogate(model, tokenizer, {(0, 0): meaning})
+    text = "The cat saw the other cat and the dog."
+    [s] = surrogate.sentences([text])
+    weight = model.get_input_embeddings().weight.detach().float().numpy()
+    attach_similarity([s], TokenEmbeddings(np.arange(len(weight)), weight))  # by hand
+    torch.testing.assert_close(surrogate.logits([text])[0], surrogate.logits([s])[0],
+                               atol=1e-5, rtol=0)
