@@ -5,6 +5,11 @@ generator programs are computed from the data their source is regenerated from (
 running the source), and the golden library's native programs run as the trusted code they
 are. Everything else (LLM programs, paper-form programs, edited ones) goes through the
 sandbox and its output cache (``synth.runtime.evaluate``).
+
+``program_matrices`` gives a batch's matrices as a tensor on the model's device; fitted
+programs are computed there in torch (features once per text, every fit's scores in one
+matmul, the masked softmax on the device), and ``newest_rows`` gives only the last token's
+row, for generation with a KV cache.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
+import torch
 
 from attnprog.layout import causal_offsets
 
@@ -88,3 +94,94 @@ def _sandboxed(programs, sentences, tokenizer) -> np.ndarray:
     from attnprog.synth.runtime.evaluate import evaluate_programs
 
     return evaluate_programs(programs, sentences, tokenizer=tokenizer, progress=False).values
+
+
+# --- on the model's device -------------------------------------------------------------------
+
+
+def fitted_torch(fits: Sequence[dict], s, device, queries: Sequence[int] | None = None
+                 ) -> torch.Tensor:
+    """Fitted programs' rows on one text: float32 [programs, query_pos, key_pos] on ``device``.
+
+    The features are computed once for all fits, every fit's scores come from one float64
+    matmul and the causal softmax runs on the device; equal to ``evaluate_fits`` to 1e-6.
+    ``queries``: only those rows (all when None). Fits must be checked, syntax attached.
+    """
+    from attnprog.synth.fitted import _order, feature_dense
+
+    used = sorted({k for f in fits for k in f["weights"]}, key=_order)
+    column = {name: k for k, name in enumerate(used)}
+    weights = torch.zeros(len(fits), len(used), dtype=torch.float64)
+    for p, fit in enumerate(fits):
+        for name, w in fit["weights"].items():
+            weights[p, column[name]] = w
+    features = torch.from_numpy(feature_dense(s, used, queries)).to(device)  # [F, r, n] float64
+    n_rows, n = features.shape[1:]
+    score = (weights.to(device) @ features.reshape(len(used), -1)).reshape(len(fits), n_rows, n)
+    rows = torch.arange(n, device=device) if queries is None else torch.as_tensor(
+        list(queries), device=device)
+    later = torch.arange(n, device=device)[None, :] > rows[:, None]  # [r, n] keys after the query
+    attention = torch.softmax(score.masked_fill(later, float("-inf")), dim=-1)
+    share = torch.tensor([f["share"] for f in fits], dtype=torch.float64, device=device)
+    attention = attention * (1.0 - share)[:, None, None]
+    attention[..., 0] += share[:, None]
+    return attention.float()
+
+
+def _fits_of(programs: Sequence, sentences: Sequence) -> list[dict]:
+    from attnprog.synth.fitted import check_fit, features_used
+
+    fits = [check_fit(p.provenance["fit"]) for p in programs]
+    features_used(fits, sentences)  # attaches syntax once, for every text, when a fit reads it
+    return fits
+
+
+def program_matrices(programs: Sequence, sentences: Sequence, width: int, device,
+                     tokenizer=None, paths: Sequence[str] | None = None) -> torch.Tensor:
+    """Normalised matrices of ``programs`` on a batch: float32 [programs, batch, query_pos,
+    key_pos] on ``device``, texts right-padded to ``width``.
+
+    Fitted programs are computed on the device (``fitted_torch``); the others as
+    ``program_rows`` gives them, a failed row made one-hot on position 0 as the sweep does.
+    """
+    from attnprog.engine.replace import _fix_empty_rows, dense_from_packed
+
+    programs, sentences = list(programs), list(sentences)
+    paths = [program_path(p) for p in programs] if paths is None else list(paths)
+    out = torch.zeros(len(programs), len(sentences), width, width, device=device)
+    fitted = [k for k, path in enumerate(paths) if path == FITTED]
+    if fitted:
+        fits = _fits_of([programs[k] for k in fitted], sentences)
+        for b, s in enumerate(sentences):
+            out[fitted, b, : s.n, : s.n] = fitted_torch(fits, s, device)
+    others = [k for k, path in enumerate(paths) if path != FITTED]
+    if others:
+        values = program_rows([programs[k] for k in others], sentences, tokenizer,
+                              [paths[k] for k in others])
+        offsets = causal_offsets([s.n for s in sentences])
+        dense = dense_from_packed(values, offsets, range(len(sentences)), width)
+        _fix_empty_rows(dense, [s.n for s in sentences])
+        out[others] = torch.from_numpy(dense).to(device)
+    return out
+
+
+def newest_rows(programs: Sequence, s, device, tokenizer=None,
+                paths: Sequence[str] | None = None) -> torch.Tensor:
+    """The last token's row of each program on ``s``: float32 [programs, 1, 1, n] on ``device``.
+
+    Fitted programs compute that row alone; the others compute the whole matrix (from their
+    output cache where the text was seen) and keep its last row.
+    """
+    programs = list(programs)
+    paths = [program_path(p) for p in programs] if paths is None else list(paths)
+    out = torch.zeros(len(programs), 1, 1, s.n, device=device)
+    fitted = [k for k, path in enumerate(paths) if path == FITTED]
+    if fitted:
+        fits = _fits_of([programs[k] for k in fitted], [s])
+        out[fitted, 0] = fitted_torch(fits, s, device, queries=[s.n - 1])
+    others = [k for k, path in enumerate(paths) if path != FITTED]
+    if others:
+        full = program_matrices([programs[k] for k in others], [s], s.n, device, tokenizer,
+                                [paths[k] for k in others])
+        out[others] = full[:, :, -1:, :]
+    return out

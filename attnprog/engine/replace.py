@@ -424,19 +424,24 @@ class HeadReplacement:
     # --- running ---------------------------------------------------------------------------------
     def prepare(self, batch: Batch) -> None:
         """Set every layer's flags and Π for this batch."""
-        device = batch.input_ids.device
-        dtype = next(self.model.parameters()).dtype
         matrices = self.head_matrices(batch) if self.heads else {}
+        self.install({key: torch.from_numpy(m) for key, m in matrices.items()},
+                     batch.input_ids.device)
+
+    def install(self, matrices: Mapping, device) -> None:
+        """Set every layer's flags and Π from ready matrices {(layer, head): [B, n_q, n_kv]}
+        (tensors; n_q < n_kv when decoding with a KV cache: the queries are the last ones)."""
+        dtype = next(self.model.parameters()).dtype
         for layer, module in self.modules.items():
             heads = sorted(head for (lay, head) in matrices if lay == layer)
             flags = torch.zeros(self.n_heads, dtype=torch.bool)
             flags[heads] = True
             probs = None
             if heads:
-                # [B, F, n, n], flagged heads in ascending order as the kernel expects
-                stacked = np.stack([matrices[(layer, head)] for head in heads], axis=1)
+                # [B, F, n_q, n_kv], flagged heads in ascending order as the kernel expects;
                 # Π in the model's dtype, as eager attention casts its probabilities
-                probs = torch.from_numpy(stacked).to(device=device, dtype=dtype)
+                probs = torch.stack([matrices[(layer, head)] for head in heads], dim=1).to(
+                    device=device, dtype=dtype)
             state = LayerOverride(flags, probs, self.impl, **self._means(layer))
             if self.capture is not None:
                 state.capture = self.capture.setdefault(layer, [])

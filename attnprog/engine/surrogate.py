@@ -2,16 +2,19 @@
 
 ``Surrogate(model, tokenizer, {(layer, head): program})`` or ``Surrogate.from_run(run_dir)``
 (the heads a run's sweep replaces at a fraction). Each forward pass computes the replaced
-heads' program matrices for its texts (``engine.program_rows``: attnprog's own programs in
-this process, others in the sandbox) and runs the model through ``engine.replace`` with them.
-Generation is greedy and recomputes every row per new token (programs are causal, so the
-rows of earlier tokens do not change); there is no KV cache yet.
+heads' program matrices for its texts on the model's device (``engine.program_rows``:
+fitted programs in torch, attnprog's other programs in this process, the rest in the
+sandbox) and runs the model with them installed in attnprog's attention (``engine.replace``).
+Generation is greedy and uses the KV cache: each new token computes only its own row of each
+replaced head (programs are causal, so the rows of earlier tokens do not change).
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,19 +24,20 @@ import torch.nn.functional as F
 
 from attnprog.engine.batching import batches_by_length, make_batch, pad_token_id
 from attnprog.engine.heads import head_label_of
-from attnprog.engine.program_rows import program_path, program_rows
-from attnprog.engine.replace import dense_from_packed, head_counts, replace_heads
+from attnprog.engine.program_rows import newest_rows, program_matrices, program_path
+from attnprog.engine.replace import head_counts, replace_heads
 from attnprog.errors import ModelError
-from attnprog.layout import causal_offsets
 
 
 @dataclass
 class Generation:
-    """A greedy continuation: the whole sequence as a Sentence, and the new tokens."""
+    """A greedy continuation: the whole sequence as a Sentence, the new tokens, and the
+    logits [new tokens, vocab] each was chosen from."""
 
     sentence: object  # attnprog.synth.features.Sentence: prompt and continuation
     new_ids: list[int]
     continuation: str
+    logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -71,6 +75,9 @@ class Surrogate:
                                  f"has {n_layers} layers x {n_heads} heads")
         self.programs = list({p.hash: p for p in self.heads.values()}.values())
         self.paths = [program_path(p) for p in self.programs]
+        # the keyword a forward takes its KV cache by: ``cache`` in newer transformers
+        parameters = inspect.signature(self.model.forward).parameters
+        self._cache_name = "cache" if "cache" in parameters else "past_key_values"
         row_of = {p.hash: k for k, p in enumerate(self.programs)}
         self._row_of_head = {key: row_of[p.hash] for key, p in self.heads.items()}
 
@@ -113,14 +120,42 @@ class Surrogate:
 
     # --- forward passes ----------------------------------------------------------------------
     def head_sources(self, sentences: Sequence, width: int) -> dict:
-        """replace_heads' sources for one batch: each head's [batch, query_pos, key_pos]
-        program matrices, texts right-padded to ``width``."""
+        """Each replaced head's [batch, query_pos, key_pos] program matrices for one batch, on
+        the model's device, texts right-padded to ``width``."""
         if not self.heads:
             return {}
-        values = program_rows(self.programs, sentences, self.tokenizer, self.paths)
-        offsets = causal_offsets([s.n for s in sentences])
-        dense = dense_from_packed(values, offsets, range(len(sentences)), width)
+        device = next(self.model.parameters()).device
+        dense = program_matrices(self.programs, sentences, width, device, self.tokenizer,
+                                 self.paths)
         return {key: dense[row] for key, row in self._row_of_head.items()}
+
+    def newest_sources(self, s) -> dict:
+        """Each replaced head's row for the last token of ``s``: [1, 1, n] on the model's device."""
+        device = next(self.model.parameters()).device
+        rows = newest_rows(self.programs, s, device, self.tokenizer, self.paths)
+        return {key: rows[row] for key, row in self._row_of_head.items()}
+
+    @contextmanager
+    def _replaced(self):
+        """The model with attnprog's attention while the heads' matrices are installed (the
+        model's own attention when nothing is replaced)."""
+        if not self.heads:
+            yield None
+            return
+        with replace_heads(self.model, {}, impl=self.impl) as replacement:
+            yield replacement
+
+    def _run(self, replacement, sources_of, **inputs):
+        """One model call with the matrices ``sources_of()`` computes, timed in two parts."""
+        start = time.perf_counter()
+        if replacement is not None:
+            replacement.install(sources_of(), next(self.model.parameters()).device)
+        middle = time.perf_counter()
+        output = self.model(**inputs)
+        self.timings.rows += middle - start
+        self.timings.model += time.perf_counter() - middle
+        self.timings.calls += 1
+        return output
 
     @torch.no_grad()
     def forward_batch(self, sentences: Sequence) -> torch.Tensor:
@@ -128,20 +163,14 @@ class Surrogate:
         device = next(self.model.parameters()).device
         batch = make_batch([s.ids for s in sentences], pad_id=pad_token_id(self.tokenizer),
                            sentences=list(sentences), device=device)
-        start = time.perf_counter()
-        self._attach_meaning(sentences)
-        sources = self.head_sources(sentences, batch.width)
-        middle = time.perf_counter()
-        if not sources:  # nothing replaced: the model as it is, with its own attention
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                use_cache=False).logits
-        else:
-            with replace_heads(self.model, sources, impl=self.impl) as replacement:
-                logits = replacement.forward(batch).logits
-        self.timings.rows += middle - start
-        self.timings.model += time.perf_counter() - middle
-        self.timings.calls += 1
-        return logits
+
+        def sources():
+            self._attach_meaning(sentences)
+            return self.head_sources(sentences, batch.width)
+
+        with self._replaced() as replacement:
+            return self._run(replacement, sources, input_ids=batch.input_ids,
+                             attention_mask=batch.attention_mask, use_cache=False).logits
 
     def _attach_meaning(self, sentences: Sequence) -> None:
         """Token meaning for programs that read it: the model's own input embeddings of each
@@ -186,22 +215,58 @@ class Surrogate:
         return perplexity(self.token_logprobs(texts, batch_size))
 
     # --- generation --------------------------------------------------------------------------
-    def generate(self, prompt, max_new_tokens: int = 20, stop_at_eos: bool = True) -> Generation:
+    @torch.no_grad()
+    def generate(self, prompt, max_new_tokens: int = 20, stop_at_eos: bool = True,
+                 use_cache: bool = True) -> Generation:
         """Greedy continuation of ``prompt`` (a string or Sentence), heads replaced throughout.
 
-        Each step runs the whole sequence again: the replaced heads' rows for the tokens so
-        far, then a full forward pass (no KV cache); the new token's text extends the prompt's.
+        With the KV cache (the default) the prompt runs once and each new token is one step
+        that computes only that token's row of each replaced head (programs are causal, so
+        earlier rows do not change); ``use_cache=False`` reruns the whole sequence per token.
         """
         s = self.sentences([prompt])[0]
         eos = getattr(self.tokenizer, "eos_token_id", None)
+        device = next(self.model.parameters()).device
         new_ids: list[int] = []
-        for _ in range(max_new_tokens):
-            token = int(self.forward_batch([s])[0, s.n - 1].argmax())
-            new_ids.append(token)
-            s = _extended(s, token, self.tokenizer.decode([token]))
-            if stop_at_eos and token == eos:
-                break
-        return Generation(s, new_ids, "".join(s.tokens[s.n - len(new_ids):]))
+        with self._replaced() as replacement:
+            def whole(s=s):
+                self._attach_meaning([s])
+                return self.head_sources([s], s.n)
+
+            output = self._run(replacement, whole, input_ids=torch.tensor([s.ids], device=device),
+                               use_cache=use_cache)
+            chosen_from = []
+            while True:
+                chosen_from.append(output.logits[0, -1].float().cpu())
+                token = int(chosen_from[-1].argmax())
+                new_ids.append(token)
+                s = _extended(s, token, self.tokenizer.decode([token]))
+                if len(new_ids) == max_new_tokens or (stop_at_eos and token == eos):
+                    break
+                if not use_cache:
+                    def whole(s=s):
+                        self._attach_meaning([s])
+                        return self.head_sources([s], s.n)
+
+                    output = self._run(replacement, whole, use_cache=False,
+                                       input_ids=torch.tensor([s.ids], device=device))
+                    continue
+
+                def newest(s=s):
+                    self._attach_meaning([s])
+                    return self.newest_sources(s)
+
+                output = self._run(replacement, newest, use_cache=True,
+                                   input_ids=torch.tensor([[token]], device=device),
+                                   **{self._cache_name: _cache_of(output)})
+        return Generation(s, new_ids, "".join(s.tokens[s.n - len(new_ids):]),
+                          torch.stack(chosen_from))
+
+
+def _cache_of(output):
+    """The KV cache a forward returned (``cache`` in newer transformers, ``past_key_values``)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def _extended(s, token: int, piece: str):

@@ -207,12 +207,15 @@ def _compiled(expr: str):
     return compile(expr, f"<feature {expr}>", "eval")
 
 
-def feature_dense(s, names: Sequence[str] = FEATURE_NAMES) -> np.ndarray:
+def feature_dense(s, names: Sequence[str] = FEATURE_NAMES,
+                  queries: Sequence[int] | None = None) -> np.ndarray:
     """Each named feature on one text as a dense float64 [features, query_pos, key_pos] (values
-    above the diagonal are left as computed; the fitted model masks them)."""
+    above the diagonal are left as computed; the fitted model masks them). ``queries``: only
+    those query rows (e.g. the newest token's, when generating)."""
     n = s.n
-    grids = {"np": np, "s": s, "i": np.arange(n)[:, None], "j": np.arange(n)[None, :]}
-    out = np.empty((len(names), n, n), dtype=np.float64)
+    i = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
+    grids = {"np": np, "s": s, "i": i[:, None], "j": np.arange(n)[None, :]}
+    out = np.empty((len(names), len(i), n), dtype=np.float64)
     for k, name in enumerate(names):
         out[k] = eval(_compiled(feature(name).expr), grids)  # noqa: S307 - our own expressions
     return out
@@ -267,13 +270,20 @@ def fitted_dense(fit: dict, features: np.ndarray) -> np.ndarray:
     return attention
 
 
+def features_used(fits: Sequence[dict], sentences: Sequence) -> list[str]:
+    """The features ``fits`` read, in a fixed order; attaches syntax to ``sentences`` when one
+    of them needs it (as evaluate_programs does for programs that read s.pos)."""
+    used = sorted({k for f in fits for k in f["weights"]}, key=_order)
+    if set(used) & set(SYNTAX_FEATURE_NAMES) and not all(s.has_syntax for s in sentences):
+        attach_syntax(sentences)
+    return used
+
+
 def evaluate_fits(fits: Sequence[dict], sentences: Sequence) -> np.ndarray:
     """Normalised outputs of fits on ``sentences``, packed: [programs, cells] float32 (features per text
     computed once for all fits)."""
     fits = [check_fit(f) for f in fits]
-    used = sorted({k for f in fits for k in f["weights"]}, key=_order)
-    if set(used) & set(SYNTAX_FEATURE_NAMES) and not all(s.has_syntax for s in sentences):
-        attach_syntax(sentences)  # as evaluate_programs does for programs that read s.pos
+    used = features_used(fits, sentences)
     offsets = causal_offsets([s.n for s in sentences])
     out = np.empty((len(fits), int(offsets[-1])), dtype=np.float32)
     for t, s in enumerate(sentences):

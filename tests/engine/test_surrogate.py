@@ -89,6 +89,16 @@ def test_generation_is_the_argmax_of_a_forward_over_the_generated_sequence(surro
     logits = surrogate.logits([s])[0]
     start = s.n - 6
     assert logits[start - 1 : s.n - 1].argmax(dim=-1).tolist() == generation.new_ids
+    # each step's logits (KV cache, the new row only) equal the whole sequence's forward
+    torch.testing.assert_close(generation.logits, logits[start - 1 : s.n - 1], atol=1e-5,
+                               rtol=0)
+
+
+def test_generation_with_the_kv_cache_equals_generation_rerunning_the_whole_sequence(surrogate):
+    cached = surrogate.generate("When Mary and John", max_new_tokens=5, stop_at_eos=False)
+    rerun = surrogate.generate("When Mary and John", max_new_tokens=5, stop_at_eos=False,
+                               use_cache=False)
+    assert cached.new_ids == rerun.new_ids and cached.continuation == rerun.continuation
 
 
 def test_raw_texts_and_batches_of_mixed_lengths_give_each_texts_own_logits(surrogate):
