@@ -24,6 +24,8 @@ from attnprog.layout import causal_offsets
 
 FITTED, GENERATOR, GOLDEN, SANDBOX = "fitted (in-process)", "generator (in-process)", \
     "golden (in-process)", "sandbox (output cache)"
+# a program that reads later tokens: row i computed on the text up to token i, one run per row
+ROW_BY_ROW = "sandbox, row by row (leaks)"
 
 
 @lru_cache(maxsize=1)
@@ -65,7 +67,7 @@ def program_rows(programs: Sequence, sentences: Sequence, tokenizer=None,
     offsets = causal_offsets([s.n for s in sentences])
     values = np.zeros((len(programs), int(offsets[-1])), dtype=np.float32)
     for path, run in ((FITTED, _fitted), (GENERATOR, _generated), (GOLDEN, _golden),
-                      (SANDBOX, _sandboxed)):
+                      (SANDBOX, _sandboxed), (ROW_BY_ROW, _row_by_row)):
         rows = [k for k, p in enumerate(paths) if p == path]
         if rows:
             values[rows] = run([programs[k] for k in rows], sentences, tokenizer)
@@ -95,6 +97,20 @@ def _sandboxed(programs, sentences, tokenizer) -> np.ndarray:
 
     return evaluate_programs(programs, sentences, tokenizer=tokenizer, progress=False).values
 
+
+def _row_by_row(programs, sentences, tokenizer) -> np.ndarray:
+    """Row i of each text from the program run on the text as it stood at token i: a leaky
+    program made causal, at the price of one evaluation per token."""
+    from attnprog.synth.runtime.leak import prefix_sentence
+
+    prefixes = [prefix_sentence(s, i) for s in sentences for i in range(s.n)]
+    if not prefixes:
+        return np.zeros((len(programs), 0), dtype=np.float32)
+    values = _sandboxed(programs, prefixes, tokenizer)  # [P, cells of every prefix]
+    ends = causal_offsets([p.n for p in prefixes])[1:]
+    # a prefix's last row is its last n cells; in order they pack the whole text's rows
+    return np.concatenate([values[:, end - p.n : end] for end, p in zip(ends, prefixes,
+                                                                         strict=True)], axis=1)
 
 # --- on the model's device -------------------------------------------------------------------
 
@@ -170,10 +186,12 @@ def newest_rows(programs: Sequence, s, device, tokenizer=None,
     """The last token's row of each program on ``s``: float32 [programs, 1, 1, n] on ``device``.
 
     Fitted programs compute that row alone; the others compute the whole matrix (from their
-    output cache where the text was seen) and keep its last row.
+    output cache where the text was seen) and keep its last row, which reads no later token
+    even for a leaky program (the text ends there).
     """
     programs = list(programs)
     paths = [program_path(p) for p in programs] if paths is None else list(paths)
+    paths = [SANDBOX if path == ROW_BY_ROW else path for path in paths]
     out = torch.zeros(len(programs), 1, 1, s.n, device=device)
     fitted = [k for k, path in enumerate(paths) if path == FITTED]
     if fitted:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from attnprog.engine.batching import batches_by_length, make_batch, pad_token_id
 from attnprog.engine.heads import head_label_of
-from attnprog.engine.program_rows import newest_rows, program_matrices, program_path
+from attnprog.engine.program_rows import ROW_BY_ROW, newest_rows, program_matrices, program_path
 from attnprog.engine.replace import head_counts, replace_heads
 from attnprog.errors import ModelError
 
@@ -54,7 +54,9 @@ class Surrogate:
     """``model`` with ``heads`` {(layer, head): Program} replaced by their programs.
 
     ``paths`` says how each head's program is computed (see ``engine.program_rows``);
-    ``info`` what ``from_run`` read (order, fraction, leak check, swaps).
+    ``info`` what ``from_run`` read (order, fraction, leak check, swaps). ``leaks`` {program
+    hash: leak} known already (``from_run``'s are checked); the others are measured on the
+    probe texts, and a program that reads later tokens is computed row by row on prefixes.
     """
 
     model: torch.nn.Module
@@ -63,6 +65,7 @@ class Surrogate:
     impl: str = "auto"
     info: dict = field(default_factory=dict)
     timings: Timings = field(default_factory=Timings)
+    leaks: Mapping | None = None
 
     def __post_init__(self) -> None:
         if self.model.training:
@@ -75,11 +78,29 @@ class Surrogate:
                                  f"has {n_layers} layers x {n_heads} heads")
         self.programs = list({p.hash: p for p in self.heads.values()}.values())
         self.paths = [program_path(p) for p in self.programs]
+        self._check_leaks()
         # the keyword a forward takes its KV cache by: ``cache`` in newer transformers
         parameters = inspect.signature(self.model.forward).parameters
         self._cache_name = "cache" if "cache" in parameters else "past_key_values"
         row_of = {p.hash: k for k, p in enumerate(self.programs)}
         self._row_of_head = {key: row_of[p.hash] for key, p in self.heads.items()}
+
+    def _check_leaks(self) -> None:
+        """Measure the leaks not known yet; a leaky program's path becomes ROW_BY_ROW."""
+        from attnprog.engine.run.surrogate_heads import _evaluate
+        from attnprog.synth.features import probe_sentences, sentences_from_texts
+        from attnprog.synth.runtime.leak import is_leaky, program_leaks
+
+        known = dict(self.leaks or {})
+        todo = [p for p in self.programs if p.hash not in known]
+        if todo:
+            texts = sentences_from_texts([s.text for s in probe_sentences()], self.tokenizer)
+            self._attach_meaning(texts)
+            known.update(zip([p.hash for p in todo],
+                             program_leaks(todo, texts, _evaluate).tolist(), strict=True))
+        self.leaks = known
+        self.paths = [ROW_BY_ROW if is_leaky(known[p.hash]) else path
+                      for p, path in zip(self.programs, self.paths, strict=True)]
 
     @classmethod
     def from_run(cls, run_dir: str | Path, fraction: float = 0.25, order: str = "cost", *,
@@ -95,7 +116,8 @@ class Surrogate:
         info = {"run": str(run_dir), "order": order, "fraction": fraction,
                 "n_candidates": chosen.n_candidates, "leak": chosen.leak, "swaps": chosen.swaps,
                 "max_tokens": chosen.max_tokens}
-        return cls(model, tokenizer, chosen.heads, impl=impl, info=info)
+        causal = {p.hash: 0.0 for p in chosen.heads.values()}  # the run's leak check chose them
+        return cls(model, tokenizer, chosen.heads, impl=impl, info=info, leaks=causal)
 
     # --- texts in ----------------------------------------------------------------------------
     def sentences(self, texts: Sequence) -> list:

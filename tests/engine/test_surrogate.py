@@ -14,7 +14,7 @@ from attnprog.engine.run import rundir
 from attnprog.engine.store import AttentionStore
 from attnprog.errors import ModelError
 from attnprog.synth.runtime.evaluate import evaluate_programs
-from tests.engine.surrogate_run import PREVIOUS, make_run
+from tests.engine.surrogate_run import PEEKS_AHEAD, PREVIOUS, make_run
 
 
 @pytest.fixture(scope="module")
@@ -126,4 +126,17 @@ def test_a_program_reading_token_meaning_gets_the_models_own_embeddings(tiny_gpt
     weight = model.get_input_embeddings().weight.detach().float().numpy()
     attach_similarity([s], TokenEmbeddings(np.arange(len(weight)), weight))  # by hand
     torch.testing.assert_close(surrogate.logits([text])[0], surrogate.logits([s])[0],
+                               atol=1e-5, rtol=0)
+
+
+def test_a_program_reading_later_tokens_is_computed_row_by_row_so_logits_stay_causal(tiny_gpt2):
+    from attnprog.engine.program_rows import ROW_BY_ROW
+
+    surrogate = Surrogate(*tiny_gpt2, {(0, 0): PEEKS_AHEAD, (1, 1): PREVIOUS})
+    assert sorted(surrogate.paths) == sorted([ROW_BY_ROW, "sandbox (output cache)"])
+    [s] = surrogate.sentences(["The cat sat on the mat, and the dog slept by the door."])
+    short = surrogate.sentences([s.text[: s.offsets[6][1]]])[0]
+    assert short.ids == s.ids[:7]
+    # a token's logits do not depend on the text after it
+    torch.testing.assert_close(surrogate.logits([short])[0], surrogate.logits([s])[0][:7],
                                atol=1e-5, rtol=0)
