@@ -1,61 +1,135 @@
-"""Surrogate latency: a forward on 16 x 256 tokens and per generated token, with 0, 25 and 50 %
-of a run's heads replaced, against the unmodified model (SDPA). A measurement, not a test.
+"""Surrogate latency: a forward pass on 16 x 256 tokens and each generated token, with 0, 25 and
+50 % of a run's heads replaced (cheapest first), against the unmodified model (SDPA) and against
+eager attention with the same heads' probabilities overwritten (matrices given, no programs).
+A measurement, not a test; every figure is the median of ``--repeats`` runs, all in one process.
 
     PYTHONPATH=. python bench/surrogate_latency.py RUN_DIR [--texts 16] [--tokens 256]
+
+Rows: "surrogate" is ``attnprog.Surrogate`` (program rows computed for the texts, then the
+model through attnprog's attention); "eager, overwritten" runs the same heads through
+``replace_heads(impl="reference")`` with the surrogate's matrices computed beforehand, i.e.
+what overwriting materialised eager probabilities costs without computing any program.
 """
 
 import argparse
+import statistics
 import time
 
 import torch
 
 from attnprog import Surrogate
+from attnprog.engine.batching import make_batch, pad_token_id
 from attnprog.engine.corpus import builtin_corpus
-from attnprog.synth.features import sentences_from_texts
+from attnprog.engine.replace import replace_heads
+from attnprog.synth.features import Sentence, _parses, sentences_from_texts
 
 
 def long_texts(tokenizer, n_texts: int, n_tokens: int) -> list:
-    """``n_texts`` Sentences of ``n_tokens`` tokens from the built-in stories, run together."""
+    """``n_texts`` Sentences of exactly ``n_tokens`` tokens: built-in stories run together."""
     stories = builtin_corpus().texts
-    texts = [" ".join(stories[k + j] for j in range(6)) for k in range(n_texts)]
+    texts = [" ".join(stories[(k + j) % len(stories)] for j in range(8)) for k in range(n_texts)]
     sentences = sentences_from_texts(texts, tokenizer, max_length=n_tokens)
     return [s for s in sentences if s.n == n_tokens]
 
 
-def timed(surrogate, call) -> tuple[float, float]:
-    """(seconds, of which computing program rows) of one call."""
-    surrogate.timings.rows = 0.0
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start, surrogate.timings.rows
+def median_time(call, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forget_texts(texts: list) -> list:
+    """Copies of ``texts`` with nothing computed for them kept anywhere (features, tags, the
+    process's spaCy parses): each measurement sees them as new text."""
+    _parses.clear()
+    return [Sentence(text=t.text, ids=list(t.ids), tokens=list(t.tokens),
+                     offsets=list(t.offsets)) for t in texts]
+
+
+def forward_split(surrogate: Surrogate, texts: list, repeats: int) -> tuple[float, float]:
+    """(seconds per forward of the batch, of which program rows), on texts new each time."""
+    totals, rows = [], []
+    for _ in range(repeats):
+        fresh = forget_texts(texts)
+        surrogate.timings.rows = 0.0
+        start = time.perf_counter()
+        surrogate.forward_batch(fresh)
+        totals.append(time.perf_counter() - start)
+        rows.append(surrogate.timings.rows)
+    return statistics.median(totals), statistics.median(rows)
+
+
+def per_token(surrogate: Surrogate, prompt: str, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(seconds per generated token after the first, of which program rows): the difference
+    between generating 1 + new_tokens and 1 token, divided by new_tokens."""
+    def run(count):  # the prompt is new text each time (no parse kept)
+        _parses.clear()
+        surrogate.timings.rows = 0.0
+        start = time.perf_counter()
+        surrogate.generate(prompt, count, stop_at_eos=False)
+        return time.perf_counter() - start, surrogate.timings.rows
+
+    totals, rows = [], []
+    for _ in range(repeats):
+        (long, long_rows), (short, short_rows) = run(1 + new_tokens), run(1)
+        totals.append((long - short) / new_tokens)
+        rows.append((long_rows - short_rows) / new_tokens)
+    return statistics.median(totals), statistics.median(rows)
+
+
+def eager_overwritten(surrogate: Surrogate, texts: list, repeats: int) -> float:
+    """Seconds per forward with the heads' matrices given and eager attention overwritten."""
+    model = surrogate.model
+    batch = make_batch([s.ids for s in texts], pad_id=pad_token_id(surrogate.tokenizer),
+                       device=next(model.parameters()).device)
+    surrogate._attach_meaning(texts)
+    sources = {key: m.cpu().numpy() for key, m in surrogate.head_sources(texts, batch.width).items()}
+    with replace_heads(model, sources, impl="reference") as replacement:
+        return median_time(lambda: replacement.forward(batch), repeats)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run")
     parser.add_argument("--texts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--new-tokens", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fractions", default="0.25,0.5")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     base = Surrogate.from_run(args.run, 0.0)
-    plain = Surrogate(base.model, base.tokenizer, {})
-    texts = long_texts(base.tokenizer, args.texts, args.tokens)
+    model, tokenizer = base.model, base.tokenizer
+    texts = long_texts(tokenizer, args.texts, args.tokens)
     prompt = texts[0].text[: len(texts[0].text) // 4]
-    print(f"{len(texts)} x {args.tokens} tokens; threads {torch.get_num_threads()}")
-    plain.forward_batch(texts[:2])  # warm-up
-    rows = [("unmodified (SDPA)", plain)]
-    for fraction in (0.25, 0.5):
-        s = Surrogate.from_run(args.run, fraction)
-        rows.append((f"{100 * fraction:g} % replaced ({len(s.heads)} heads)",
-                     Surrogate(base.model, base.tokenizer, s.heads)))
-        s.forward_batch([s.sentences([prompt])[0]])  # warm caches (spaCy, sandbox)
+    device = next(model.parameters()).device
+    print(f"{len(texts)} x {args.tokens} tokens on {device}; torch threads "
+          f"{torch.get_num_threads()}; {args.new_tokens} generated tokens after a "
+          f"{len(base.sentences([prompt])[0].ids)}-token prompt; median of {args.repeats}")
+    rows = [("unmodified (SDPA)", base)]
+    for fraction in map(float, args.fractions.split(",")):
+        chosen = Surrogate.from_run(args.run, fraction)
+        rows.append((f"{100 * fraction:g} % ({len(chosen.heads)} heads)",
+                     Surrogate(model, tokenizer, chosen.heads, leaks=chosen.leaks)))
+    for _, s in rows:  # warm-up: spaCy, the sandbox, torch's kernels
+        s.forward_batch(texts[:2])
+        s.generate(prompt, 2, stop_at_eos=False)
+
+    print(f"| heads replaced | forward (s) | of which program rows | x unmodified | "
+          f"eager, overwritten (s) | per token (ms) | of which rows | x unmodified |")
+    print("|---|---|---|---|---|---|---|---|")
+    base_forward = base_token = None
     for name, s in rows:
-        fresh = [t.copy() for t in texts]
-        forward, f_rows = timed(s, lambda s=s, fresh=fresh: s.forward_batch(fresh))
-        gen, g_rows = timed(s, lambda s=s: s.generate(prompt, args.new_tokens, stop_at_eos=False))
-        print(f"{name:<32} forward {forward:7.2f} s (program rows {f_rows:6.2f} s)   "
-              f"per new token {gen / args.new_tokens:6.3f} s (rows {g_rows / args.new_tokens:.3f} s)")
+        forward, f_rows = forward_split(s, texts, args.repeats)
+        token, t_rows = per_token(s, prompt, args.new_tokens, args.repeats)
+        base_forward, base_token = base_forward or forward, base_token or token
+        eager = eager_overwritten(s, texts, args.repeats) if s.heads else float("nan")
+        print(f"| {name} | {forward:.2f} | {f_rows:.2f} | {forward / base_forward:.2f} | "
+              f"{eager:.2f} | {1000 * token:.1f} | {1000 * t_rows:.1f} | "
+              f"{token / base_token:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

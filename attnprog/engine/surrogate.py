@@ -195,17 +195,40 @@ class Surrogate:
                              attention_mask=batch.attention_mask, use_cache=False).logits
 
     def _attach_meaning(self, sentences: Sequence) -> None:
-        """Token meaning for programs that read it: the model's own input embeddings of each
-        new text's tokens (texts from a store already carry them)."""
-        from attnprog.synth.embeddings import TokenEmbeddings, attach_similarity
+        """Token meaning for programs that read it: the cosine of the model's own input
+        embeddings of each new text's tokens (texts from a store already carry it), as
+        ``synth.embeddings`` computes it. In torch: a numpy matmul here would wake BLAS
+        threads that then spin against the model's own (3x slower decoding on 2 cores)."""
+        for s in sentences:
+            if s.token_similarity is None:
+                unit = self._unit_embeddings(s.ids)
+                s.token_similarity = (unit @ unit.T).float().cpu().numpy()
+                s.token_similarity.setflags(write=False)
 
-        bare = [s for s in sentences if s.token_similarity is None]
-        if not bare:
-            return
-        ids = np.unique(np.concatenate([np.asarray(s.ids, dtype=np.int64) for s in bare]))
+    def _unit_embeddings(self, ids) -> torch.Tensor:
+        """[len(ids), d] float64 input-embedding rows divided by their norms (zero rows stay 0)."""
         weight = self.model.get_input_embeddings().weight
-        rows = weight[torch.as_tensor(ids, device=weight.device)].detach().float().cpu().numpy()
-        attach_similarity(bare, TokenEmbeddings(ids, rows))
+        rows = weight[torch.as_tensor(ids, device=weight.device)].detach().double()
+        norms = rows.norm(dim=1, keepdim=True)
+        return torch.where(norms > 0, rows / norms.clamp_min(1e-300), 0.0)
+
+    def _grow(self, s, token: int):
+        """``s`` with one more token, carrying what earlier tokens already have (causal syntax,
+        similarities): only the newest token's are computed."""
+        from attnprog.synth.features import extend_syntax
+
+        grown = _extended(s, token, self.tokenizer.decode([token]))
+        if s.has_syntax:
+            extend_syntax(grown, s)
+        if s.token_similarity is not None:
+            unit = self._unit_embeddings(grown.ids)
+            row = (unit @ unit[-1]).float().cpu().numpy()  # [n + 1] the newest token's
+            similarity = np.zeros((grown.n, grown.n), dtype=np.float32)
+            similarity[:-1, :-1] = s.token_similarity
+            similarity[-1], similarity[:, -1] = row, row
+            grown.token_similarity = similarity
+            grown.token_similarity.setflags(write=False)
+        return grown
 
     def logits(self, texts: Sequence, batch_size: int = 8) -> list[torch.Tensor]:
         """Each text's logits [query_pos, vocab] (texts: strings or Sentences)."""
@@ -262,7 +285,7 @@ class Surrogate:
                 chosen_from.append(output.logits[0, -1].float().cpu())
                 token = int(chosen_from[-1].argmax())
                 new_ids.append(token)
-                s = _extended(s, token, self.tokenizer.decode([token]))
+                s = self._grow(s, token)
                 if len(new_ids) == max_new_tokens or (stop_at_eos and token == eos):
                     break
                 if not use_cache:

@@ -211,7 +211,9 @@ def override_attention_torch(
 
     # is_causal aligns the triangle top-left, so it is only right when n_q == n_kv
     plain_causal = key_valid is None and n_q == n_kv and window is None
-    visible = (None if plain_causal
+    # one new query with a KV cache sees every key: no mask to build (a decoding step)
+    sees_all = key_valid is None and n_q == 1 and window is None
+    visible = (None if plain_causal or sees_all
                else visible_mask(batch, n_q, n_kv, key_valid, q.device, window))
     empty = None
     if window is not None and key_valid is not None:
@@ -229,7 +231,9 @@ def override_attention_torch(
         # flagged heads were computed by SDPA too and are overwritten: simpler than gathering
         # the normal heads, and on CPU the attention is a small part of the forward pass
         heads = heads.to(q.device)
-        probs = program_probs.to(v.dtype).tril(diagonal=n_kv - n_q)  # [B, F, n_q, n_kv]
+        probs = program_probs.to(v.dtype)  # [B, F, n_q, n_kv]
+        if not sees_all:
+            probs = probs.tril(diagonal=n_kv - n_q)
         if window is not None:  # keys j > i + n_kv - n_q - window only
             probs = probs.triu(diagonal=n_kv - n_q - window + 1)
         if key_valid is not None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 Parse = list[tuple[int, int, str, int]]  # spaCy tokens: (start, end, POS, head's start)
 
 
@@ -26,10 +28,11 @@ def windows(s) -> list[tuple[int, int, int]]:
     spaCy draws no arc across sentences, and a parse of one sentence costs far less than
     one of the whole prefix."""
     starts = s.most_recent(s.is_sentence_start, include_self=True)
+    ends = np.maximum.accumulate([end for _, end in s.offsets]) if s.n else []  # prefix_end
     out = []
     for i in range(s.n):
         first = int(max(starts[i], 0))
-        out.append((first, _window_start(s, first, i), prefix_end(s.offsets, i)))
+        out.append((first, _window_start(s, first, i), int(ends[i])))
     return out
 
 
@@ -44,21 +47,30 @@ def causal_alignment(s, parses: dict[str, Parse]) -> tuple[list[str], list[int],
 
     ``parses`` maps each of :func:`parsed_prefixes` to its spaCy parse.
     """
-    pos, heads, dependents = [], [], []
-    for i, (first_token, start, end) in enumerate(windows(s)):
-        first = _first_char(s.text, s.offsets[i])
-        if first is None:  # BOS, spaces: no word of their own
-            pos.append("X")
-            heads.append(i)
-            dependents.append([])
-            continue
-        parse = [(a + start, b + start, tag, h + start)
-                 for a, b, tag, h in parses[s.text[start:end]]]  # to characters of s.text
-        tag, head, deps = _last_token_arcs(s.text, s.offsets[first_token : i + 1], parse)
-        pos.append(tag)
-        heads.append(head + first_token)
-        dependents.append([d + first_token for d in deps])
-    return pos, heads, dependents
+    found = [token_syntax(s, i, window, parses) for i, window in enumerate(windows(s))]
+    return [f[0] for f in found], [f[1] for f in found], [f[2] for f in found]
+
+
+def last_window(s) -> tuple[int, int, int] | None:
+    """The window of ``s``'s last token (as :func:`windows` gives it), None when that token
+    has no text of its own; what a growing text needs parsed for its newest token."""
+    i = s.n - 1
+    if i < 0 or _first_char(s.text, s.offsets[i]) is None:
+        return None
+    first = int(max(s.most_recent(s.is_sentence_start, include_self=True)[i], 0))
+    return first, _window_start(s, first, i), prefix_end(s.offsets, i)
+
+
+def token_syntax(s, i: int, window: tuple[int, int, int] | None,
+                 parses: dict[str, Parse]) -> tuple[str, int, list[int]]:
+    """(tag, head, dependents) of token i of ``s`` from the parse of its ``window``."""
+    if window is None or _first_char(s.text, s.offsets[i]) is None:  # BOS, spaces
+        return "X", i, []
+    first_token, start, end = window
+    parse = [(a + start, b + start, tag, h + start)
+             for a, b, tag, h in parses[s.text[start:end]]]  # to characters of s.text
+    tag, head, deps = _last_token_arcs(s.text, s.offsets[first_token : i + 1], parse)
+    return tag, head + first_token, [d + first_token for d in deps]
 
 
 def _window_start(s, first: int, i: int) -> int:

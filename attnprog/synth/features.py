@@ -578,6 +578,30 @@ def attach_syntax(sentences: Sequence[Sentence], causal: bool = True) -> bool:
     return True
 
 
+def extend_syntax(s: Sentence, previous: Sentence) -> bool:
+    """Causal syntax for ``s``, which is ``previous`` with one more token: the earlier tokens'
+    tags and arcs are ``previous``'s (each came from the text up to that token, which has not
+    changed) and only the newest token's prefix is parsed. Returns False, changing nothing,
+    when ``previous`` has no causal syntax or ``s`` does not extend it."""
+    from attnprog.synth.causal_syntax import last_window, token_syntax
+
+    if (previous.syntax_mode != "causal" or not previous.has_syntax or s.n != previous.n + 1
+            or s.ids[:-1] != previous.ids or not s.text.startswith(previous.text)):
+        return False
+    nlp = _load_pipeline()
+    if nlp is None:
+        return False
+    window = last_window(s)
+    if window is not None:
+        _parse_all([s.text[window[1] : window[2]]], nlp)
+    tag, head, deps = token_syntax(s, s.n - 1, window, _parses)
+    s.pos, s.dep_head = [*previous.pos, tag], [*previous.dep_head, head]
+    s.dependents = [*(list(d) for d in previous.dependents), deps]
+    s.syntax_mode = "causal"
+    s.__dict__.pop("_cache", None)
+    return True
+
+
 def _parse_all(texts: Sequence[str], nlp) -> None:
     """Parse each text not parsed yet in this process (batched through ``nlp.pipe``)."""
     todo = list(dict.fromkeys(t for t in texts if t not in _parses))

@@ -72,6 +72,16 @@ def test_triton_queries_after_a_cache():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_new", [5, 1])
+def test_torch_path_queries_after_a_cache(n_new):
+    # the last n_new positions against all 21 keys (1: a decoding step, which needs no mask)
+    q, k, v, flags, probs = make_inputs()
+    q_new, probs_new = q[:, :, -n_new:].contiguous(), probs[:, :, -n_new:].contiguous()
+    expected = override_attention_reference(q_new, k, v, flags, probs_new)
+    got = override_attention_torch(q_new, k, v, flags, probs_new)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_torch_path_matches_reference_with_padding():
     q, k, v, flags, probs = make_inputs()
     key_valid = right_padding(2, 21, [9, 21])

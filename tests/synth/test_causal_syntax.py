@@ -52,3 +52,29 @@ def test_the_causal_tag_and_arcs_equal_the_whole_texts_where_its_parse_up_to_the
             assert s.pos[i] == full.pos[i] and s.dep_head[i] == full.dep_head[i]
             assert s.dependents[i] == [j for j in full.dependents[i] if j >= first]
     assert agreed >= 10  # most tokens' prefixes parse as the whole text does
+
+
+def test_a_text_grown_token_by_token_gets_the_tags_and_arcs_of_a_whole_parse():
+    from attnprog.synth.features import extend_syntax
+
+    whole = Sentence.from_text("The dog that the cat chased ran away, and then it slept.")
+    grown = None
+    for i in range(2, whole.n + 1):
+        step = prefix_sentence(whole, i - 1)
+        if grown is None:
+            attach_syntax([step])
+        else:
+            assert extend_syntax(step, grown)
+        grown = step
+    attach_syntax([whole])
+    assert (grown.pos, grown.dep_head, grown.dependents) == (whole.pos, whole.dep_head,
+                                                             whole.dependents)
+
+
+def test_extend_syntax_refuses_a_text_that_is_not_one_token_longer():
+    from attnprog.synth.features import extend_syntax
+
+    s = Sentence.from_text("The cat sat on the mat.")
+    attach_syntax([s])
+    assert not extend_syntax(prefix_sentence(s, s.n - 3), s)
+    assert not extend_syntax(s.copy(), s)
