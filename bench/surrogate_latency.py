@@ -118,8 +118,8 @@ def main() -> None:
         s.forward_batch(texts[:2])
         s.generate(prompt, 2, stop_at_eos=False)
 
-    print(f"| heads replaced | forward (s) | of which program rows | x unmodified | "
-          f"eager, overwritten (s) | per token (ms) | of which rows | x unmodified |")
+    print("| heads replaced | forward (s) | of which program rows | x unmodified | "
+          "eager, overwritten (s) | per token (ms) | of which rows | x unmodified |")
     print("|---|---|---|---|---|---|---|---|")
     base_forward = base_token = None
     for name, s in rows:
