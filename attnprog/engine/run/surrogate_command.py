@@ -3,6 +3,7 @@ unmodified model's, and with a text file the perplexity of its lines with and wi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +38,17 @@ def run_surrogate(config: SurrogateConfig, echo: Callable[[str], None] = print) 
         echo(f"  {line}")
     figures: dict = {"heads": len(surrogate.heads)}
     if config.prompt:
+        start = time.perf_counter()
         replaced = surrogate.generate(config.prompt, config.max_new_tokens)
+        middle = time.perf_counter()
         unmodified = plain.generate(config.prompt, config.max_new_tokens)
+        seconds = (middle - start, time.perf_counter() - middle)
         echo(f"prompt:      {config.prompt!r}")
-        echo(f"replaced:    {replaced.continuation!r}")
-        echo(f"unmodified:  {unmodified.continuation!r}")
+        echo(f"replaced:    {replaced.continuation!r}  ({_pace(seconds[0], replaced.new_ids)})")
+        echo(f"unmodified:  {unmodified.continuation!r}  ({_pace(seconds[1], unmodified.new_ids)})")
         figures["continuation"] = {"replaced": replaced.continuation,
                                    "unmodified": unmodified.continuation}
+        figures["seconds"] = {"replaced": seconds[0], "unmodified": seconds[1]}
     if config.score is not None:
         lines = _lines(Path(config.score))
         sentences = surrogate.sentences(lines)
@@ -55,6 +60,11 @@ def run_surrogate(config: SurrogateConfig, echo: Callable[[str], None] = print) 
              f"unmodified {ppl['unmodified']:.3f} "
              f"({100 * (ppl['replaced'] / ppl['unmodified'] - 1):+.1f} %)")
     return figures
+
+
+def _pace(seconds: float, new_ids: list[int]) -> str:
+    """"12 tokens in 0.61 s": a continuation's pace, prompt included."""
+    return f"{len(new_ids)} tokens in {seconds:.2f} s"
 
 
 def _lines(path: Path) -> list[str]:
