@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import atexit
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -68,7 +69,7 @@ def evaluate_programs(
     # sandboxed programs run now (or come from the cache); generator programs are recomputed
     # from their specs when read, which is faster than reading gigabytes back from disk
     sandboxed = _Sandboxed(OutputCache(cache_dir) if use_cache else None, corpus, tokenizer_id,
-                           with_syntax)
+                           with_syntax, meaning_hash(sentences))
     todo = sandboxed.refuse_or_reuse(others, sentences, int(offsets[-1]), helpers, check)
     options = {"workers": workers, "timeout": timeout, "memory_mb": memory_mb,
                "tokenizer": tokenizer, "helpers": helpers, "unsafe": unsafe,
@@ -101,6 +102,7 @@ class _Sandboxed:
     corpus: str
     tokenizer_id: str
     with_syntax: str  # the texts' syntax_mode ("" without syntax)
+    meaning: str = ""  # meaning_hash of the texts' token similarities
     outputs: dict = field(default_factory=dict)
 
     def refuse_or_reuse(self, programs, sentences, n_cells: int, helpers, check: bool) -> list[Program]:
@@ -127,7 +129,7 @@ class _Sandboxed:
             self.cache.put(program.hash, self.corpus, self._key(program), values, failed, reason)
 
     def _key(self, program: Program) -> str:
-        return _cache_key(program, self.tokenizer_id, self.with_syntax)
+        return _cache_key(program, self.tokenizer_id, self.with_syntax, self.meaning)
 
 
 class StreamedOutputs:
@@ -223,12 +225,28 @@ def _reads_syntax(program: Program) -> bool:
                for node in ast.walk(tree))
 
 
-def _cache_key(program: Program, tokenizer_id: str, with_syntax: str) -> str:
+def _cache_key(program: Program, tokenizer_id: str, with_syntax: str, meaning: str = "") -> str:
     """Outputs without POS tags, with causal ones and with whole-text ones ("+syntax", as
-    before tags were causal) are cached apart, for programs that read them."""
-    if not with_syntax or not _reads_syntax(program):
-        return tokenizer_id
-    return tokenizer_id + ("+causal-syntax" if with_syntax == "causal" else "+syntax")
+    before tags were causal) are cached apart, for programs that read them; likewise outputs
+    on the same texts with token meaning from different embeddings (or the probes' stand-in)."""
+    key = tokenizer_id
+    if with_syntax and _reads_syntax(program):
+        key += "+causal-syntax" if with_syntax == "causal" else "+syntax"
+    if meaning and "similarity" in program.source:  # reads s.embedding_similarity & co.
+        key += f"+meaning-{meaning}"
+    return key
+
+
+def meaning_hash(sentences: Sequence[Sentence]) -> str:
+    """A hash of the texts' token similarities (8 hex), "" when none carries them."""
+    if all(s.token_similarity is None for s in sentences):
+        return ""
+    digest = hashlib.sha256()
+    for s in sentences:
+        similarity = b"" if s.token_similarity is None else np.ascontiguousarray(
+            s.token_similarity, dtype=np.float32).tobytes()
+        digest.update(len(similarity).to_bytes(8, "little") + similarity)
+    return digest.hexdigest()[:8]
 
 
 def _split_generated(programs: list[Program]) -> tuple[list[Program], list[Program]]:

@@ -78,6 +78,35 @@ def test_another_tokenizer_id_is_another_cache_entry(tmp_path, sandbox_calls):
     assert sandbox_calls == [3, 3]
 
 
+MEANING = """import numpy as np
+
+def program(s):
+    i, j = np.tril_indices(s.n)
+    m = np.zeros((s.n, s.n))
+    m[i, j] = np.exp(3 * s.embedding_similarity(i, j))
+    return m
+"""
+
+
+def test_token_meaning_from_other_embeddings_is_another_cache_entry(tmp_path):
+    texts = probe_sentences()  # one-hot stand-in similarity
+    stand_in = evaluate_programs([Program(MEANING)], texts, cache_dir=tmp_path, workers=1,
+                                 progress=False).values
+    rng = np.random.default_rng(0)
+    for s in texts:  # another table: a random cosine-like matrix
+        m = rng.uniform(-1, 1, (s.n, s.n)).astype(np.float32)
+        m = (m + m.T) / 2
+        np.fill_diagonal(m, 1.0)
+        m.setflags(write=False)
+        s.token_similarity = m
+    other = evaluate_programs([Program(MEANING)], texts, cache_dir=tmp_path, workers=1,
+                              progress=False).values
+    fresh = evaluate_programs([Program(MEANING)], texts, use_cache=False, workers=1,
+                              progress=False).values
+    assert not np.allclose(stand_in, other)
+    np.testing.assert_array_equal(other, fresh)
+
+
 def test_identical_programs_are_evaluated_once(tmp_path, sandbox_calls):
     out = evaluate_programs([Program(FIRST), Program(FIRST)], probe_sentences(),
                             use_cache=False, workers=1, progress=False)
