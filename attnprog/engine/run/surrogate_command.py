@@ -38,6 +38,9 @@ def run_surrogate(config: SurrogateConfig, echo: Callable[[str], None] = print) 
         echo(f"  {line}")
     figures: dict = {"heads": len(surrogate.heads)}
     if config.prompt:
+        from attnprog.synth.features import syntax_available
+
+        syntax_available()  # loads spaCy now, so its start-up is not timed as generation
         start = time.perf_counter()
         replaced = surrogate.generate(config.prompt, config.max_new_tokens)
         middle = time.perf_counter()
