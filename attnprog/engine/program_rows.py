@@ -74,6 +74,15 @@ def program_rows(programs: Sequence, sentences: Sequence, tokenizer=None,
     return values
 
 
+def outputs_by_path(programs: Sequence, sentences: Sequence):
+    """``program_rows`` as the leak check's evaluator wants it: ``.values`` [P, cells] and
+    ``.failed`` [P, texts] (all False: a failed row is zeros, which the check compares)."""
+    from types import SimpleNamespace
+
+    values = program_rows(programs, sentences)
+    return SimpleNamespace(values=values, failed=np.zeros((len(programs), len(sentences)), bool))
+
+
 def _fitted(programs, sentences, tokenizer) -> np.ndarray:
     from attnprog.synth.fitted import evaluate_fitted
 

@@ -24,7 +24,13 @@ import torch.nn.functional as F
 
 from attnprog.engine.batching import batches_by_length, make_batch, pad_token_id
 from attnprog.engine.heads import head_label_of
-from attnprog.engine.program_rows import ROW_BY_ROW, newest_rows, program_matrices, program_path
+from attnprog.engine.program_rows import (
+    ROW_BY_ROW,
+    newest_rows,
+    outputs_by_path,
+    program_matrices,
+    program_path,
+)
 from attnprog.engine.replace import head_counts, replace_heads
 from attnprog.errors import ModelError
 from attnprog.synth.runtime.evaluate import _reads_syntax
@@ -91,7 +97,6 @@ class Surrogate:
 
     def _check_leaks(self) -> None:
         """Measure the leaks not known yet; a leaky program's path becomes ROW_BY_ROW."""
-        from attnprog.engine.run.surrogate_heads import _evaluate
         from attnprog.synth.features import probe_sentences, sentences_from_texts
         from attnprog.synth.runtime.leak import is_leaky, program_leaks
 
@@ -101,7 +106,7 @@ class Surrogate:
             texts = sentences_from_texts([s.text for s in probe_sentences()], self.tokenizer)
             self._attach_meaning(texts)
             known.update(zip([p.hash for p in todo],
-                             program_leaks(todo, texts, _evaluate).tolist(), strict=True))
+                             program_leaks(todo, texts, outputs_by_path).tolist(), strict=True))
         self.leaks = known
         self.paths = [ROW_BY_ROW if is_leaky(known[p.hash]) else path
                       for p, path in zip(self.programs, self.paths, strict=True)]

@@ -125,6 +125,7 @@ def _check_now(run_dir: Path, table, chosen: list[int], best_index, tokenizer,
     would; ProgramError when a head has no causal program among its best."""
     from attnprog.engine.heads import head_label
     from attnprog.engine.leak import MAX_ROUNDS
+    from attnprog.engine.program_rows import outputs_by_path
     from attnprog.synth.runtime.leak import is_leaky, program_leaks
 
     sentences = _leak_sentences(run_dir, tokenizer, result.max_tokens)
@@ -136,7 +137,8 @@ def _check_now(run_dir: Path, table, chosen: list[int], best_index, tokenizer,
                      if p.hash not in leaks}.values())
         if todo:
             leaks.update(zip([p.hash for p in todo],
-                             program_leaks(todo, sentences, _evaluate).tolist(), strict=True))
+                             program_leaks(todo, sentences, outputs_by_path).tolist(),
+                             strict=True))
         leaky = [h for h in chosen if is_leaky(leaks[table.programs[int(best[h])].hash])]
         if not leaky:
             break
@@ -170,13 +172,3 @@ def _leak_sentences(run_dir: Path, tokenizer, max_tokens: int) -> list:
         stored, splits = json.loads(metadata.get("texts", "[]")), json.loads(metadata.get("splits", "[]"))
         texts = [t for t, s in zip(stored, splits, strict=False) if s == "heldout"] or texts
     return sentences_from_texts(texts[:LEAK_TEXTS], tokenizer, max_length=max_tokens or None)
-
-
-def _evaluate(programs, sentences):
-    """program_leaks' evaluator: each program by its own path (in-process where allowed)."""
-    from types import SimpleNamespace
-
-    from attnprog.engine.program_rows import program_rows
-
-    values = program_rows(programs, sentences)
-    return SimpleNamespace(values=values, failed=np.zeros((len(programs), len(sentences)), bool))
