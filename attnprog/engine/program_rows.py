@@ -158,10 +158,16 @@ def fitted_torch(fits: Sequence[dict], s, device, queries: Sequence[int] | None 
     return attention
 
 
+_CHECKED: dict[str, dict] = {}  # program hash -> its checked fit (generation asks every token)
+
+
 def _fits_of(programs: Sequence, sentences: Sequence) -> list[dict]:
     from attnprog.synth.fitted import check_fit, features_used
 
-    fits = [check_fit(p.provenance["fit"]) for p in programs]
+    for p in programs:
+        if p.hash not in _CHECKED:
+            _CHECKED[p.hash] = check_fit(p.provenance["fit"])
+    fits = [_CHECKED[p.hash] for p in programs]
     features_used(fits, sentences)  # attaches syntax once, for every text, when a fit reads it
     return fits
 

@@ -87,7 +87,7 @@ class Surrogate:
                                  f"has {n_layers} layers x {n_heads} heads")
         self.programs = list({p.hash: p for p in self.heads.values()}.values())
         self.paths = [program_path(p) for p in self.programs]
-        self._reads_syntax = any(map(_reads_syntax, self.programs))
+        self._needs_syntax = any(map(_reads_syntax, self.programs))
         self._check_leaks()
         # the keyword a forward takes its KV cache by: ``cache`` in newer transformers
         parameters = inspect.signature(self.model.forward).parameters
@@ -195,14 +195,21 @@ class Surrogate:
         batch = make_batch([s.ids for s in sentences], pad_id=pad_token_id(self.tokenizer),
                            sentences=list(sentences), device=device)
 
-        def sources():
-            self._attach_meaning(sentences)
-            self._attach_syntax(sentences)
-            return self.head_sources(sentences, batch.width)
-
         with self._replaced() as replacement:
-            return self._run(replacement, sources, input_ids=batch.input_ids,
-                             attention_mask=batch.attention_mask, use_cache=False).logits
+            return self._run(replacement, lambda: self._text_sources(sentences, batch.width),
+                             input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             use_cache=False).logits
+
+    def _text_sources(self, sentences: Sequence, width: int | None = None,
+                      newest: bool = False) -> dict:
+        """What the texts' programs read (token meaning, causal syntax; a no-op for a text
+        grown from one that had them), then ``head_sources`` (``newest_sources`` for the last
+        token of one text)."""
+        self._attach_meaning(sentences)
+        self._attach_syntax(sentences)
+        if newest:
+            return self.newest_sources(sentences[0])
+        return self.head_sources(sentences, width or max(s.n for s in sentences))
 
     def _attach_meaning(self, sentences: Sequence) -> None:
         """Token meaning for programs that read it: the cosine of the model's own input
@@ -220,7 +227,7 @@ class Surrogate:
         them (timed apart: one spaCy parse per token is most of a new text's rows)."""
         from attnprog.synth.features import attach_syntax
 
-        if self._reads_syntax and not all(s.has_syntax for s in sentences):
+        if self._needs_syntax and not all(s.has_syntax for s in sentences):
             start = time.perf_counter()
             attach_syntax(sentences)
             self.timings.syntax += time.perf_counter() - start
@@ -297,15 +304,10 @@ class Surrogate:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         device = next(self.model.parameters()).device
         new_ids: list[int] = []
+        chosen_from = []  # each step's logits for its new token
         with self._replaced() as replacement:
-            def whole(s=s):
-                self._attach_meaning([s])
-                self._attach_syntax([s])
-                return self.head_sources([s], s.n)
-
-            output = self._run(replacement, whole, input_ids=torch.tensor([s.ids], device=device),
-                               use_cache=use_cache)
-            chosen_from = []
+            output = self._run(replacement, lambda: self._text_sources([s]), use_cache=use_cache,
+                               input_ids=torch.tensor([s.ids], device=device))
             while True:
                 chosen_from.append(output.logits[0, -1].float().cpu())
                 token = int(chosen_from[-1].argmax())
@@ -313,24 +315,15 @@ class Surrogate:
                 s = self._grow(s, token)
                 if len(new_ids) == max_new_tokens or (stop_at_eos and token == eos):
                     break
-                if not use_cache:
-                    def whole(s=s):
-                        self._attach_meaning([s])
-                        self._attach_syntax([s])
-                        return self.head_sources([s], s.n)
-
-                    output = self._run(replacement, whole, use_cache=False,
+                if use_cache:  # the new token alone, its rows only, against the cache
+                    output = self._run(replacement, lambda s=s: self._text_sources([s], newest=True),
+                                       use_cache=True,
+                                       input_ids=torch.tensor([[token]], device=device),
+                                       **{self._cache_name: _cache_of(output)})
+                else:
+                    output = self._run(replacement, lambda s=s: self._text_sources([s]),
+                                       use_cache=False,
                                        input_ids=torch.tensor([s.ids], device=device))
-                    continue
-
-                def newest(s=s):
-                    self._attach_meaning([s])
-                    self._attach_syntax([s])  # a no-op when the text grew from a parsed one
-                    return self.newest_sources(s)
-
-                output = self._run(replacement, newest, use_cache=True,
-                                   input_ids=torch.tensor([[token]], device=device),
-                                   **{self._cache_name: _cache_of(output)})
         return Generation(s, new_ids, "".join(s.tokens[s.n - len(new_ids):]),
                           torch.stack(chosen_from))
 

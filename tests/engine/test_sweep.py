@@ -211,15 +211,20 @@ def test_every_control_has_kl_and_an_interval_around_its_increase(tiny_gpt2):
     assert "zero" in text and "mean" in text and "KL" in text
 
 
-def test_orders_replacing_the_same_heads_agree(tiny_gpt2):
-    model, _ = tiny_gpt2
+def sweep_with_costs(model, seed: int, **options):
+    """A sweep of the small store with given costs (cheapest: head 0) and a seeded table."""
     store = make_store(LENGTHS, splits=SPLITS)
     programs, outputs = program_outputs(LENGTHS)
-    table = SmallTable(torch.rand(2, 8, generator=torch.Generator().manual_seed(6)), programs)
+    table = SmallTable(torch.rand(2, 8, generator=torch.Generator().manual_seed(seed)), programs)
     costs = given_costs(np.linspace(0.0, 1.0, 8), store)
-    result = perplexity_sweep(model, store, table, fractions=(0.0, 1.0), outputs=outputs,
-                              orders=("iou", "cost"), costs=costs, share_limits=(),
-                              progress=False)
+    return perplexity_sweep(model, store, table, outputs=outputs, costs=costs, progress=False,
+                            **options)
+
+
+def test_orders_replacing_the_same_heads_agree(tiny_gpt2):
+    model, _ = tiny_gpt2
+    result = sweep_with_costs(model, 6, fractions=(0.0, 1.0), orders=("iou", "cost"),
+                              share_limits=())
     every = {row.order: row for row in result.rows if row.fraction == 1.0}
     assert every["iou"].perplexity == every["cost"].perplexity
     assert every["iou"].kl == every["cost"].kl
@@ -227,13 +232,8 @@ def test_orders_replacing_the_same_heads_agree(tiny_gpt2):
 
 def test_replaceable_share_is_searched_on_selection_and_heldout_texts(tiny_gpt2):
     model, _ = tiny_gpt2
-    store = make_store(LENGTHS, splits=SPLITS)
-    programs, outputs = program_outputs(LENGTHS)
-    table = SmallTable(torch.rand(2, 8, generator=torch.Generator().manual_seed(7)), programs)
-    costs = given_costs(np.linspace(0.0, 1.0, 8), store)
-    result = perplexity_sweep(model, store, table, fractions=(0.0, 0.5), outputs=outputs,
-                              orders=("cost",), costs=costs, share_limits=(16.0, 5.0),
-                              progress=False)
+    result = sweep_with_costs(model, 7, fractions=(0.0, 0.5), orders=("cost",),
+                              share_limits=(16.0, 5.0))
     shares = result.to_json()["replaceable_share"]
     assert set(shares) == {"16", "5"}
     for share in shares.values():

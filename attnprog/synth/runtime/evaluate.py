@@ -68,8 +68,9 @@ def evaluate_programs(
 
     # sandboxed programs run now (or come from the cache); generator programs are recomputed
     # from their specs when read, which is faster than reading gigabytes back from disk
+    reads_meaning = any("similarity" in p.source for p in others)  # hash n x n only then
     sandboxed = _Sandboxed(OutputCache(cache_dir) if use_cache else None, corpus, tokenizer_id,
-                           with_syntax, meaning_hash(sentences))
+                           with_syntax, meaning_hash(sentences) if reads_meaning else "")
     todo = sandboxed.refuse_or_reuse(others, sentences, int(offsets[-1]), helpers, check)
     options = {"workers": workers, "timeout": timeout, "memory_mb": memory_mb,
                "tokenizer": tokenizer, "helpers": helpers, "unsafe": unsafe,
