@@ -193,8 +193,7 @@ def refitted_cuts(fits: Sequence[dict], ranked: Sequence[Sequence[str]], rows: S
         weights, shares = weights.cpu(), shares.cpu()
         for (i, k), w, share, start_fit in zip(chunk, weights, shares, starts):
             per_unit = {n: float(w[column[n]]) / float(scale[column[n]]) for n in start_fit["weights"]}
-            # the share below 1 as a fit needs it, also once rounded to 3 decimals
-            cuts[i][k] = round_fit({"share": min(float(share), 0.999), "weights": per_unit})
+            cuts[i][k] = round_fit({"share": float(share), "weights": per_unit})
     return cuts
 
 

@@ -247,7 +247,10 @@ def check_fit(fit: dict) -> dict:
 
 
 def round_fit(fit: dict, digits: int = 3) -> dict:
-    """Weights to ``digits`` significant digits and the share to 3 decimals, for reading."""
+    """Weights to ``digits`` significant digits and the share to 3 decimals, for reading. A
+    fitter's share at or near 1 (a sigmoid saturates) becomes 0.999: a fit needs share < 1."""
+    if isinstance(fit, dict) and isinstance(fit.get("share"), int | float):
+        fit = {**fit, "share": min(fit["share"], 0.999)}
     fit = check_fit(fit)
     weights = {k: float(f"{v:.{digits}g}") for k, v in fit["weights"].items()}
     return {"share": round(fit["share"], 3), "weights": {k: v for k, v in weights.items() if v}}

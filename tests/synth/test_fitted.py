@@ -62,6 +62,14 @@ def test_rounding_keeps_three_significant_digits_and_drops_zeros():
     assert rounded == {"share": 0.123, "weights": {"first": 2.35}}
 
 
+def test_rounding_keeps_a_saturated_share_below_one():
+    # found with a 4-term fit of a sink head: its share 0.9996 rounded to 1.0, an invalid fit
+    for share in (0.9996, 1.0):
+        rounded = fitted.round_fit({"share": share, "weights": {"first": 3.0}})
+        assert rounded["share"] == 0.999
+        fitted.check_fit(rounded)
+
+
 def test_a_fitted_program_is_a_valid_native_program():
     program = fitted.program_from_fit(FIT, head="L3.H5", model_id="tiny", score=0.7)
     assert validate(program).ok, validate(program).reason
