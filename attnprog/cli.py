@@ -354,9 +354,10 @@ def _print_best_fits(table, top: int, split: str, heldout: str) -> None:
         typer.echo(line(fit))
 
 
-@app.command(epilog=example("attnprog show --table runs/demo/iou_table.safetensors 18.3"))
+@app.command(epilog=example("attnprog show --table runs/demo 18.3"))
 def show(
-    table: Path = typer.Option(..., help="IoU table from `attnprog rank` or `attnprog run`"),
+    table: Path = typer.Option(..., help="IoU table from `attnprog rank`, or a run directory "
+                               "(its iou_table.safetensors and heads.json)"),
     head: str = typer.Argument(..., help="one head: LAYER.HEAD (e.g. 18.3) or L18.H3"),
     top: int = typer.Option(3, help="how many of the head's best programs to print"),
 ) -> None:

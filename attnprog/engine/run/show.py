@@ -34,11 +34,14 @@ def shortest_lines(entry: dict) -> list[str]:
 
 
 def show_head(table_path: str | Path, head: str, top: int = 3) -> str:
-    """The text ``attnprog show`` prints for ``head`` (LAYER.HEAD or L18.H3) of an IoU table."""
+    """The text ``attnprog show`` prints for ``head`` (LAYER.HEAD or L18.H3) of an IoU table, or
+    of a run directory's table."""
     from attnprog.engine.head_entries import program_names
     from attnprog.engine.rank import IoUTable
     from attnprog.synth.titles import program_title
 
+    if Path(table_path).is_dir():  # a run directory: its table
+        table_path = Path(table_path) / "iou_table.safetensors"
     table = IoUTable.load(table_path)
     chosen = parse_heads(head, table.n_layers, table.n_heads)
     if len(chosen) != 1:

@@ -25,6 +25,11 @@ def test_programs_are_shown_by_name_beside_their_hash(tmp_path):
     assert programs[0].source.strip() in text and "head (share of attention" not in text
 
 
+def test_a_run_directory_stands_for_its_table(tmp_path):
+    two_program_table(tmp_path)
+    assert show_head(tmp_path, "0.1", top=2) == show_head(tmp_path / "iou_table.safetensors", "0.1", top=2)
+
+
 def test_the_heads_type_scores_and_shortest_program_come_first_when_heads_json_is_beside(tmp_path):
     programs = two_program_table(tmp_path)
     entry = {"head": "L0.H1", "head_index": 1, "type": "first token",
