@@ -23,6 +23,8 @@ from attnprog.engine.store import AttentionStore
 
 def heads(run: Path) -> dict[str, dict]:
     """The run's heads.json entries by head label ("L18.H3")."""
+    if not (run / "heads.json").is_file():
+        raise SystemExit(f"no heads.json in {run}: give two directories written by `attnprog run`")
     entries = json.loads((run / "heads.json").read_text())["heads"]
     return {entry["head"]: entry for entry in entries}
 
