@@ -131,11 +131,11 @@ def fitted_torch(fits: Sequence[dict], s, device, queries: Sequence[int] | None 
     The features are computed once for all fits, every fit's scores come from one float64
     matmul and the causal softmax (float32) runs on the device; equal to ``evaluate_fits``
     to 1e-6.
-    ``queries``: only those rows (all when None). Fits must be checked, syntax attached.
+    ``queries``: only those rows (all when None). Fits must be checked (``check_fit``).
     """
-    from attnprog.synth.fitted import _order, feature_dense
+    from attnprog.synth.fitted import feature_dense, features_used
 
-    used = sorted({k for f in fits for k in f["weights"]}, key=_order)
+    used = features_used(fits, [s])
     column = {name: k for k, name in enumerate(used)}
     weights = torch.zeros(len(fits), len(used), dtype=torch.float64)
     for p, fit in enumerate(fits):

@@ -300,7 +300,11 @@ class Surrogate:
         that computes only that token's row of each replaced head (programs are causal, so
         earlier rows do not change); ``use_cache=False`` reruns the whole sequence per token.
         """
+        if max_new_tokens < 0:
+            raise ModelError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
         s = self.sentences([prompt])[0]
+        if max_new_tokens == 0:  # the loop below chooses a token before it checks the count
+            return Generation(s, [], "", torch.zeros(0, 0))
         eos = getattr(self.tokenizer, "eos_token_id", None)
         device = next(self.model.parameters()).device
         new_ids: list[int] = []

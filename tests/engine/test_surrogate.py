@@ -101,6 +101,14 @@ def test_generation_with_the_kv_cache_equals_generation_rerunning_the_whole_sequ
     assert cached.new_ids == rerun.new_ids and cached.continuation == rerun.continuation
 
 
+def test_zero_new_tokens_is_the_prompt_alone_and_a_negative_count_is_refused(surrogate):
+    generation = surrogate.generate("The cat sat", max_new_tokens=0, stop_at_eos=False)
+    assert generation.new_ids == [] and generation.continuation == ""
+    assert generation.sentence.text == "The cat sat"
+    with pytest.raises(ModelError, match="max_new_tokens"):
+        surrogate.generate("The cat sat", max_new_tokens=-1)
+
+
 def test_raw_texts_and_batches_of_mixed_lengths_give_each_texts_own_logits(surrogate):
     texts = ["Short one.", "A much longer text, which pads the shorter one in its batch."]
     together = surrogate.logits(texts, batch_size=2)
