@@ -1,7 +1,9 @@
 """Do two runs of one model, on different corpora, explain its heads alike? A measurement, not
 a test: each run's mean held-out best-fit IoU, the correlation of the heads' IoU between the
 runs, how many heads get the same type (heads.json), type by type, and how each run's fitted
-programs score on the other run's held-out texts (do they transfer?).
+programs score on the other run's held-out texts (do they transfer?), and each run's fitted
+programs on the first ``--prefix`` tokens of its held-out texts: soft IoU falls as rows grow
+longer, so corpora of different text lengths compare fairly only at a common length.
 
     python bench/corpus_agreement.py runs/demo runs/other
 
@@ -15,10 +17,14 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from attnprog.engine.fit import fit_scores
 from attnprog.engine.heads import head_label
 from attnprog.engine.store import AttentionStore
+from attnprog.kernels.iou import segment_iou
+from attnprog.layout import causal_offsets
+from attnprog.synth.fitted import evaluate_fits
 
 
 def heads(run: Path) -> dict[str, dict]:
@@ -38,10 +44,26 @@ def fits(run: Path, store: AttentionStore) -> list[dict]:
     return [by_head[head_label(h, store.n_heads)] for h in range(store.n_rows)]
 
 
+def prefix_iou(run: Path, store: AttentionStore, tokens: int) -> float:
+    """Mean IoU of the run's fitted programs on the first ``tokens`` tokens of each held-out text.
+    The rows of a causal program and of the model's attention do not depend on later tokens
+    (the run's leak check), so these rows are those of the texts cut there."""
+    sub = store.subset(store.split_indices("heldout"))
+    values = torch.from_numpy(evaluate_fits(fits(run, store), sub.sentences()))  # [heads, cells]
+    cut = sub.lengths.clamp(max=tokens).numpy()
+    cells = torch.cat([torch.arange(int(sub.offsets[s]), int(sub.offsets[s]) + int(n * (n + 1) // 2))
+                       for s, n in enumerate(cut)])  # the first rows of each text's lower triangle
+    per_text = segment_iou(values[:, cells].T.float(), sub.attn_packed[:, cells].T.float(),
+                           causal_offsets(cut))  # [texts, heads]
+    return float(per_text.double().mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_a", type=Path)
     parser.add_argument("run_b", type=Path)
+    parser.add_argument("--prefix", type=int, default=64,
+                        help="tokens of each held-out text for the length-matched IoU (default 64)")
     args = parser.parse_args()
     a, b = heads(args.run_a), heads(args.run_b)
     if set(a) != set(b):
@@ -68,6 +90,11 @@ def main() -> None:
         moved_in = fit_scores(fits(away, stores[away]), stores[home], "heldout").mean()
         print(f"fitted programs on {home.name}'s held-out texts: its own {own:.3f}, "
               f"{away.name}'s {moved_in:.3f}")
+    for run in (args.run_a, args.run_b):
+        lengths = stores[run].lengths[stores[run].split_indices("heldout")].float()
+        print(f"{run.name}: held-out texts of {lengths.mean():.0f} tokens on average "
+              f"({lengths.min():.0f} to {lengths.max():.0f}); its fitted programs on their first "
+              f"{args.prefix} tokens: {prefix_iou(run, stores[run], args.prefix):.3f}")
 
 
 if __name__ == "__main__":
