@@ -150,13 +150,20 @@ def _replacement_rows(summary: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _heldout_texts(summary: dict) -> str:
+    """"held-out", with the texts' mean length when the run recorded it (IoU depends on it)."""
+    tokens = summary.get("tokens_per_text")
+    return f"held-out texts of {tokens:.0f} tokens on average" if tokens else "held-out"
+
+
 def _headline_rows(summary: dict, n_heads: int) -> list[tuple[str, str, str, str]]:
     """(label, key, our figure, the paper's) for the summary table."""
     paper_iou = " / ".join(f"{100 * v:.0f} %" for v in PAPER["best_fit_iou"].values())
-    paper_models = ", ".join(PAPER["best_fit_iou"])
+    paper_models = ", ".join(PAPER["best_fit_iou"]) + "; on " + PAPER["best_fit_iou_texts"]
     rows = [
         ("heads explained", "heads", str(summary.get("heads", n_heads)), ""),
-        ("mean best-fit IoU (held-out)", "mean_best_fit_iou", _fmt(summary.get("mean_best_fit_iou")),
+        (f"mean best-fit IoU ({_heldout_texts(summary)})", "mean_best_fit_iou",
+         _fmt(summary.get("mean_best_fit_iou")),
          f"{paper_iou} ({paper_models})"),
         ("median best-fit IoU (held-out)", "median_best_fit_iou",
          _fmt(summary.get("median_best_fit_iou")), ""),

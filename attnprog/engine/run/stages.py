@@ -274,13 +274,20 @@ def heldout_best_fits(state: RunState) -> torch.Tensor:
     return torch.as_tensor(state.table.heldout_iou).float()[state.heads]
 
 
+def heldout_tokens(state: RunState) -> float:
+    """Mean length of the held-out texts: soft IoU falls as texts grow longer, so every IoU
+    figure is quoted with it."""
+    return float(state.store.lengths[state.store.split_indices("heldout")].double().mean())
+
+
 def after_rank(state: RunState) -> None:
     chosen, n_heads = set(state.heads), state.store.n_heads
     fits = [f for f in state.table.best_fits() if f.layer * n_heads + f.head in chosen]
     fits = sorted(fits, key=lambda f: -f.reported_iou)
     heldout = heldout_best_fits(state)
-    state.echo(f"  best fit per head (chosen on selection, IoU on held-out): mean "
-               f"{heldout.mean():.3f}, median {heldout.median():.3f}; top {state.config.top}:")
+    state.echo(f"  best fit per head (chosen on selection, IoU on held-out texts of "
+               f"{heldout_tokens(state):.0f} tokens on average): mean {heldout.mean():.3f}, "
+               f"median {heldout.median():.3f}; top {state.config.top}:")
     for fit in fits[: state.config.top]:
         label = head_label(fit.layer * n_heads + fit.head, n_heads)
         state.echo(f"    {label:<7} IoU {fit.reported_iou:.3f}  {fit.family}: {fit.title}")
@@ -476,7 +483,8 @@ def _protocol_text(state: RunState) -> str:
     figures = state.detail["figures"]
     paper, (low, high) = figures["paper_protocol_iou"], figures["mean_best_fit_iou_ci"]
     how = figures.get("paper_protocol", {})
-    ours = (f"mean best-fit IoU, ours (chosen on selection, reported on held-out texts): "
+    ours = (f"mean best-fit IoU, ours (chosen on selection, reported on held-out texts of "
+            f"{heldout_tokens(state):.0f} tokens on average): "
             f"{heldout_best_fits(state).mean():.3f} [95 % interval over texts {low:.3f}, "
             f"{high:.3f}]")
     if paper is None:
@@ -497,14 +505,16 @@ def after_sweep(state: RunState) -> None:
     state.echo(state.sweep_text)
     state.summary.update(rundir.headline(heldout_best_fits(state).tolist(), state.library,
                                          state.summary["sweep"], state.detail))
+    state.summary["tokens_per_text"] = heldout_tokens(state)
     state.path(rundir.SUMMARY).write_text(json.dumps(state.summary, indent=2))
 
 
 # --- the report ----------------------------------------------------------------------------
 
-REPORT_VERSION = 5  # bump when the page changes; 2: heads written L18.H3; 3: types and names;
+REPORT_VERSION = 6  # bump when the page changes; 2: heads written L18.H3; 3: types and names;
 # 4: the attention viewer, searchable grid, heads at a glance, replacement charts drawn in the page;
-# 5: the paper column holds the corrected figures and the replaceable shares
+# 5: the paper column holds the corrected figures and the replaceable shares; 6: the length of
+# the held-out texts and of the paper's
 
 
 def run_report(state: RunState) -> None:

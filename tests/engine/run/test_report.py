@@ -41,7 +41,13 @@ def page_data(html: str) -> dict:
 def test_summary_figures_stand_beside_the_papers():
     html = page()
     assert "id='mean_best_fit_iou'>0.551<" in html and "69 % / 74 % / 79 %" in html
+    assert "on single sentences of 12 to 20 words" in html
     assert "id='ppl_increase_0.25_IoU'>+12.5 %<" in html and "+16 %" in html
+
+
+def test_the_held_out_figure_says_how_long_its_texts_are():
+    html = page(summary={"mean_best_fit_iou": 0.5514, "tokens_per_text": 68.9})
+    assert "mean best-fit IoU (held-out texts of 69 tokens on average)" in html
 
 
 def test_the_extended_sweeps_figures_join_the_headline_table():
