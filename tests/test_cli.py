@@ -35,6 +35,13 @@ def test_every_help_ends_with_a_runnable_example():
         assert (command.epilog or "").startswith(f"Example: attnprog {name}"), name
 
 
+def test_help_paragraphs_wrap_to_the_terminal_not_to_the_source_lines():
+    result = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    # one paragraph of the docstring, broken over two source lines, prints as one line
+    assert "Stages: extract, pool, llm (with --llm-model), fit, evaluate, rank, library, heads, costs " \
+           "(with the cost order)" in result.output
+
+
 def test_commands_are_listed_in_pipeline_order():
     listed = list(COMMANDS)
     assert listed[0] == "run"

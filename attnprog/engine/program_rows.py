@@ -22,7 +22,7 @@ import torch
 
 from attnprog.layout import causal_offsets
 
-FITTED, GENERATOR, GOLDEN, SANDBOX = "fitted (in-process)", "generator (in-process)", \
+FITTED, GENERATOR, GOLDEN, SANDBOX = "fitted (torch)", "generator (in-process)", \
     "golden (in-process)", "sandbox (output cache)"
 # a program that reads later tokens: row i computed on the text up to token i, one run per row
 ROW_BY_ROW = "sandbox, row by row (leaks)"

@@ -33,6 +33,7 @@ from attnprog.engine.program_rows import (
 )
 from attnprog.engine.replace import head_counts, replace_heads
 from attnprog.errors import ModelError
+from attnprog.synth.program import as_program
 from attnprog.synth.runtime.evaluate import _reads_syntax
 
 
@@ -60,7 +61,8 @@ class Timings:
 
 @dataclass
 class Surrogate:
-    """``model`` with ``heads`` {(layer, head): Program} replaced by their programs.
+    """``model`` with ``heads`` {(layer, head): Program or Python function} replaced by their
+    programs (a function is taken as a custom program of its own source).
 
     ``paths`` says how each head's program is computed (see ``engine.program_rows``);
     ``info`` what ``from_run`` read (order, fraction, leak check, swaps). ``leaks`` {program
@@ -80,7 +82,7 @@ class Surrogate:
         if self.model.training:
             raise ModelError("a surrogate is inference-only: call model.eval() first")
         n_layers, n_heads = head_counts(self.model)
-        self.heads = {(int(lay), int(h)): p for (lay, h), p in dict(self.heads).items()}
+        self.heads = {(int(lay), int(h)): as_program(p) for (lay, h), p in dict(self.heads).items()}
         for layer, head in self.heads:
             if not (0 <= layer < n_layers and 0 <= head < n_heads):
                 raise ModelError(f"head {head_label_of(layer, head)} does not exist: the model "

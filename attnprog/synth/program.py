@@ -47,6 +47,31 @@ class Program:
         )
 
 
+def as_program(obj) -> Program:
+    """``obj`` as a Program: a Program as it is, a Python function as a custom program of its
+    own source (defined in a file or a notebook cell, not a lambda) with numpy imported as
+    ``np``; other names of its module are not carried, so it imports what else it needs."""
+    import inspect
+    import textwrap
+
+    from attnprog.errors import ProgramError
+
+    if isinstance(obj, Program):
+        return obj
+    if not inspect.isfunction(obj):
+        raise ProgramError(f"a program is a Program or a Python function, not "
+                           f"{type(obj).__name__}")
+    if obj.__name__ == "<lambda>":
+        raise ProgramError("a lambda has no source of its own to run in the sandbox: write it "
+                           "with def, or pass Program(source=..., name=...)")
+    try:
+        source = textwrap.dedent(inspect.getsource(obj))
+    except (OSError, TypeError) as err:
+        raise ProgramError(f"the source of {obj.__name__} cannot be read ({err}): pass "
+                           f"Program(source=..., name={obj.__name__!r})") from err
+    return Program(source="import numpy as np\n\n\n" + source, name=obj.__name__)
+
+
 def normalise(matrix: np.ndarray) -> np.ndarray:
     """Clip negatives, apply the causal mask, divide rows by their sum; empty rows -> one-hot on 0.
 

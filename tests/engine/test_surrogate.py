@@ -50,7 +50,7 @@ def test_logits_on_heldout_texts_equal_the_sweeps_replaced_model(surrogate, held
     with replace_heads(surrogate.model, sources) as replacement:
         expected = replacement.forward(batch).logits
     got = surrogate.logits(store.sentences(texts))
-    assert {"fitted (in-process)", "generator (in-process)", "golden (in-process)",
+    assert {"fitted (torch)", "generator (in-process)", "golden (in-process)",
             "sandbox (output cache)"} <= set(surrogate.paths)  # every path is compared
     for b, s in enumerate(texts):
         torch.testing.assert_close(got[b], expected[b, : store.lengths[s]], atol=1e-5, rtol=0)
@@ -115,6 +115,17 @@ def test_raw_texts_and_batches_of_mixed_lengths_give_each_texts_own_logits(surro
     alone = [surrogate.logits([t])[0] for t in texts]
     for a, b in zip(together, alone, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def previous_token(s):
+    return np.eye(s.n, k=-1)
+
+
+def test_a_plain_function_replaces_a_head_as_its_program_would(tiny_gpt2):
+    text = ["The cat sat on the mat, and the dog slept by the door."]
+    by_function = Surrogate(*tiny_gpt2, {(1, 1): previous_token}).logits(text)[0]
+    by_program = Surrogate(*tiny_gpt2, {(1, 1): PREVIOUS}).logits(text)[0]
+    torch.testing.assert_close(by_function, by_program, atol=1e-6, rtol=0)
 
 
 def test_a_head_the_model_lacks_is_refused(tiny_gpt2):

@@ -1,9 +1,11 @@
 """The program contract: normalisation."""
 
 import numpy as np
+import pytest
 
+from attnprog.errors import ProgramError
 from attnprog.layout import pack
-from attnprog.synth.program import normalise, normalise_packed
+from attnprog.synth.program import as_program, normalise, normalise_packed
 
 
 # --- normalise --------------------------------------------------------------------------------
@@ -39,3 +41,21 @@ def test_packed_normalisation_equals_the_dense_rule():
         matrix = rng.normal(size=(n, n))
         matrix[rng.random(n) < 0.3] = -1.0  # some rows become empty
         np.testing.assert_allclose(normalise_packed(matrix), pack(normalise(matrix)), atol=1e-15)
+
+
+def _previous_token(s):
+    return np.eye(s.n, k=-1)  # np from this module: as_program imports it for the program
+
+
+def test_a_function_becomes_a_program_of_its_own_source_with_numpy():
+    program = as_program(_previous_token)
+    assert program.name == "_previous_token" and program.family == "custom"
+    assert program.source.startswith("import numpy as np") and "np.eye(s.n, k=-1)" in program.source
+    assert as_program(program) is program
+
+
+def test_a_lambda_or_a_non_function_is_refused_with_what_to_pass():
+    with pytest.raises(ProgramError, match="write it with def"):
+        as_program(lambda s: np.eye(s.n))
+    with pytest.raises(ProgramError, match="not str"):
+        as_program("def program(s): ...")

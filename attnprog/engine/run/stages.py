@@ -285,16 +285,16 @@ def after_rank(state: RunState) -> None:
     fits = [f for f in state.table.best_fits() if f.layer * n_heads + f.head in chosen]
     fits = sorted(fits, key=lambda f: -f.reported_iou)
     heldout = heldout_best_fits(state)
+    median = float(np.median(heldout.numpy()))  # as summary.json's median (torch's takes the lower)
     state.echo(f"  best fit per head (chosen on selection, IoU on held-out texts of "
                f"{heldout_tokens(state):.0f} tokens on average): mean {heldout.mean():.3f}, "
-               f"median {heldout.median():.3f}; top {state.config.top}:")
+               f"median {median:.3f}; top {state.config.top}:")
     for fit in fits[: state.config.top]:
         label = head_label(fit.layer * n_heads + fit.head, n_heads)
         state.echo(f"    {label:<7} IoU {fit.reported_iou:.3f}  {fit.family}: {fit.title}")
     state.echo(f"  read a head's programs: attnprog show --table {state.path(rundir.TABLE)} "
                "LAYER.HEAD")
-    state.summary["best_fit_iou"] = {"mean": float(heldout.mean()),
-                                     "median": float(heldout.median())}
+    state.summary["best_fit_iou"] = {"mean": float(heldout.mean()), "median": median}
     echo_leaks(state)
 
 

@@ -29,6 +29,7 @@ def run_surrogate(config: SurrogateConfig, echo: Callable[[str], None] = print) 
     """Build the surrogate, generate and score as ``config`` asks; return the figures."""
     from attnprog.engine.surrogate import Surrogate
 
+    lines = _lines(Path(config.score)) if config.score is not None else []  # before the model loads
     surrogate = Surrogate.from_run(config.run, config.fraction, config.order, device=config.device)
     plain = Surrogate(surrogate.model, surrogate.tokenizer, {})
     info = surrogate.info
@@ -53,7 +54,6 @@ def run_surrogate(config: SurrogateConfig, echo: Callable[[str], None] = print) 
                                    "unmodified": unmodified.continuation}
         figures["seconds"] = {"replaced": seconds[0], "unmodified": seconds[1]}
     if config.score is not None:
-        lines = _lines(Path(config.score))
         sentences = surrogate.sentences(lines)
         keep = [s for s in sentences if s.n > 1]
         figures["perplexity"] = {"replaced": surrogate.perplexity(keep, config.batch_size),

@@ -32,10 +32,11 @@ class ValidationResult:
 
 
 def check_file(path, name: str | None = None, unsafe: bool = False, *, tokenizer=None,
-               probes=None) -> list[tuple[str, str]]:
+               probes=None, model=None) -> list[tuple[str, str]]:
     """Validate the programs of a file: one program (entry point ``name`` or inferred), or
     a library in the paper's layout (many ``f(sentence, tokenizer)`` beside helpers).
-    ``tokenizer``: the model's, for paper-form programs, with ``probes`` tokenised by it.
+    ``tokenizer``: the model's, for paper-form programs, with ``probes`` tokenised by it; or
+    ``model``, called for (tokenizer, probes) only when some program passes the static check.
     Returns (entry point, "" or the escaped reason) per program."""
     source = read_source(path)
     library = library_programs(source, str(path)) if name is None else []
@@ -46,6 +47,8 @@ def check_file(path, name: str | None = None, unsafe: bool = False, *, tokenizer
         if entry is None:
             raise ProgramError(f"{path}: no program function found; define `def program(s)`")
         programs = [Program(source=source, name=entry, family="custom")]
+    if model is not None and not all(check_source(p) for p in programs):  # some will run
+        tokenizer, probes = model()
     results = validate_many(programs, probes=probes, unsafe=unsafe, tokenizer=tokenizer)
     return [(p.name, escape(r.reason)) for p, r in zip(programs, results, strict=True)]
 

@@ -19,7 +19,9 @@ def test_prints_both_continuations_and_both_perplexities(tmp_path, tiny_gpt2):
     assert set(figures["perplexity"]) == {"replaced", "unmodified"}
 
 
-def test_a_missing_file_to_score_is_refused(tmp_path, tiny_gpt2):
+def test_a_missing_file_to_score_is_refused_before_anything_is_printed(tmp_path, tiny_gpt2):
     run = make_run(tmp_path / "run", *tiny_gpt2)
+    printed = []
     with pytest.raises(CorpusError, match="one text per line"):
-        run_surrogate(SurrogateConfig(run=run, score=tmp_path / "none.txt"), echo=lambda _: None)
+        run_surrogate(SurrogateConfig(run=run, score=tmp_path / "none.txt"), echo=printed.append)
+    assert printed == []  # the error is the one line a user sees

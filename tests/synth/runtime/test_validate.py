@@ -108,3 +108,18 @@ def test_check_with_a_model_tokenises_any_text_and_knows_token_meaning(tmp_path,
         ("program", "")]
     (_, reason), = check_file(path)  # the stand-in knows the probe text only
     assert "only tokenises the sentence being explained" in reason
+
+
+def test_the_model_is_loaded_only_when_a_program_passes_the_static_check(tmp_path):
+    loads = []
+
+    def model():
+        loads.append(1)
+        return None, None
+
+    bad, good = tmp_path / "bad.py", tmp_path / "good.py"
+    bad.write_text("import os\n\ndef program(s):\n    return os.getcwd()\n")
+    good.write_text(NATIVE)
+    (_, reason), = check_file(bad, model=model)
+    assert "os" in reason and loads == []
+    assert check_file(good, model=model) == [("program", "")] and loads == [1]
