@@ -56,6 +56,9 @@ def test_run_prints_every_stage_and_the_sweep_with_both_baselines_then_resumes(t
     assert summary["leak"]["leaky_fitted"] == 0 and summary["leak"]["checked"] >= 270  # causal fits
     assert (tmp_path / "run" / "leak.json").is_file()
     assert summary["best_fit_iou"]["median"] == pytest.approx(summary["median_best_fit_iou"])
+    by_length = summary["best_fit_iou_by_length"]  # whole texts of at most 48 tokens at 64
+    assert list(by_length) == ["10", "20", "32", "64"]
+    assert by_length["64"] == pytest.approx(summary["best_fit_iou"]["mean"], abs=1e-4)
     assert 0 < summary["tokens_per_text"] <= 48  # the held-out texts' length goes with the IoU
     assert f"held-out texts of {summary['tokens_per_text']:.0f} tokens on average" in first.stdout
 

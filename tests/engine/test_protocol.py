@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnprog.engine.protocol import protocol_figures, same_text_best_fits
+from attnprog.engine.protocol import best_fit_iou_by_length, protocol_figures, same_text_best_fits
 from attnprog.engine.rank import rank
 from attnprog.errors import StoreError
 from tests.engine.test_rank import PLANTED, make_outputs, make_store
@@ -48,3 +48,29 @@ def test_too_few_texts_leave_the_paper_figure_out_but_keep_the_interval():
     figures = protocol_figures(store, outputs, best_index, [0, 1], split="heldout")  # 3 texts
     assert figures["paper_protocol_iou"] is None
     assert len(figures["mean_best_fit_iou_ci"]) == 2
+
+
+def test_best_fits_on_whole_texts_score_their_held_out_iou():
+    from attnprog.engine.rank import rank_with_heldout
+
+    store, outputs = make_store(PLANTED), make_outputs()
+    table = rank_with_heldout(store, outputs)
+    figures = best_fit_iou_by_length(store, outputs, table.best()[1], range(4), lengths=(100,))
+    assert figures["100"] == pytest.approx(float(table.heldout_iou.mean()), abs=1e-6)
+
+
+def test_best_fits_on_the_first_tokens_score_the_texts_cut_there():
+    from attnprog.kernels.iou import pair_iou
+    from attnprog.layout import unpack
+
+    store, outputs = make_store(PLANTED), make_outputs()
+    best_index = rank(store, outputs, split="selection").best()[1]
+    figures = best_fit_iou_by_length(store, outputs, best_index, [2], lengths=(4,))
+    expected = []
+    for s in store.split_indices("heldout"):  # head 2's program and attention, cut by hand
+        n = int(store.lengths[s])
+        a, b = int(store.offsets[s]), int(store.offsets[s + 1])
+        program = unpack(outputs.values[int(best_index[2]), a:b], n)[:4, :4]
+        attention = unpack(store.attn_packed[2, a:b].numpy(), n)[:4, :4]
+        expected.append(pair_iou(program, attention))
+    assert figures["4"] == pytest.approx(np.mean(expected), abs=1e-6)

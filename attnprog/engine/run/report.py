@@ -156,6 +156,16 @@ def _heldout_texts(summary: dict) -> str:
     return f"held-out texts of {tokens:.0f} tokens on average" if tokens else "held-out"
 
 
+def _by_length_rows(summary: dict, paper_iou: str) -> list[tuple[str, str, str, str]]:
+    """The best fits on the first m tokens of each held-out text, beside the paper's sentences."""
+    figures = summary.get("best_fit_iou_by_length")
+    if not isinstance(figures, dict) or not figures:
+        return []
+    return [(f"mean best-fit IoU on the first {' / '.join(figures)} tokens of each held-out text",
+             "best_fit_iou_by_length", " / ".join(_fmt(v) for v in figures.values()),
+             f"{paper_iou} on sentences of 12 to 20 words")]
+
+
 def _headline_rows(summary: dict, n_heads: int) -> list[tuple[str, str, str, str]]:
     """(label, key, our figure, the paper's) for the summary table."""
     paper_iou = " / ".join(f"{100 * v:.0f} %" for v in PAPER["best_fit_iou"].values())
@@ -165,6 +175,7 @@ def _headline_rows(summary: dict, n_heads: int) -> list[tuple[str, str, str, str
         (f"mean best-fit IoU ({_heldout_texts(summary)})", "mean_best_fit_iou",
          _fmt(summary.get("mean_best_fit_iou")),
          f"{paper_iou} ({paper_models})"),
+        *_by_length_rows(summary, paper_iou),
         ("median best-fit IoU (held-out)", "median_best_fit_iou",
          _fmt(summary.get("median_best_fit_iou")), ""),
         ("heads with IoU > 0.5", "share_heads_iou_above_0_5",

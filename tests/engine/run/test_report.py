@@ -50,6 +50,14 @@ def test_the_held_out_figure_says_how_long_its_texts_are():
     assert "mean best-fit IoU (held-out texts of 69 tokens on average)" in html
 
 
+def test_the_best_fits_on_the_first_tokens_stand_beside_the_papers_sentences():
+    html = page(summary={"mean_best_fit_iou": 0.5514,
+                         "best_fit_iou_by_length": {"10": 0.77, "20": 0.71, "64": 0.615}})
+    assert "on the first 10 / 20 / 64 tokens of each held-out text" in html
+    assert "id='best_fit_iou_by_length'>0.770 / 0.710 / 0.615<" in html
+    assert "69 % / 74 % / 79 % on sentences of 12 to 20 words" in html
+
+
 def test_the_extended_sweeps_figures_join_the_headline_table():
     html = page(summary=extended_summary())
     assert "id='replaceable_share_16'>30.0 % / 25.0 %<" in html
