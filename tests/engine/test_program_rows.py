@@ -42,7 +42,7 @@ def test_fitted_programs_in_torch_equal_their_numpy_outputs(sentences):
     offsets = causal_offsets([s.n for s in sentences])
     for t, s in enumerate(sentences):
         rows, cols = tril_index(s.n)
-        got = fitted_torch(fits, s, "cpu")[:, rows, cols].numpy()
+        got = fitted_torch(fits, s, "cpu").numpy()[:, rows, cols]  # numpy indexes by tril_index
         np.testing.assert_allclose(got, expected[:, offsets[t] : offsets[t + 1]], atol=1e-6)
 
 
