@@ -32,6 +32,17 @@ def text_cells(offsets, texts) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+def prefix_cells(lengths, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the first ``rows`` query rows of every text, in the packed layout of texts of
+    ``lengths``; the offsets of those cells packed on their own): each text cut at ``rows``
+    tokens, a shorter one whole. Because a row's cells come before the next row's, a text's
+    first rows are the start of its triangle."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    offsets, cut = causal_offsets(lengths), np.minimum(lengths, rows)
+    cells = [np.arange(offsets[s], offsets[s] + n_cells(int(n))) for s, n in enumerate(cut)]
+    return (np.concatenate(cells) if cells else np.zeros(0, dtype=np.int64)), causal_offsets(cut)
+
+
 @lru_cache(maxsize=64)
 def tril_index(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Row and column of each packed cell of an n x n triangle, in packed order."""

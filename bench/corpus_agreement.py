@@ -23,7 +23,7 @@ from attnprog.engine.fit import fit_scores
 from attnprog.engine.heads import head_label
 from attnprog.engine.store import AttentionStore
 from attnprog.kernels.iou import segment_iou
-from attnprog.layout import causal_offsets
+from attnprog.layout import prefix_cells
 from attnprog.synth.fitted import evaluate_fits
 
 
@@ -50,11 +50,10 @@ def prefix_iou(run: Path, store: AttentionStore, tokens: int) -> float:
     (the run's leak check), so these rows are those of the texts cut there."""
     sub = store.subset(store.split_indices("heldout"))
     values = torch.from_numpy(evaluate_fits(fits(run, store), sub.sentences()))  # [heads, cells]
-    cut = sub.lengths.clamp(max=tokens).numpy()
-    cells = torch.cat([torch.arange(int(sub.offsets[s]), int(sub.offsets[s]) + int(n * (n + 1) // 2))
-                       for s, n in enumerate(cut)])  # the first rows of each text's lower triangle
+    cells, cut_offsets = prefix_cells(sub.lengths.numpy(), tokens)
+    cells = torch.from_numpy(cells)
     per_text = segment_iou(values[:, cells].T.float(), sub.attn_packed[:, cells].T.float(),
-                           causal_offsets(cut))  # [texts, heads]
+                           cut_offsets)  # [texts, heads]
     return float(per_text.double().mean())
 
 

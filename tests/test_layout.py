@@ -1,6 +1,6 @@
 import numpy as np
 
-from attnprog.layout import causal_offsets, n_cells, pack, text_cells, tril_index, unpack
+from attnprog.layout import causal_offsets, n_cells, pack, prefix_cells, text_cells, tril_index, unpack
 
 
 def test_offsets_start_each_text_and_end_at_total_cells():
@@ -28,3 +28,13 @@ def test_text_cells_lists_the_cells_of_the_given_texts_in_the_given_order():
     offsets = causal_offsets([1, 3, 2])  # texts at cells [0, 1), [1, 7), [7, 10)
     assert text_cells(offsets, [2, 0]).tolist() == [7, 8, 9, 0]
     assert text_cells(offsets, []).tolist() == []
+
+
+def test_prefix_cells_are_each_texts_first_rows_packed_on_their_own():
+    lengths = [4, 2, 5]
+    matrices = [np.arange(n * n, dtype=float).reshape(n, n) + 100 * s for s, n in enumerate(lengths)]
+    packed = np.concatenate([pack(m) for m in matrices])
+    cells, offsets = prefix_cells(lengths, 3)
+    expected = np.concatenate([pack(m[:3, :3]) for m in matrices])  # each text cut at 3 tokens
+    assert np.array_equal(packed[cells], expected)
+    assert offsets.tolist() == causal_offsets([3, 2, 3]).tolist()

@@ -24,7 +24,7 @@ from attnprog.engine.bootstrap import mean_interval
 from attnprog.engine.rank import rank
 from attnprog.errors import StoreError
 from attnprog.kernels.iou import segment_iou
-from attnprog.layout import causal_offsets, text_cells
+from attnprog.layout import causal_offsets, prefix_cells, text_cells
 
 DRAWS = 20
 TEXTS_PER_DRAW = 5
@@ -81,7 +81,8 @@ def best_fit_iou_by_length(store, outputs, best_index, heads: Sequence[int], *,
     texts, heads = store.split_indices(split), list(heads)
     best = torch.as_tensor(best_index)[heads].tolist()
     unique = sorted(set(best))
-    row = [unique.index(p) for p in best]  # each head's program among ``chosen``
+    position = {p: k for k, p in enumerate(unique)}
+    row = [position[p] for p in best]  # each head's program among ``chosen``
     chosen = outputs.select(unique)
     values = np.asarray(chosen.rows(0, len(unique), texts), dtype=np.float32)  # [programs, cells]
     failed = np.asarray(chosen.failed, dtype=bool)[:, texts]  # [programs, texts]
@@ -94,15 +95,13 @@ def best_fit_iou_by_length(store, outputs, best_index, heads: Sequence[int], *,
     attn = store.attn_packed[heads][:, torch.as_tensor(text_cells(store.offsets, texts))]
     figures = {}
     for m in lengths:
-        cut = np.minimum(full, m)
-        cells = np.concatenate([np.arange(offsets[s], offsets[s] + n * (n + 1) // 2)
-                                for s, n in enumerate(cut)])  # the first m rows of each text
+        cells, cut_offsets = prefix_cells(full, m)  # of ``values``' texts
         per_text = []  # [texts, heads], in chunks of heads
         for start in range(0, len(heads), heads_per_chunk):
             part = row[start : start + heads_per_chunk]
             pred = torch.from_numpy(values[part][:, cells]).T.contiguous()
             target = attn[start : start + heads_per_chunk][:, torch.from_numpy(cells)]
-            iou = segment_iou(pred, target.float().cpu().T.contiguous(), causal_offsets(cut))
+            iou = segment_iou(pred, target.float().cpu().T.contiguous(), cut_offsets)
             per_text.append(iou.masked_fill(torch.from_numpy(failed[part].T), 0.0))
         figures[str(m)] = float(torch.cat(per_text, dim=1).double().mean())
     return figures

@@ -41,7 +41,7 @@ def show_head(table_path: str | Path, head: str, top: int = 3) -> str:
     from attnprog.synth.titles import program_title
 
     if Path(table_path).is_dir():  # a run directory: its table
-        table_path = Path(table_path) / "iou_table.safetensors"
+        table_path = Path(table_path) / rundir.TABLE
     table = IoUTable.load(table_path)
     chosen = parse_heads(head, table.n_layers, table.n_heads)
     if len(chosen) != 1:
