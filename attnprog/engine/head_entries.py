@@ -62,7 +62,8 @@ def program_entry(program: Program, heldout_iou: float, report: TermReport | Non
 def shortest_entry(program: Program, report: TermReport) -> dict:
     """The head's fitted program with ``terms_needed`` terms (the full one when it needs them all)."""
     k, fit = report.terms_needed, report.shortest
-    ranked = [name for name in report.ranked if name in fit["weights"]]
+    # a cut keeps its terms in the order they were ranked in the cut it came from
+    ranked = report.ranked if k == len(report.fit["weights"]) else list(fit["weights"])
     entry = {"terms": k, "name": fit_title(fit, ranked), "hash": program.hash,
              "heldout_iou": report.iou_by_terms[k], "fit": fit}
     if k == len(report.fit["weights"]):

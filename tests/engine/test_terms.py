@@ -54,6 +54,14 @@ def test_iou_by_terms_rises_to_the_true_terms_and_terms_needed_is_their_count(re
     assert list(reports[0].shortest["weights"]) == reports[0].ranked[:2]
 
 
+def test_each_cut_keeps_terms_of_the_next_larger_one(reports):
+    cuts = reports[0].cuts
+    sizes = sorted(cuts)
+    for smaller, larger in zip(sizes, sizes[1:]):
+        assert set(cuts[smaller]["weights"]) <= set(cuts[larger]["weights"])
+        assert len(cuts[smaller]["weights"]) == smaller
+
+
 def test_a_program_of_its_share_alone_needs_no_terms(reports):
     assert list(reports[1].iou_by_terms) == [0] and reports[1].iou_by_terms[0] > 0.99
     assert reports[1].terms_needed == 0 and reports[1].ranked == []

@@ -359,7 +359,8 @@ def after_library(state: RunState) -> None:
 
 # --- heads: types, programs by name, the shortest program that fits -------------------------
 
-HEADS_VERSION = 2  # bump when heads.json changes; 2: cuts refitted on every synthesis text
+HEADS_VERSION = 3  # bump when heads.json changes; 2: cuts refitted on every synthesis text;
+# 3: each cut from the next larger one, ranked again there
 
 
 def heads_key(state: RunState) -> str:
