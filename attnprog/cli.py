@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from attnprog.errors import AttnProgError
+from attnprog.errors import AttnProgError, StoreError
 
 app = typer.Typer(
     add_completion=False,
@@ -108,6 +108,7 @@ def extract(
     from attnprog.engine.extract import extract_or_load
     from attnprog.engine.models import load_model
 
+    _out_file(out, "attention.safetensors")
     texts = load_corpus(corpus, text_field=text_field)
     texts = texts.take(limit) if limit else texts
     lm, tokenizer = load_model(model, device=device, dtype=_dtype(dtype))
@@ -130,6 +131,7 @@ def generate(
     from attnprog.engine.pool import build_pool
     from attnprog.synth.program import save_pool
 
+    _out_file(out, "pool.jsonl")
     pool = build_pool(candidates, golden=golden)
     save_pool(pool, out)
     typer.echo(f"wrote {out}: {len(pool)} programs in {len({p.family for p in pool})} families")
@@ -240,6 +242,7 @@ def synthesize(
     from attnprog.synth.llm.client import LLMSettings
     from attnprog.synth.llm.synthesiser import SynthesisOptions, head_prompt
 
+    _out_file(out, "pool.jsonl")
     attention = AttentionStore.load(store)
     chosen = head_pairs(heads, attention)
     settings = LLMSettings(model=model, base_url=base_url, api_key=api_key, temperature=temperature,
@@ -294,6 +297,7 @@ def rank_command(
 
     if (pool is None) == (outputs is None):
         raise AttnProgError("pass exactly one of --pool (programs to evaluate) or --outputs")
+    _out_file(out, "iou_table.safetensors")
     _connect(ray)  # reach the cluster before reading a large store
     attention, program_outputs = _store_and_outputs(store, pool, outputs, split, heldout, device, ray)
     start = time.perf_counter()
@@ -452,7 +456,7 @@ def report_command(
     """Rebuild a run's self-contained HTML report (summary, IoU grid, curves, every head)."""
     from attnprog.engine.run.report import write_report
 
-    path = write_report(run_dir, out=out, texts=texts, tokens=tokens)
+    path = write_report(run_dir, out=out and _out_file(out, "report.html"), texts=texts, tokens=tokens)
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -477,6 +481,17 @@ def bench_command(
     if override and device.startswith("cuda"):  # on a CPU both paths are SDPA plus a matmul
         half = _dtype(dtype) if _dtype(dtype) != torch.float32 else torch.float16
         run_override_bench(device, dtype=half)
+
+
+def _out_file(path: Path, name: str) -> Path:
+    """``path`` when a file can be written there: a directory (or a file where a folder must
+    be) is refused before any work, not with a traceback once the result is ready."""
+    if path.is_dir():
+        raise StoreError(f"--out {path} is a directory: give a file path, e.g. {path / name}")
+    folder = next((parent for parent in path.parents if parent.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise StoreError(f"--out {path}: {folder} is a file, not a folder: choose another path")
+    return path
 
 
 def _connect(ray: str) -> None:

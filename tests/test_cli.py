@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from attnprog.cli import app
 from attnprog.engine.models import resolve_device
 from attnprog.engine.run.config import RunConfig
+from attnprog.errors import StoreError
 
 COMMANDS = typer.main.get_command(app).commands
 
@@ -59,3 +60,17 @@ def test_the_force_help_names_every_stage():
 
     force = next(p for p in COMMANDS["run"].params if p.name == "force")
     assert all(name in force.help for name in STAGE_NAMES)
+
+
+def test_an_out_that_is_a_directory_is_refused_before_any_work(tmp_path):
+    # --model would fail too: the --out check comes first, so no model loads for nothing
+    result = CliRunner().invoke(app, ["extract", "--model", "no-such-model", "--out", str(tmp_path)])
+    assert isinstance(result.exception, StoreError)
+    assert f"is a directory: give a file path, e.g. {tmp_path / 'attention.safetensors'}" in str(
+        result.exception)
+
+
+def test_an_out_under_a_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    result = CliRunner().invoke(app, ["generate", "--out", str(tmp_path / "notes.txt" / "pool.jsonl")])
+    assert isinstance(result.exception, StoreError) and "is a file, not a folder" in str(result.exception)
