@@ -399,6 +399,7 @@ def replace(
 
     Controls: uniform, random program, zero and mean ablation. Printed: perplexity with
     intervals, KL, the replaceable share and QA accuracy."""
+    from attnprog.engine.head_costs import check_method
     from attnprog.engine.models import load_model
     from attnprog.engine.qa import load_qa
     from attnprog.engine.rank import IoUTable
@@ -406,7 +407,10 @@ def replace(
     from attnprog.engine.sweep import fractions_up_to, orders_from_option, perplexity_sweep
 
     orders, fractions = orders_from_option(order), fractions_up_to(fraction)
+    _at_least(1, batch_size=batch_size, random_seeds=random_seeds)
+    check_method(cost_method)
     attention, ious = AttentionStore.load(store), IoUTable.load(table)
+    attention.split_indices(split)  # an unknown split is refused before the model loads
     spec = model or str(attention.meta.get("model_id", "")).split("@")[0]
     if not spec:
         raise AttnProgError(f"{store} does not say which model made it: pass --model")
@@ -481,6 +485,13 @@ def bench_command(
     if override and device.startswith("cuda"):  # on a CPU both paths are SDPA plus a matmul
         half = _dtype(dtype) if _dtype(dtype) != torch.float32 else torch.float16
         run_override_bench(device, dtype=half)
+
+
+def _at_least(least: int, **counts: int) -> None:
+    """Refuse a count below ``least`` up front, named as its option, before any work."""
+    for name, value in counts.items():
+        if value < least:
+            raise AttnProgError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
 
 
 def _out_file(path: Path, name: str) -> Path:

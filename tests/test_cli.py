@@ -74,3 +74,10 @@ def test_an_out_under_a_file_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     result = CliRunner().invoke(app, ["generate", "--out", str(tmp_path / "notes.txt" / "pool.jsonl")])
     assert isinstance(result.exception, StoreError) and "is a file, not a folder" in str(result.exception)
+
+
+def test_replace_refuses_an_unknown_cost_method_before_reading_the_store(tmp_path):
+    missing = str(tmp_path / "missing.safetensors")  # would be refused next
+    result = CliRunner().invoke(app, ["replace", "--store", missing, "--table", missing,
+                                      "--cost-method", "foo"])
+    assert "unknown cost method 'foo'" in str(result.exception)

@@ -48,7 +48,7 @@ class RunConfig:
     def check(self) -> None:
         """Refuse a setting a later stage would refuse, before the run spends minutes on
         extraction and costs (a head out of range waits for the model: see run_extract)."""
-        from attnprog.engine.head_costs import METHODS
+        from attnprog.engine.head_costs import check_method
         from attnprog.engine.heads import check_spec
         from attnprog.engine.models import resolve_device
         from attnprog.engine.sweep import fractions_up_to, orders_from_option
@@ -61,9 +61,7 @@ class RunConfig:
                                     f"got {value}")
         fractions_up_to(self.fraction)
         orders_from_option(self.order)
-        if self.cost_method not in ("auto", *METHODS):
-            raise AttnProgError(f"unknown cost method {self.cost_method!r}: use auto, "
-                                + ", ".join(METHODS))
+        check_method(self.cost_method)
         check_spec(self.heads)
         check_spec(self.llm_heads)
         resolve_device(self.device)
