@@ -447,6 +447,8 @@ def surrogate_command(
                              batch_size=batch_size)
     if not prompt and score is None:
         raise AttnProgError("nothing to do: give --prompt TEXT, --score FILE or both")
+    _at_least(0, max_new_tokens=max_new_tokens)
+    _at_least(1, batch_size=batch_size)
     run_surrogate(config, echo=typer.echo)
 
 
