@@ -109,6 +109,9 @@ def extract(
     from attnprog.engine.models import load_model
 
     _out_file(out, "attention.safetensors")
+    _at_least(0, limit=limit)
+    _at_least(1, batch_size=batch_size)
+    _at_least(2, max_tokens=max_tokens)  # a negative count would cut tokens off each text
     texts = load_corpus(corpus, text_field=text_field)
     texts = texts.take(limit) if limit else texts
     lm, tokenizer = load_model(model, device=device, dtype=_dtype(dtype))
@@ -132,6 +135,7 @@ def generate(
     from attnprog.synth.program import save_pool
 
     _out_file(out, "pool.jsonl")
+    _at_least(0, candidates=candidates)
     pool = build_pool(candidates, golden=golden)
     save_pool(pool, out)
     typer.echo(f"wrote {out}: {len(pool)} programs in {len({p.family for p in pool})} families")
@@ -298,6 +302,8 @@ def rank_command(
     if (pool is None) == (outputs is None):
         raise AttnProgError("pass exactly one of --pool (programs to evaluate) or --outputs")
     _out_file(out, "iou_table.safetensors")
+    if impl not in ("auto", "triton", "numba", "torch"):  # checked before the evaluation
+        raise AttnProgError(f"unknown --impl {impl!r}: use auto, triton, numba or torch")
     _connect(ray)  # reach the cluster before reading a large store
     attention, program_outputs = _store_and_outputs(store, pool, outputs, split, heldout, device, ray)
     start = time.perf_counter()
@@ -462,6 +468,8 @@ def report_command(
     """Rebuild a run's self-contained HTML report (summary, IoU grid, curves, every head)."""
     from attnprog.engine.run.report import write_report
 
+    _at_least(0, texts=texts)
+    _at_least(1, tokens=tokens)
     path = write_report(run_dir, out=out and _out_file(out, "report.html"), texts=texts, tokens=tokens)
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
@@ -483,6 +491,7 @@ def bench_command(
     from attnprog.kernels.bench import run_override_bench, run_rank_bench
 
     device = resolve_device(device)
+    _at_least(0, texts=texts)
     run_rank_bench(device, quick=not full, n_texts=texts or None, dtype=_dtype(dtype))
     if override and device.startswith("cuda"):  # on a CPU both paths are SDPA plus a matmul
         half = _dtype(dtype) if _dtype(dtype) != torch.float32 else torch.float16

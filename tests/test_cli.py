@@ -81,3 +81,14 @@ def test_replace_refuses_an_unknown_cost_method_before_reading_the_store(tmp_pat
     result = CliRunner().invoke(app, ["replace", "--store", missing, "--table", missing,
                                       "--cost-method", "foo"])
     assert "unknown cost method 'foo'" in str(result.exception)
+
+
+def test_a_count_below_its_least_is_refused_naming_the_option():
+    result = CliRunner().invoke(app, ["extract", "--max-tokens", "-5", "--model", "no-such-model"])
+    assert "--max-tokens must be at least 2, got -5" in str(result.exception)
+
+
+def test_rank_refuses_an_unknown_impl_before_reading_the_store(tmp_path):
+    result = CliRunner().invoke(app, ["rank", "--store", str(tmp_path / "missing"), "--pool",
+                                      str(tmp_path / "pool.jsonl"), "--impl", "foo"])
+    assert "unknown --impl 'foo': use auto, triton, numba or torch" in str(result.exception)
