@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from attnprog.errors import AttnProgError
+from attnprog.errors import AttnProgError, StoreError
 
 app = typer.Typer(
     add_completion=False,
@@ -108,6 +108,10 @@ def extract(
     from attnprog.engine.extract import extract_or_load
     from attnprog.engine.models import load_model
 
+    _out_file(out, "attention.safetensors")
+    _at_least(0, limit=limit)
+    _at_least(1, batch_size=batch_size)
+    _at_least(2, max_tokens=max_tokens)  # a negative count would cut tokens off each text
     texts = load_corpus(corpus, text_field=text_field)
     texts = texts.take(limit) if limit else texts
     lm, tokenizer = load_model(model, device=device, dtype=_dtype(dtype))
@@ -130,6 +134,8 @@ def generate(
     from attnprog.engine.pool import build_pool
     from attnprog.synth.program import save_pool
 
+    _out_file(out, "pool.jsonl")
+    _at_least(0, candidates=candidates)
     pool = build_pool(candidates, golden=golden)
     save_pool(pool, out)
     typer.echo(f"wrote {out}: {len(pool)} programs in {len({p.family for p in pool})} families")
@@ -240,6 +246,7 @@ def synthesize(
     from attnprog.synth.llm.client import LLMSettings
     from attnprog.synth.llm.synthesiser import SynthesisOptions, head_prompt
 
+    _out_file(out, "pool.jsonl")
     attention = AttentionStore.load(store)
     chosen = head_pairs(heads, attention)
     settings = LLMSettings(model=model, base_url=base_url, api_key=api_key, temperature=temperature,
@@ -294,6 +301,9 @@ def rank_command(
 
     if (pool is None) == (outputs is None):
         raise AttnProgError("pass exactly one of --pool (programs to evaluate) or --outputs")
+    _out_file(out, "iou_table.safetensors")
+    if impl not in ("auto", "triton", "numba", "torch"):  # checked before the evaluation
+        raise AttnProgError(f"unknown --impl {impl!r}: use auto, triton, numba or torch")
     _connect(ray)  # reach the cluster before reading a large store
     attention, program_outputs = _store_and_outputs(store, pool, outputs, split, heldout, device, ray)
     start = time.perf_counter()
@@ -395,6 +405,7 @@ def replace(
 
     Controls: uniform, random program, zero and mean ablation. Printed: perplexity with
     intervals, KL, the replaceable share and QA accuracy."""
+    from attnprog.engine.head_costs import check_method
     from attnprog.engine.models import load_model
     from attnprog.engine.qa import load_qa
     from attnprog.engine.rank import IoUTable
@@ -402,7 +413,10 @@ def replace(
     from attnprog.engine.sweep import fractions_up_to, orders_from_option, perplexity_sweep
 
     orders, fractions = orders_from_option(order), fractions_up_to(fraction)
+    _at_least(1, batch_size=batch_size, random_seeds=random_seeds)
+    check_method(cost_method)
     attention, ious = AttentionStore.load(store), IoUTable.load(table)
+    attention.split_indices(split)  # an unknown split is refused before the model loads
     spec = model or str(attention.meta.get("model_id", "")).split("@")[0]
     if not spec:
         raise AttnProgError(f"{store} does not say which model made it: pass --model")
@@ -439,6 +453,8 @@ def surrogate_command(
                              batch_size=batch_size)
     if not prompt and score is None:
         raise AttnProgError("nothing to do: give --prompt TEXT, --score FILE or both")
+    _at_least(0, max_new_tokens=max_new_tokens)
+    _at_least(1, batch_size=batch_size)
     run_surrogate(config, echo=typer.echo)
 
 
@@ -452,7 +468,9 @@ def report_command(
     """Rebuild a run's self-contained HTML report (summary, IoU grid, curves, every head)."""
     from attnprog.engine.run.report import write_report
 
-    path = write_report(run_dir, out=out, texts=texts, tokens=tokens)
+    _at_least(0, texts=texts)
+    _at_least(1, tokens=tokens)
+    path = write_report(run_dir, out=out and _out_file(out, "report.html"), texts=texts, tokens=tokens)
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -473,10 +491,29 @@ def bench_command(
     from attnprog.kernels.bench import run_override_bench, run_rank_bench
 
     device = resolve_device(device)
+    _at_least(0, texts=texts)
     run_rank_bench(device, quick=not full, n_texts=texts or None, dtype=_dtype(dtype))
     if override and device.startswith("cuda"):  # on a CPU both paths are SDPA plus a matmul
         half = _dtype(dtype) if _dtype(dtype) != torch.float32 else torch.float16
         run_override_bench(device, dtype=half)
+
+
+def _at_least(least: int, **counts: int) -> None:
+    """Refuse a count below ``least`` up front, named as its option, before any work."""
+    for name, value in counts.items():
+        if value < least:
+            raise AttnProgError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+
+
+def _out_file(path: Path, name: str) -> Path:
+    """``path`` when a file can be written there: a directory (or a file where a folder must
+    be) is refused before any work, not with a traceback once the result is ready."""
+    if path.is_dir():
+        raise StoreError(f"--out {path} is a directory: give a file path, e.g. {path / name}")
+    folder = next((parent for parent in path.parents if parent.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise StoreError(f"--out {path}: {folder} is a file, not a folder: choose another path")
+    return path
 
 
 def _connect(ray: str) -> None:

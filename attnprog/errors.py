@@ -9,6 +9,10 @@ class ModelError(AttnProgError):
     """A model could not be found or loaded."""
 
 
+class DeviceError(AttnProgError):
+    """The device asked for is not one torch knows, or this machine does not have it."""
+
+
 class CorpusError(AttnProgError):
     """A corpus file or data set is missing, empty or malformed."""
 

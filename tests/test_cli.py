@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from attnprog.cli import app
 from attnprog.engine.models import resolve_device
 from attnprog.engine.run.config import RunConfig
+from attnprog.errors import StoreError
 
 COMMANDS = typer.main.get_command(app).commands
 
@@ -59,3 +60,35 @@ def test_the_force_help_names_every_stage():
 
     force = next(p for p in COMMANDS["run"].params if p.name == "force")
     assert all(name in force.help for name in STAGE_NAMES)
+
+
+def test_an_out_that_is_a_directory_is_refused_before_any_work(tmp_path):
+    # --model would fail too: the --out check comes first, so no model loads for nothing
+    result = CliRunner().invoke(app, ["extract", "--model", "no-such-model", "--out", str(tmp_path)])
+    assert isinstance(result.exception, StoreError)
+    assert f"is a directory: give a file path, e.g. {tmp_path / 'attention.safetensors'}" in str(
+        result.exception)
+
+
+def test_an_out_under_a_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    result = CliRunner().invoke(app, ["generate", "--out", str(tmp_path / "notes.txt" / "pool.jsonl")])
+    assert isinstance(result.exception, StoreError) and "is a file, not a folder" in str(result.exception)
+
+
+def test_replace_refuses_an_unknown_cost_method_before_reading_the_store(tmp_path):
+    missing = str(tmp_path / "missing.safetensors")  # would be refused next
+    result = CliRunner().invoke(app, ["replace", "--store", missing, "--table", missing,
+                                      "--cost-method", "foo"])
+    assert "unknown cost method 'foo'" in str(result.exception)
+
+
+def test_a_count_below_its_least_is_refused_naming_the_option():
+    result = CliRunner().invoke(app, ["extract", "--max-tokens", "-5", "--model", "no-such-model"])
+    assert "--max-tokens must be at least 2, got -5" in str(result.exception)
+
+
+def test_rank_refuses_an_unknown_impl_before_reading_the_store(tmp_path):
+    result = CliRunner().invoke(app, ["rank", "--store", str(tmp_path / "missing"), "--pool",
+                                      str(tmp_path / "pool.jsonl"), "--impl", "foo"])
+    assert "unknown --impl 'foo': use auto, triton, numba or torch" in str(result.exception)

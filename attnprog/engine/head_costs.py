@@ -82,13 +82,18 @@ class HeadCosts:
         return cls(**data)
 
 
-def resolve_method(method: str, model) -> str:
-    """``auto`` -> exact on CUDA, fisher elsewhere; other names are checked."""
-    if method == "auto":
-        return "exact" if next(model.parameters()).device.type == "cuda" else "fisher"
-    if method not in METHODS:
+def check_method(method: str) -> str:
+    """``method`` when it is ``auto`` or one of METHODS (checked before a model loads)."""
+    if method != "auto" and method not in METHODS:
         raise AttnProgError(f"unknown cost method {method!r}: use auto, "
                             + ", ".join(METHODS))
+    return method
+
+
+def resolve_method(method: str, model) -> str:
+    """``auto`` -> exact on CUDA, fisher elsewhere; other names are checked."""
+    if check_method(method) == "auto":
+        return "exact" if next(model.parameters()).device.type == "cuda" else "fisher"
     return method
 
 

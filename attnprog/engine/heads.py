@@ -30,15 +30,29 @@ def parse_heads(spec: str | None, n_layers: int, n_heads: int) -> list[int]:
     return sorted(head_indices)
 
 
-def _item_ranges(item: str, n_layers: int, n_heads: int) -> tuple[range | list[int], range | list[int]]:
-    """The layers and the heads one spec item names, checked against the model's shape."""
-    if item.lower() == "all":
-        return range(n_layers), range(n_heads)
+def check_spec(spec: str | None) -> None:
+    """Refuse a malformed spec before the model's shape is known (a run checks its --heads
+    before extraction, not minutes later); the range is checked by :func:`parse_heads`."""
+    for item in (spec or "").split(","):
+        if item.strip() and item.strip().lower() not in ("all", "*"):
+            _item_parts(item.strip())
+
+
+def _item_parts(item: str) -> tuple[str, str]:
+    """The layer and head of one spec item ("*" or digits), AttnProgError when malformed."""
     layer, dot, head = item.partition(".")
     layer, head = layer.removeprefix("L").removeprefix("l"), head.removeprefix("H").removeprefix("h")
     if not dot or not all(part == "*" or part.isdigit() for part in (layer, head)):
         raise AttnProgError(f"head {item!r} is not LAYER.HEAD, LAYER.* or *.HEAD: write {SPEC_HELP} "
                             "(e.g. 18.*,20.3)")
+    return layer, head
+
+
+def _item_ranges(item: str, n_layers: int, n_heads: int) -> tuple[range | list[int], range | list[int]]:
+    """The layers and the heads one spec item names, checked against the model's shape."""
+    if item.lower() == "all":
+        return range(n_layers), range(n_heads)
+    layer, head = _item_parts(item)
     if (layer != "*" and int(layer) >= n_layers) or (head != "*" and int(head) >= n_heads):
         raise AttnProgError(f"head {item!r} is out of range: the model has {n_layers} layers x "
                             f"{n_heads} heads (layers 0-{n_layers - 1}, heads 0-{n_heads - 1})")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from attnprog.cachedir import cache_root
-from attnprog.errors import ModelError
+from attnprog.errors import DeviceError, ModelError
 
 
 @dataclass(frozen=True)
@@ -231,10 +231,23 @@ def _from_pretrained(source: str, *, gguf_file=None, local_only: bool, dtype, at
 
 
 def resolve_device(device: str | torch.device = "auto") -> str:
-    """``"auto"``: CUDA when a GPU is present, else the CPU; any other device as given."""
-    if str(device) == "auto":
+    """``"auto"``: CUDA when a GPU is present, else the CPU; any other device as given, once
+    checked, so a typo or a missing GPU is refused before a model loads."""
+    name = str(device)
+    if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
+    try:
+        kind = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from err
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (kind.index or 0) >= count:
+            have = f"{count} CUDA GPU{'s' if count != 1 else ''}" if count else "no CUDA GPU"
+            raise DeviceError(f"device {name!r}: this machine has {have}: use --device auto or cpu")
+    elif kind.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {name!r}: MPS is not available here: use --device auto or cpu")
+    return name
 
 
 def load_model(

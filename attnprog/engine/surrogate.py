@@ -119,10 +119,10 @@ class Surrogate:
         """The run's model with the heads its sweep replaces at ``fraction`` in ``order``
         ("cost": cheapest first, "iou": best fit first), each by its best causal program."""
         from attnprog.engine.models import load_model
-        from attnprog.engine.run.surrogate_heads import run_config, run_heads
+        from attnprog.engine.run.surrogate_heads import check_run, run_heads
 
-        model, tokenizer = load_model(run_config(Path(run_dir)).model, device=device,
-                                      attn_implementation="sdpa")
+        model, tokenizer = load_model(check_run(Path(run_dir), fraction, order).model,
+                                      device=device, attn_implementation="sdpa")
         chosen = run_heads(Path(run_dir), fraction, order, tokenizer)
         info = {"run": str(run_dir), "order": order, "fraction": fraction,
                 "n_candidates": chosen.n_candidates, "leak": chosen.leak, "swaps": chosen.swaps,

@@ -114,6 +114,7 @@ def perplexity_sweep(
     """
     best_iou, best_index = best_fit(table)
     _check_table_fits(best_iou, store)
+    _check_model_fits(model, store)
     if random_seeds < 1:
         raise AttnProgError(f"random_seeds must be at least 1, got {random_seeds}")
     measure_costs = lambda: head_costs(model, store, table, split=cost_split, outputs=outputs,
@@ -134,6 +135,18 @@ def perplexity_sweep(
     replaceable = _replaceable(plan, run, rows, base_lp, cost_split, split, share_limits,
                                share_steps)
     return _sweep_result(model, store, texts, base_lp, rows, plan, costs, qa, replaceable)
+
+
+def _check_model_fits(model, store) -> None:
+    """Another model's heads would be replaced by programs ranked on this store's attention:
+    a sweep that runs to the end and means nothing."""
+    from attnprog.engine.models import attention_shape, model_id
+
+    n_layers, n_heads, _ = attention_shape(model)
+    if (n_layers, n_heads) != (store.n_layers, store.n_heads):
+        raise StoreError(f"the model ({model_id(model)}) has {n_layers} x {n_heads} heads, the "
+                         f"store {store.n_layers} x {store.n_heads} (made by "
+                         f"{store.meta.get('model_id', 'another model')}): run the store's model")
 
 
 def _check_table_fits(best_iou, store) -> None:

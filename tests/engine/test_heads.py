@@ -2,7 +2,7 @@
 
 import pytest
 
-from attnprog.engine.heads import head_label, head_label_of, parse_heads
+from attnprog.engine.heads import check_spec, head_label, head_label_of, parse_heads
 from attnprog.errors import AttnProgError
 
 
@@ -41,6 +41,12 @@ def test_a_head_outside_the_model_says_the_models_shape(spec):
 def test_a_malformed_item_says_what_to_write(spec):
     with pytest.raises(AttnProgError, match=r"not LAYER\.HEAD.*write heads as 18\.3, 18\.\*"):
         parse_heads(spec, 30, 9)
+
+
+def test_a_spec_is_checked_for_form_before_the_models_shape_is_known():
+    check_spec("L99.H0, 18.*, all")  # well formed; its range waits for the model
+    with pytest.raises(AttnProgError, match=r"head 'L1H2' is not LAYER\.HEAD"):
+        check_spec("18.3,L1H2")
 
 
 def test_a_spec_of_only_commas_names_no_heads():

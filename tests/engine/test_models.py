@@ -1,7 +1,13 @@
 import pytest
 
-from attnprog.engine.models import BUILTIN_MODELS, attention_shape, load_model, tiny_model
-from attnprog.errors import ModelError
+from attnprog.engine.models import (
+    BUILTIN_MODELS,
+    attention_shape,
+    load_model,
+    resolve_device,
+    tiny_model,
+)
+from attnprog.errors import DeviceError, ModelError
 
 
 def test_unknown_model_name_lists_the_builtin_names():
@@ -21,6 +27,16 @@ def test_hub_id_while_offline_says_how_to_get_it(monkeypatch, tmp_path):
 def test_directory_without_config_is_refused(tmp_path):
     with pytest.raises(ModelError, match="config.json"):
         load_model(str(tmp_path))
+
+
+def test_a_device_torch_does_not_know_is_refused_with_the_choices():
+    with pytest.raises(DeviceError, match="unknown device 'tpu': use auto, cpu, cuda"):
+        resolve_device("tpu")
+
+
+def test_a_gpu_the_machine_lacks_is_refused_before_any_model_loads():
+    with pytest.raises(DeviceError, match="'cuda:99': this machine has .*use --device auto or cpu"):
+        resolve_device("cuda:99")
 
 
 def test_tiny_llama_has_grouped_query_attention():

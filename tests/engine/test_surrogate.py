@@ -1,6 +1,8 @@
 """The surrogate: on any text, the sweep's replaced model; generation is its greedy argmax."""
 
+import json
 import shutil
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -159,3 +161,14 @@ def test_a_program_reading_later_tokens_is_computed_row_by_row_so_logits_stay_ca
     # a token's logits do not depend on the text after it
     torch.testing.assert_close(surrogate.logits([short])[0], surrogate.logits([s])[0][:7],
                                atol=1e-5, rtol=0)
+
+
+def test_a_run_that_cannot_give_the_heads_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import attnprog.engine.models
+    from attnprog.engine.run.config import RunConfig
+    from attnprog.errors import StoreError
+
+    (tmp_path / rundir.CONFIG).write_text(json.dumps(asdict(RunConfig())))  # no IoU table yet
+    monkeypatch.setattr(attnprog.engine.models, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(StoreError, match="has no iou_table.safetensors: finish the run first"):
+        Surrogate.from_run(tmp_path, 0.25, "iou")

@@ -94,6 +94,16 @@ def test_outputs_on_the_whole_store_equal_outputs_on_the_split(tiny_gpt2):
     assert a.rows[1].perplexity == pytest.approx(b.rows[1].perplexity, rel=1e-9)
 
 
+def test_a_model_of_another_shape_than_the_store_is_refused(tiny_gpt2):
+    model, _ = tiny_gpt2  # 2 layers x 4 heads
+    lengths = [12, 7]
+    programs, outputs = program_outputs(lengths)
+    store = make_store(lengths, n_layers=3, n_heads=4)
+    table = SmallTable(torch.rand(2, 12, generator=torch.Generator().manual_seed(0)), programs)
+    with pytest.raises(StoreError, match=r"has 2 x 4 heads, the store 3 x 4 .*run the store's model"):
+        perplexity_sweep(model, store, table, fractions=(0.0,), outputs=outputs, progress=False)
+
+
 def test_fraction_list_for_the_cli():
     assert fractions_up_to(0.25) == [0.0, 0.05, 0.10, 0.25]
     assert fractions_up_to(0.3) == [0.0, 0.05, 0.10, 0.25, 0.3]

@@ -41,6 +41,30 @@ class RunConfig:
 
     # command-line option names that differ from the field they fill
     CLI_NAMES = {"candidates": "n_candidates"}
+    # the least value of each count that has one (option name as the CLI spells it)
+    LEAST = {"limit": 0, "max_tokens": 2, "candidates": 0, "batch_size": 1, "fit_terms": 1,
+             "library_size": 1, "llm_n": 1, "llm_rounds": 0, "llm_max_tokens_total": 0}
+
+    def check(self) -> None:
+        """Refuse a setting a later stage would refuse, before the run spends minutes on
+        extraction and costs (a head out of range waits for the model: see run_extract)."""
+        from attnprog.engine.head_costs import check_method
+        from attnprog.engine.heads import check_spec
+        from attnprog.engine.models import resolve_device
+        from attnprog.engine.sweep import fractions_up_to, orders_from_option
+        from attnprog.errors import AttnProgError
+
+        for option, least in self.LEAST.items():
+            value = getattr(self, self.CLI_NAMES.get(option, option))
+            if value < least:
+                raise AttnProgError(f"--{option.replace('_', '-')} must be at least {least}, "
+                                    f"got {value}")
+        fractions_up_to(self.fraction)
+        orders_from_option(self.order)
+        check_method(self.cost_method)
+        check_spec(self.heads)
+        check_spec(self.llm_heads)
+        resolve_device(self.device)
 
     @classmethod
     def from_cli(cls, options: dict) -> RunConfig:

@@ -22,6 +22,7 @@ def run_pipeline(config: RunConfig, echo: Callable[[str], None] = print,
     ``force`` names a stage (see ``STAGE_NAMES``) to redo, with every stage after it.
     """
     out = Path(config.out)
+    config.check()  # a bad option is refused before the directory is made
     rundir.check_run_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     ledger = rundir.Ledger(out, STAGE_NAMES)

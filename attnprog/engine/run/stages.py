@@ -86,7 +86,7 @@ def sweep_orders(config: RunConfig) -> tuple[str, ...]:
 def run_extract(state: RunState) -> bool:
     from attnprog.engine.corpus import load_corpus
     from attnprog.engine.extract import extract_or_load
-    from attnprog.engine.models import load_model
+    from attnprog.engine.models import attention_shape, load_model
     from attnprog.engine.replace import check_replaceable
 
     config = state.config
@@ -94,13 +94,13 @@ def run_extract(state: RunState) -> bool:
     corpus = corpus.take(config.limit) if config.limit else corpus
     state.model, state.tokenizer = load_model(config.model, device=state.device)
     check_replaceable(state.model)  # an architecture we cannot replace fails before any result
+    state.heads = parse_heads(config.heads, *attention_shape(state.model)[:2])  # before extracting
     store, reused = extract_or_load(
         state.model, state.tokenizer, corpus, state.path(rundir.STORE),
         batch_size=config.batch_size, max_tokens=config.max_tokens, reuse=not state.redo_extract,
     )
     state.store, state.keys["extract"] = store, f"{store.meta['model_id']}|{store.meta['corpus_hash']}"
     state.record.describe_store(store, config.model, config.corpus)
-    state.heads = parse_heads(config.heads, store.n_layers, store.n_heads)
     state.summary["store"] = {"heads": store.n_rows, "texts": store.n_texts,
                               "cells": store.n_cells, "model_id": store.meta["model_id"]}
     return reused

@@ -47,14 +47,9 @@ def run_config(run_dir: Path):
     return RunConfig(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
 
 
-def run_heads(run_dir: Path, fraction: float, order: str, tokenizer) -> RunHeads:
-    """The heads and programs a sweep of ``run_dir`` replaces at ``fraction`` in ``order``;
-    ``tokenizer`` (the run's model's) tokenises texts for a leak check the run lacks."""
-    from attnprog.engine.heads import parse_heads
-    from attnprog.engine.rank import IoUTable
-    from attnprog.engine.replace import best_fit
-
-    run_dir = Path(run_dir)
+def check_run(run_dir: Path, fraction: float, order: str):
+    """The run's RunConfig once ``run_dir`` can give the heads asked for: called before the
+    model loads, so a wrong order or an unfinished run is refused in a second, not after it."""
     config = run_config(run_dir)
     if order not in ORDERS:
         raise AttnProgError(f"unknown head order {order!r}: use cost or iou")
@@ -63,6 +58,21 @@ def run_heads(run_dir: Path, fraction: float, order: str, tokenizer) -> RunHeads
     if not (run_dir / rundir.TABLE).is_file():
         raise StoreError(f"{run_dir} has no {rundir.TABLE}: finish the run first "
                          f"(attnprog run --out {run_dir})")
+    if order == "cost" and not (run_dir / rundir.COSTS).is_file():
+        raise StoreError(f"{run_dir} has no {rundir.COSTS} (the run swept the iou order only): "
+                         "use order 'iou', or rerun with --order cost or both")
+    return config
+
+
+def run_heads(run_dir: Path, fraction: float, order: str, tokenizer) -> RunHeads:
+    """The heads and programs a sweep of ``run_dir`` replaces at ``fraction`` in ``order``;
+    ``tokenizer`` (the run's model's) tokenises texts for a leak check the run lacks."""
+    from attnprog.engine.heads import parse_heads
+    from attnprog.engine.rank import IoUTable
+    from attnprog.engine.replace import best_fit
+
+    run_dir = Path(run_dir)
+    config = check_run(run_dir, fraction, order)
     table = IoUTable.load(run_dir / rundir.TABLE)
     leak = _load_leak(run_dir)
     if leak is not None:
