@@ -136,6 +136,9 @@ def generate(
 
     _out_file(out, "pool.jsonl")
     _at_least(0, candidates=candidates)
+    if not candidates and not golden:
+        raise AttnProgError("--candidates 0 with --no-golden leaves an empty pool: ask for some "
+                            "candidates or keep the golden library")
     pool = build_pool(candidates, golden=golden)
     save_pool(pool, out)
     typer.echo(f"wrote {out}: {len(pool)} programs in {len({p.family for p in pool})} families")
@@ -198,7 +201,16 @@ def serve(
     from attnprog.engine.models import BUILTIN_MODELS, builtin_checkpoint
     from attnprog.synth.llm.server import local_server
 
+    if not 0 <= port <= 65535:
+        raise AttnProgError(f"--port {port} is not a TCP port: use 1 to 65535, or 0 for any free one")
+    if model in BUILTIN_MODELS and BUILTIN_MODELS[model].package is None:
+        raise AttnProgError(f"{model} is built in memory with random weights and has no "
+                            "checkpoint to serve: serve smollm2-135m or a checkpoint directory")
     checkpoint = builtin_checkpoint(model) if model in BUILTIN_MODELS else Path(model).expanduser()
+    if not checkpoint.is_dir() or not (checkpoint / "config.json").is_file():
+        raise AttnProgError(f"{checkpoint} is not a checkpoint directory (no config.json): serve "
+                            f"a built-in model ({', '.join(BUILTIN_MODELS)}) or a directory "
+                            "with config.json")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the server too
     typer.echo(f"starting transformers serve for {checkpoint} ...")
     with local_server(checkpoint, port=port) as (base_url, name):
@@ -247,6 +259,9 @@ def synthesize(
     from attnprog.synth.llm.synthesiser import SynthesisOptions, head_prompt
 
     _out_file(out, "pool.jsonl")
+    _at_least(1, n=n, attempts=attempts, texts=texts, summary_tokens=summary_tokens,
+              max_tokens=max_tokens, concurrency=concurrency)
+    _at_least(0, rounds=rounds, max_tokens_total=max_tokens_total)
     attention = AttentionStore.load(store)
     chosen = head_pairs(heads, attention)
     settings = LLMSettings(model=model, base_url=base_url, api_key=api_key, temperature=temperature,
@@ -302,6 +317,7 @@ def rank_command(
     if (pool is None) == (outputs is None):
         raise AttnProgError("pass exactly one of --pool (programs to evaluate) or --outputs")
     _out_file(out, "iou_table.safetensors")
+    _at_least(0, top=top)
     if impl not in ("auto", "triton", "numba", "torch"):  # checked before the evaluation
         raise AttnProgError(f"unknown --impl {impl!r}: use auto, triton, numba or torch")
     _connect(ray)  # reach the cluster before reading a large store
@@ -327,6 +343,11 @@ def _store_and_outputs(store: Path, pool, outputs, split: str, heldout: str, dev
     from attnprog.synth.runtime.outputs import ProgramOutputs
 
     attention = AttentionStore.load(store, device=resolve_device(device))
+    if heldout and heldout not in attention.splits:
+        if heldout != "heldout":  # the default: a store without held-out texts ranks without
+            raise StoreError(f"no texts in split {heldout!r}; the store has "
+                             f"{sorted(set(attention.splits))}: pass one of them or --heldout ''")
+        typer.echo(f"{store} has no held-out texts: best fits are measured on {split} only")
     if outputs is not None:
         program_outputs = ProgramOutputs.load(outputs)
         # outputs may cover every text of the store or only the ranked splits
@@ -377,6 +398,7 @@ def show(
     program that fits."""
     from attnprog.engine.run.show import show_head
 
+    _at_least(1, top=top)
     typer.echo(show_head(table, head, top))
 
 

@@ -1,6 +1,7 @@
 """The command line: every device option defaults to auto, every --help ends with an example,
 commands are listed in pipeline order, and options fill one RunConfig."""
 
+import pytest
 import torch
 import typer
 from typer.testing import CliRunner
@@ -92,3 +93,63 @@ def test_rank_refuses_an_unknown_impl_before_reading_the_store(tmp_path):
     result = CliRunner().invoke(app, ["rank", "--store", str(tmp_path / "missing"), "--pool",
                                       str(tmp_path / "pool.jsonl"), "--impl", "foo"])
     assert "unknown --impl 'foo': use auto, triton, numba or torch" in str(result.exception)
+
+
+@pytest.fixture(scope="module")
+def store_file(tiny_gpt2, builtin_corpus, tmp_path_factory):
+    from attnprog.engine.extract import extract_attention
+
+    model, tokenizer = tiny_gpt2
+    path = tmp_path_factory.mktemp("store") / "attention.safetensors"
+    extract_attention(model, tokenizer, builtin_corpus.take(12), max_tokens=16).save(path)
+    return path
+
+
+def test_rank_refuses_a_heldout_split_the_store_lacks(store_file, tmp_path):
+    result = CliRunner().invoke(app, ["rank", "--store", str(store_file), "--pool",
+                                      str(tmp_path / "pool.jsonl"), "--heldout", "foo"])
+    assert isinstance(result.exception, StoreError)
+    assert "no texts in split 'foo'" in str(result.exception) and "--heldout ''" in str(result.exception)
+
+
+def test_rank_names_the_store_file_when_given_its_directory(store_file, tmp_path):
+    result = CliRunner().invoke(app, ["rank", "--store", str(store_file.parent), "--pool",
+                                      str(tmp_path / "pool.jsonl")])
+    assert f"is a directory: give the store file in it, e.g. {store_file}" in str(result.exception)
+
+
+def test_rank_refuses_outputs_that_are_not_program_outputs(store_file):
+    result = CliRunner().invoke(app, ["rank", "--store", str(store_file), "--outputs", str(store_file)])
+    assert isinstance(result.exception, StoreError)
+    assert "is not a file of program outputs" in str(result.exception)
+
+
+@pytest.mark.parametrize("command", [["show", "--table", "t", "1.1", "--top", "0"],
+                                     ["rank", "--store", "s", "--pool", "p", "--top", "-1"],
+                                     ["synthesize", "--store", "s", "--heads", "1.1", "--model", "m",
+                                      "--n", "0"]])
+def test_counts_that_would_print_or_ask_nothing_are_refused(command):
+    result = CliRunner().invoke(app, command)
+    assert "must be at least" in str(result.exception)
+
+
+def test_generate_refuses_an_empty_pool(tmp_path):
+    result = CliRunner().invoke(app, ["generate", "--candidates", "0", "--no-golden", "--out",
+                                      str(tmp_path / "pool.jsonl")])
+    assert "leaves an empty pool" in str(result.exception) and not (tmp_path / "pool.jsonl").exists()
+
+
+def test_serve_refuses_a_model_without_a_checkpoint_before_starting(tmp_path):
+    tiny = CliRunner().invoke(app, ["serve", "--model", "tiny-llama"])
+    assert "has no checkpoint to serve" in str(tiny.exception)
+    empty = CliRunner().invoke(app, ["serve", "--model", str(tmp_path)])
+    assert "is not a checkpoint directory (no config.json)" in str(empty.exception)
+    port = CliRunner().invoke(app, ["serve", "--port", "99999"])
+    assert "is not a TCP port" in str(port.exception)
+
+
+def test_report_refuses_a_file_for_a_run_directory(tmp_path):
+    (tmp_path / "one.txt").write_text("x")
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "one.txt")])
+    assert isinstance(result.exception, StoreError) and "is a file: give the run directory" in str(
+        result.exception)

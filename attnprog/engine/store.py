@@ -186,6 +186,9 @@ class AttentionStore:
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
+        if path.is_dir():
+            raise StoreError(f"{path} is a directory: give the store file in it, e.g. "
+                             f"{path / 'attention.safetensors'}")
         if not path.is_file():
             raise StoreError(f"no attention store at {path}: run `attnprog extract` first")
         try:

@@ -17,6 +17,12 @@ def test_unknown_model_name_lists_the_builtin_names():
         assert name in str(err.value)
 
 
+@pytest.mark.parametrize("spec", ["weights/missing.gguf", "./missing-checkpoint"])
+def test_a_path_that_does_not_exist_is_named_as_missing(spec):
+    with pytest.raises(ModelError, match="no such model file or directory"):
+        load_model(spec)
+
+
 def test_hub_id_while_offline_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))

@@ -385,6 +385,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, store=None,
     from attnprog.engine.store import AttentionStore
 
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise StoreError(f"{run_dir} is a file: give the run directory (`attnprog run --out` "
+                         "wrote it)")
     if not (run_dir / rundir.TABLE).is_file():
         raise StoreError(f"{run_dir} holds no finished run (no iou_table.safetensors): "
                          f"run `attnprog run --out {run_dir}` first")

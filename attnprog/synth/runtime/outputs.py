@@ -75,16 +75,20 @@ class ProgramOutputs:
 
     @classmethod
     def load(cls, path: str | Path) -> ProgramOutputs:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
             raise StoreError(f"no program outputs at {path}: run the evaluation step first")
-        with safe_open(str(path), framework="numpy") as handle:
-            meta = handle.metadata() or {}
-            values = handle.get_tensor("values")
-            failed = handle.get_tensor("failed").astype(bool)
-            offsets = handle.get_tensor("offsets")
+        try:
+            with safe_open(str(path), framework="numpy") as handle:
+                meta = handle.metadata() or {}
+                values = handle.get_tensor("values")
+                failed = handle.get_tensor("failed").astype(bool)
+                offsets = handle.get_tensor("offsets")
+        except (SafetensorError, OSError, ValueError) as err:  # another file, or not safetensors
+            raise StoreError(f"{path} is not a file of program outputs ({err}): pass the "
+                             "outputs an evaluation wrote, or --pool") from err
         programs = [Program.from_dict(r) for r in json.loads(meta.get("programs", "[]"))]
         return cls(
             programs=programs,

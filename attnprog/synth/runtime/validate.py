@@ -46,6 +46,9 @@ def check_file(path, name: str | None = None, unsafe: bool = False, *, tokenizer
         entry = entry_point(source, name or "program")
         if entry is None:
             raise ProgramError(f"{path}: no program function found; define `def program(s)`")
+        if name is not None and entry != name:  # not another function in its place
+            raise ProgramError(f"{path} has no top-level function {name!r}: pass the name of "
+                               f"its program's function (e.g. --name {entry})")
         programs = [Program(source=source, name=entry, family="custom")]
     if model is not None and not all(check_source(p) for p in programs):  # some will run
         tokenizer, probes = model()

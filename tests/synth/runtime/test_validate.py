@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from attnprog.errors import ProgramError
 from attnprog.synth.runtime.validate import check_file, validate, validate_many
 from tests.synth.programs import NATIVE, program
 
@@ -69,7 +70,6 @@ def test_check_file_checks_every_program_of_a_library_in_the_papers_layout(tmp_p
 
 
 def test_check_file_reports_a_file_that_is_not_utf8_in_one_line(tmp_path):
-    from attnprog.errors import ProgramError
     path = tmp_path / "latin1.py"
     path.write_bytes("# caf\xe9\ndef program(s):\n    return None\n".encode("latin-1"))
     with pytest.raises(ProgramError, match=r"is not UTF-8 text \(byte 5\); save it as UTF-8"):
@@ -123,3 +123,10 @@ def test_the_model_is_loaded_only_when_a_program_passes_the_static_check(tmp_pat
     (_, reason), = check_file(bad, model=model)
     assert "os" in reason and loads == []
     assert check_file(good, model=model) == [("program", "")] and loads == [1]
+
+
+def test_check_file_refuses_an_entry_point_the_file_lacks(tmp_path):
+    path = tmp_path / "one.py"
+    path.write_text("import numpy as np\n\ndef program(s):\n    return np.eye(s.n)\n")
+    with pytest.raises(ProgramError, match="has no top-level function 'nosuch'.*--name program"):
+        check_file(path, name="nosuch")
