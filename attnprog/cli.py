@@ -262,6 +262,9 @@ def synthesize(
     _at_least(1, n=n, attempts=attempts, texts=texts, summary_tokens=summary_tokens,
               max_tokens=max_tokens, concurrency=concurrency)
     _at_least(0, rounds=rounds, max_tokens_total=max_tokens_total)
+    if base_url and not base_url.startswith(("http://", "https://")):  # else 5 retries, then "unreachable"
+        raise AttnProgError(f"--base-url {base_url!r} is not an http(s) URL: e.g. "
+                            "http://127.0.0.1:8000/v1")
     attention = AttentionStore.load(store)
     chosen = head_pairs(heads, attention)
     settings = LLMSettings(model=model, base_url=base_url, api_key=api_key, temperature=temperature,

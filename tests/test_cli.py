@@ -153,3 +153,9 @@ def test_report_refuses_a_file_for_a_run_directory(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path / "one.txt")])
     assert isinstance(result.exception, StoreError) and "is a file: give the run directory" in str(
         result.exception)
+
+
+def test_synthesize_refuses_a_base_url_without_its_scheme():
+    result = CliRunner().invoke(app, ["synthesize", "--store", "s", "--heads", "1.1", "--model", "m",
+                                      "--base-url", "127.0.0.1:8000/v1"])
+    assert "is not an http(s) URL" in str(result.exception)
