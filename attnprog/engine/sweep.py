@@ -22,6 +22,7 @@ again on the held-out texts starting from that count (``engine.share``); both ar
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -147,6 +148,25 @@ def _check_model_fits(model, store) -> None:
         raise StoreError(f"the model ({model_id(model)}) has {n_layers} x {n_heads} heads, the "
                          f"store {store.n_layers} x {store.n_heads} (made by "
                          f"{store.meta.get('model_id', 'another model')}): run the store's model")
+    kept = store.embeddings  # the store's model's input embeddings of the tokens it saw
+    if kept is None or not len(kept.ids):
+        return
+    weight = model.get_input_embeddings().weight
+    made_by = store.meta.get("model_id", "another model")
+    if int(kept.ids.max()) >= weight.shape[0] or kept.rows.shape[1] != weight.shape[1]:
+        raise StoreError(f"the model ({model_id(model)}) has another vocabulary or width than "
+                         f"the one that made the store ({made_by}): run the store's model")
+    rows = weight[torch.as_tensor(kept.ids, device=weight.device)].detach().float().cpu().numpy()
+    gap = float(np.linalg.norm(rows - kept.rows) / max(float(np.linalg.norm(kept.rows)), 1e-12))
+    if gap > EMBEDDING_GAP:  # the same shape, other weights: transfer, not replacement
+        warnings.warn(f"the model ({model_id(model)}) is not the one that made the store "
+                      f"({made_by}): their input embeddings differ by {gap:.1%}, so its heads "
+                      "are replaced by programs ranked on another model's attention", stacklevel=3)
+
+
+# the relative difference between the model's input embeddings and the store's above which they
+# are another model's: a bfloat16 copy of the same weights differs by about 0.2 %
+EMBEDDING_GAP = 0.01
 
 
 def _check_table_fits(best_iou, store) -> None:

@@ -104,6 +104,39 @@ def test_a_model_of_another_shape_than_the_store_is_refused(tiny_gpt2):
         perplexity_sweep(model, store, table, fractions=(0.0,), outputs=outputs, progress=False)
 
 
+@pytest.fixture(scope="module")
+def extracted(tiny_gpt2, builtin_corpus):
+    """A tiny GPT-2's store (with its input embeddings) and a table of two hand programs."""
+    from attnprog.engine.extract import extract_attention
+
+    model, tokenizer = tiny_gpt2
+    store = extract_attention(model, tokenizer, builtin_corpus.take(4), max_tokens=12)
+    store.splits = ["heldout"] * store.n_texts
+    programs, outputs = program_outputs(store.lengths.tolist())
+    table = SmallTable(torch.rand(2, 8, generator=torch.Generator().manual_seed(0)), programs)
+    return store, table, outputs
+
+
+def test_a_model_with_other_weights_than_the_stores_is_named_in_a_warning(extracted):
+
+    from attnprog.engine.models import tiny_model
+
+    store, table, outputs = extracted
+    other, _ = tiny_model("gpt2", seed=1)  # the same shape and vocabulary, other weights
+    with pytest.warns(UserWarning, match=r"is not the one that made the store .*differ by"):
+        perplexity_sweep(other, store, table, fractions=(0.0,), outputs=outputs, progress=False)
+
+
+def test_the_stores_own_model_runs_without_that_warning(tiny_gpt2, extracted):
+    import warnings
+
+    store, table, outputs = extracted
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*is not the one that made the store")
+        perplexity_sweep(tiny_gpt2[0], store, table, fractions=(0.0,), outputs=outputs,
+                         progress=False)
+
+
 def test_fraction_list_for_the_cli():
     assert fractions_up_to(0.25) == [0.0, 0.05, 0.10, 0.25]
     assert fractions_up_to(0.3) == [0.0, 0.05, 0.10, 0.25, 0.3]
