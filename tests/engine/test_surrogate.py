@@ -48,9 +48,11 @@ def test_logits_on_heldout_texts_equal_the_sweeps_replaced_model(surrogate, held
     store, texts = heldout
     sources = sweep_path_sources(surrogate, store, texts)
     ids = [store.token_ids(s) for s in texts]
-    batch = make_batch(ids, pad_id=pad_token_id(surrogate.tokenizer), indices=list(range(len(ids))))
+    device = next(surrogate.model.parameters()).device  # from_run's "auto": the GPU when present
+    batch = make_batch(ids, pad_id=pad_token_id(surrogate.tokenizer), indices=list(range(len(ids))),
+                       device=device)
     with replace_heads(surrogate.model, sources) as replacement:
-        expected = replacement.forward(batch).logits
+        expected = replacement.forward(batch).logits.float().cpu()  # logits() are on the CPU
     got = surrogate.logits(store.sentences(texts))
     assert {"fitted (torch)", "generator (in-process)", "golden (in-process)",
             "sandbox (output cache)"} <= set(surrogate.paths)  # every path is compared
