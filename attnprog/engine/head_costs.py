@@ -137,7 +137,11 @@ def head_costs(
 
     if method == "exact":
         base = nll_sum({})
-        costs = _exact_costs(sources, nll_sum, base, n_tokens, store.n_heads, resume, progress)
+        # what the finished heads were measured with: the same texts give the same base and
+        # tokens whatever the programs, so the resume file also names each head's best fit
+        fits = [table.programs[int(p)].hash for p in best_fit(table)[1]]
+        costs = _exact_costs(sources, nll_sum, base, n_tokens, store.n_heads, resume, progress,
+                             fits)
         return HeadCosts(costs, method, split, list(texts), n_tokens, base / n_tokens, {})
     first, second, base = _gradient_costs(
         model, token_ids, sources, corpus_indices, store.n_heads, batch_size, pad_id,
@@ -169,13 +173,16 @@ def _best_fit_sources(store, table, texts, outputs, progress) -> tuple[dict, lis
     return sources, corpus_indices
 
 
-def _exact_costs(sources, nll_sum, base, n_tokens, n_heads, resume, progress) -> np.ndarray:
-    """One pass per head; finished heads are kept in ``resume`` (JSON) as they complete."""
+def _exact_costs(sources, nll_sum, base, n_tokens, n_heads, resume, progress,
+                 fits=None) -> np.ndarray:
+    """One pass per head; finished heads are kept in ``resume`` (JSON) as they complete, and
+    read back only for the same base NLL, tokens and best fits (``fits``: a hash per head)."""
     done: dict[str, float] = {}
     resume = Path(resume) if resume else None
     if resume is not None and resume.is_file():
         saved = json.loads(resume.read_text())
-        if saved.get("base") == base and saved.get("n_tokens") == n_tokens:
+        if (saved.get("base") == base and saved.get("n_tokens") == n_tokens
+                and saved.get("fits") == fits):
             done = saved["costs"]
     costs = np.zeros(len(sources))
     for key in tqdm(sorted(sources), desc="head costs (exact)", unit="head",
@@ -184,7 +191,8 @@ def _exact_costs(sources, nll_sum, base, n_tokens, n_heads, resume, progress) ->
         if str(row) not in done:
             done[str(row)] = (nll_sum({key: sources[key]}) - base) / n_tokens
             if resume is not None:
-                resume.write_text(json.dumps({"base": base, "n_tokens": n_tokens, "costs": done}))
+                resume.write_text(json.dumps({"base": base, "n_tokens": n_tokens, "fits": fits,
+                                              "costs": done}))
         costs[row] = done[str(row)]
     return costs
 

@@ -124,6 +124,28 @@ def test_exact_costs_resume_from_the_heads_already_measured(tiny_gpt2, tmp_path)
     assert len(calls) == 1  # only the unmodified pass (one batch) ran again
 
 
+def test_exact_costs_are_measured_again_for_other_best_fits(tiny_gpt2, tmp_path):
+    """The resume file of another ranking (same texts, so the same base NLL) is not read back:
+    on a GPU, where `attnprog run` measures exact costs, a rerun with new best fits would
+    otherwise keep the old programs' costs."""
+    model, tokenizer = tiny_gpt2
+    store = tiny_store(model, tokenizer)
+    table, outputs = programs_that_copy_attention(store, noise=0.5)
+    resume = tmp_path / "costs.partial.json"
+    head_costs(model, store, table, outputs=outputs, method="exact", resume=resume, progress=False)
+    shifted = SmallTable(table.iou.roll(1, dims=1), table.programs)  # head h's best: program h-1
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        again = head_costs(model, store, shifted, outputs=outputs, method="exact", resume=resume,
+                           progress=False)
+    finally:
+        hook.remove()
+    assert len(calls) == 1 + store.n_rows  # the unmodified pass, then every head again
+    fresh = head_costs(model, store, shifted, outputs=outputs, method="exact", progress=False)
+    np.testing.assert_array_equal(again.costs, fresh.costs)
+
+
 def test_costs_save_and_load_and_order_cheapest_first(tmp_path):
     costs = HeadCosts(np.array([0.3, -0.01, 0.2, 0.0]), "linear", "selection", [0, 2], 17, 3.1)
     loaded = HeadCosts.load(costs.save(tmp_path / "costs.json"))
