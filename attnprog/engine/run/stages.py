@@ -255,8 +255,11 @@ def run_rank(state: RunState) -> None:
     from attnprog.engine.leak import check_leaks
     from attnprog.engine.pool import rank_heads
 
+    c = state.config
+    # Ray's ranking actors take the cluster's GPUs under "auto"; --device cpu keeps them off
+    where = {"device": state.device} if c.ray and c.device != "auto" else {}
     state.table = on_device(state, lambda store: rank_heads(store, state.outputs, state.heads,
-                                                            ray=state.config.ray))
+                                                            ray=c.ray, **where))
     state.table.save(state.path(rundir.TABLE))
     state.leak = check_leaks(state.store, state.table, state.outputs, state.heads, state.fitted)
     state.leak.save(state.path(rundir.LEAK), state.store.n_heads)
