@@ -124,8 +124,10 @@ def test_the_pipeline_adds_llm_programs_as_a_stage(tmp_path, monkeypatch):
     config = RunConfig(out=str(tmp_path / "run"), model="tiny-gpt2", limit=30, max_tokens=24,
                        n_candidates=0, fraction=0.0, qa=False, llm_model="m",
                        llm_base_url=unreachable(tmp_path).base_url, llm_heads="1.2", llm_n=1, llm_rounds=0)
-    # the pipeline's own store: extract it the same way, then record the reply for its prompt
-    model, tokenizer = load_model("tiny-gpt2")
+    # the pipeline's own store: extract it the same way, on the same device (the prompt quotes
+    # attention weights, ordered by weight: CUDA's rounding may reorder near-equal ones), then
+    # record the reply for its prompt
+    model, tokenizer = load_model("tiny-gpt2", device=config.device)
     store = extract_attention(model, tokenizer, builtin_corpus().take(30), max_tokens=24, progress=False)
     settings = LLMSettings(model="m", base_url=config.llm_base_url)
     record_replies(store, [(1, 2)], settings, SynthesisOptions(n=1, rounds=0))
