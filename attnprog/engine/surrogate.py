@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from attnprog.engine.batching import batches_by_length, make_batch, pad_token_id
-from attnprog.engine.heads import head_label_of
+from attnprog.engine.heads import head_label_of, parse_heads
 from attnprog.engine.program_rows import (
     ROW_BY_ROW,
     newest_rows,
@@ -59,10 +59,27 @@ class Timings:
     calls: int = 0
 
 
+def _head_key(key, n_layers: int, n_heads: int) -> tuple[int, int]:
+    """(layer, head) from a key of ``Surrogate.heads``: a pair, or one head as a label ("L18.H3",
+    "18.3") copied from a report."""
+    if isinstance(key, str):
+        found = parse_heads(key, n_layers, n_heads)
+        if len(found) != 1 or not key.strip():
+            raise ModelError(f"head key {key!r} names {len(found)} heads: key each program by "
+                             "one head, (18, 3) or 'L18.H3'")
+        return divmod(found[0], n_heads)
+    try:
+        layer, head = key
+        return int(layer), int(head)
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"head key {key!r} is not a head: key each program by (layer, head), "
+                         "e.g. (18, 3), or by a label such as 'L18.H3'") from err
+
+
 @dataclass
 class Surrogate:
-    """``model`` with ``heads`` {(layer, head): Program or Python function} replaced by their
-    programs (a function is taken as a custom program of its own source).
+    """``model`` with ``heads`` {(layer, head) or "L18.H3": Program or Python function} replaced
+    by their programs (a function is taken as a custom program of its own source).
 
     ``paths`` says how each head's program is computed (see ``engine.program_rows``);
     ``info`` what ``from_run`` read (order, fraction, leak check, swaps). ``leaks`` {program
@@ -82,7 +99,8 @@ class Surrogate:
         if self.model.training:
             raise ModelError("a surrogate is inference-only: call model.eval() first")
         n_layers, n_heads = head_counts(self.model)
-        self.heads = {(int(lay), int(h)): as_program(p) for (lay, h), p in dict(self.heads).items()}
+        self.heads = {_head_key(key, n_layers, n_heads): as_program(p)
+                      for key, p in dict(self.heads).items()}
         for layer, head in self.heads:
             if not (0 <= layer < n_layers and 0 <= head < n_heads):
                 raise ModelError(f"head {head_label_of(layer, head)} does not exist: the model "

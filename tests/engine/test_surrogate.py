@@ -137,6 +137,16 @@ def test_a_head_the_model_lacks_is_refused(tiny_gpt2):
         Surrogate(*tiny_gpt2, {(7, 0): PREVIOUS})
 
 
+def test_a_head_label_keys_a_program_as_its_layer_and_head_do(tiny_gpt2):
+    assert set(Surrogate(*tiny_gpt2, {"L1.H2": PREVIOUS, "0.3": PREVIOUS}).heads) == {(1, 2), (0, 3)}
+
+
+@pytest.mark.parametrize("key", ["1.*", 5, (1, 2, 3)])
+def test_a_key_that_is_not_one_head_is_refused_with_how_to_key_it(tiny_gpt2, key):
+    with pytest.raises(ModelError, match=r"\(18, 3\)"):
+        Surrogate(*tiny_gpt2, {key: PREVIOUS})
+
+
 def test_a_program_reading_token_meaning_gets_the_models_own_embeddings(tiny_gpt2):
     from attnprog.synth.embeddings import TokenEmbeddings, attach_similarity
     from attnprog.synth.fitted import program_from_fit
