@@ -1,5 +1,6 @@
 """engine.head_costs: each head's cost of being replaced alone, measured on selection texts."""
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,6 +107,17 @@ def test_costs_never_run_a_heldout_text(tiny_llama):
     assert seen and not any(ids in ran for ids in heldout_ids)
 
 
+@contextmanager
+def counted_forwards(model):
+    """A list that gains an item per forward of ``model`` inside the block."""
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        yield calls
+    finally:
+        hook.remove()
+
+
 def test_exact_costs_resume_from_the_heads_already_measured(tiny_gpt2, tmp_path):
     model, tokenizer = tiny_gpt2
     store = tiny_store(model, tokenizer)
@@ -113,13 +125,9 @@ def test_exact_costs_resume_from_the_heads_already_measured(tiny_gpt2, tmp_path)
     resume = tmp_path / "costs.partial.json"
     first = head_costs(model, store, table, outputs=outputs, method="exact", resume=resume,
                        progress=False)
-    calls = []
-    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
-    try:
+    with counted_forwards(model) as calls:
         second = head_costs(model, store, table, outputs=outputs, method="exact", resume=resume,
                             progress=False)
-    finally:
-        hook.remove()
     np.testing.assert_array_equal(first.costs, second.costs)
     assert len(calls) == 1  # only the unmodified pass (one batch) ran again
 
@@ -134,13 +142,9 @@ def test_exact_costs_are_measured_again_for_other_best_fits(tiny_gpt2, tmp_path)
     resume = tmp_path / "costs.partial.json"
     head_costs(model, store, table, outputs=outputs, method="exact", resume=resume, progress=False)
     shifted = SmallTable(table.iou.roll(1, dims=1), table.programs)  # head h's best: program h-1
-    calls = []
-    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
-    try:
+    with counted_forwards(model) as calls:
         again = head_costs(model, store, shifted, outputs=outputs, method="exact", resume=resume,
                            progress=False)
-    finally:
-        hook.remove()
     assert len(calls) == 1 + store.n_rows  # the unmodified pass, then every head again
     fresh = head_costs(model, store, shifted, outputs=outputs, method="exact", progress=False)
     np.testing.assert_array_equal(again.costs, fresh.costs)
