@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from attnprog.engine.run.config import at_least as _at_least
 from attnprog.errors import AttnProgError, StoreError
 
 app = typer.Typer(
@@ -316,13 +317,14 @@ def rank_command(
     import time
 
     from attnprog.engine.pool import rank_table
+    from attnprog.kernels.iou import IMPLS
 
     if (pool is None) == (outputs is None):
         raise AttnProgError("pass exactly one of --pool (programs to evaluate) or --outputs")
     _out_file(out, "iou_table.safetensors")
     _at_least(0, top=top)
-    if impl not in ("auto", "triton", "numba", "torch"):  # checked before the evaluation
-        raise AttnProgError(f"unknown --impl {impl!r}: use auto, triton, numba or torch")
+    if impl not in IMPLS:  # checked before the evaluation
+        raise AttnProgError(f"unknown --impl {impl!r}: use {', '.join(IMPLS[:-1])} or {IMPLS[-1]}")
     _connect(ray)  # reach the cluster before reading a large store
     attention, program_outputs = _store_and_outputs(store, pool, outputs, split, heldout, device, ray)
     start = time.perf_counter()
@@ -521,13 +523,6 @@ def bench_command(
     if override and device.startswith("cuda"):  # on a CPU both paths are SDPA plus a matmul
         half = _dtype(dtype) if _dtype(dtype) != torch.float32 else torch.float16
         run_override_bench(device, dtype=half)
-
-
-def _at_least(least: int, **counts: int) -> None:
-    """Refuse a count below ``least`` up front, named as its option, before any work."""
-    for name, value in counts.items():
-        if value < least:
-            raise AttnProgError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
 
 
 def _out_file(path: Path, name: str) -> Path:

@@ -289,10 +289,10 @@ def load_model(
             str(path), local_only=True, dtype=dtype, attn_implementation=attn_implementation
         )
         model.config._attnprog_id = f"{path.resolve()}"
-    elif "/" in spec and not spec.startswith((".", "/", "~")) and not spec.endswith(".gguf"):
-        model, tokenizer = _load_hub(spec, dtype, attn_implementation)
-    elif spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
+    elif spec.endswith(".gguf") or spec.startswith((".", "/", "~")):  # a path, not there
         raise ModelError(f"no such model file or directory: {spec}")
+    elif "/" in spec:
+        model, tokenizer = _load_hub(spec, dtype, attn_implementation)
     else:
         raise ModelError(
             f"unknown model {spec!r}: use a built-in name ({', '.join(BUILTIN_MODELS)}), "

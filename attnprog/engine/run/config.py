@@ -5,6 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 
+def at_least(least: int, **counts: int) -> None:
+    """Refuse a count below ``least`` up front, named as its option (``max_tokens`` ->
+    ``--max-tokens``), before any work."""
+    from attnprog.errors import AttnProgError
+
+    for name, value in counts.items():
+        if value < least:
+            raise AttnProgError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+
+
 @dataclass
 class RunConfig:
     """Every setting of ``attnprog run``; the CLI fills it, the pipeline reads it."""
@@ -52,13 +62,9 @@ class RunConfig:
         from attnprog.engine.heads import check_spec
         from attnprog.engine.models import resolve_device
         from attnprog.engine.sweep import fractions_up_to, orders_from_option
-        from attnprog.errors import AttnProgError
 
         for option, least in self.LEAST.items():
-            value = getattr(self, self.CLI_NAMES.get(option, option))
-            if value < least:
-                raise AttnProgError(f"--{option.replace('_', '-')} must be at least {least}, "
-                                    f"got {value}")
+            at_least(least, **{option: getattr(self, self.CLI_NAMES.get(option, option))})
         fractions_up_to(self.fraction)
         orders_from_option(self.order)
         check_method(self.cost_method)
