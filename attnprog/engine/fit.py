@@ -99,6 +99,22 @@ def corpus_features(sentences: Sequence, names: Sequence[str] = FEATURE_NAMES,
     )
 
 
+def distinct_features(names: Sequence[str], data: CorpusFeatures) -> tuple[list[str], CorpusFeatures]:
+    """``names`` less each feature that is zero on every cell or equal to an earlier one (e.g.
+    'self_punct' and 'self_from_punct'): two copies would share one weight and take two of a
+    program's terms."""
+    columns = data.values.T.cpu().numpy()
+    seen, keep = set(), []
+    for k, column in enumerate(columns):
+        key = column.tobytes()
+        if column.any() and key not in seen:
+            seen.add(key)
+            keep.append(k)
+    index = torch.tensor(keep, dtype=torch.long)
+    return [names[k] for k in keep], dataclasses.replace(
+        data, values=data.values[:, index.to(data.values.device)].contiguous(), scale=data.scale[index])
+
+
 def model_cells(weights: torch.Tensor, share: torch.Tensor, data: CorpusFeatures) -> torch.Tensor:
     """The fitted model on every cell: [cells, heads] (cell-major). ``weights``
     [heads, features] (scaled), ``share`` [heads]."""
@@ -316,7 +332,7 @@ def fit_store(store: AttentionStore, split: str = "synthesis", settings: FitSett
     if settings.syntax:
         attach_syntax(sentences)  # POS and dependency features when spaCy is installed
     names = vocabulary(sentences, settings.key_tokens, settings.query_tokens, settings.embeddings)
-    data = corpus_features(sentences, names, device=settings.device)
+    names, data = distinct_features(names, corpus_features(sentences, names, device=settings.device))
     cells = torch.cat([torch.arange(int(store.offsets[s]), int(store.offsets[s + 1])) for s in texts])
     head_indices = list(range(store.n_rows)) if rows is None else list(rows)
     fits: list[dict] = []

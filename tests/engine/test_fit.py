@@ -7,6 +7,7 @@ import torch
 from attnprog.engine.fit import (
     FitSettings,
     corpus_features,
+    distinct_features,
     fit_scores,
     fit_store,
     fitted_programs,
@@ -75,6 +76,14 @@ def test_one_fit_per_head_with_at_most_max_terms_features(store, fits):
         assert len(fit["weights"]) <= QUICK.max_terms and 0.0 <= fit["share"] < 1.0
         for name in fit["weights"]:
             feature(name)  # every name is a known feature
+
+
+def test_a_feature_equal_to_an_earlier_one_or_zero_everywhere_is_not_offered(store):
+    sentences = store.sentences(store.split_indices("synthesis"))
+    names = ["first", "self_punct", "newline", "self_from_punct", "previous_1"]
+    kept, data = distinct_features(names, corpus_features(sentences, names))
+    assert kept == ["first", "self_punct", "previous_1"]  # the stories hold no line break
+    assert torch.equal(data.values, corpus_features(sentences, kept).values)
 
 
 def test_fits_beat_the_uniform_pattern_on_the_texts_they_were_fitted_on(store, fits):
