@@ -24,7 +24,7 @@ COST_METHOD_HELP = ("how head costs are measured: 'exact' (a forward pass per he
                     "(exact on CUDA, fisher on CPU)")
 DEVICE_HELP = "auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ..."
 MODEL_HELP = "built-in name, checkpoint dir, .gguf file or hub id"
-CORPUS_HELP = "'builtin', a .txt or .jsonl file, or hf:NAME"
+CORPUS_HELP = "'builtin', a .txt or .jsonl file, or hf:NAME[:SPLIT]"
 HEADS_HELP = "heads as 18.3, 18.* (a layer), *.3 (a head in every layer), comma-separated, or all"
 
 
@@ -223,9 +223,10 @@ def serve(
             pass
 
 
-@app.command(epilog=example("attnprog synthesize --store runs/attention.safetensors --heads 5.* "
-                            "--base-url http://127.0.0.1:8000/v1 --model NAME (a model the "
-                            "endpoint serves; `attnprog serve` serves its checkpoint path)"))
+@app.command(epilog=example(  # the model name `attnprog serve` (running) prints: its checkpoint path
+    "attnprog synthesize --store runs/attention.safetensors --heads 18.7 "
+    "--base-url http://127.0.0.1:8000/v1 --model \"$(python -c 'from attnprog.engine.models "
+    "import builtin_checkpoint as b; print(b(\"smollm2-135m\"))')\""))
 def synthesize(
     store: Path = typer.Option(..., help="attention store from `attnprog extract`"),
     heads: str = typer.Option(..., help=HEADS_HELP),
@@ -311,7 +312,8 @@ def rank_command(
     impl: str = typer.Option("auto", help="sum-min path: auto, triton, numba or torch"),
     memory_mb: int = typer.Option(512, help="working memory per program chunk, MiB"),
     ray: str = typer.Option("", "--ray", help="evaluate and rank on a Ray cluster, heads sharded "
-                            "over its GPUs: its address (HOST:PORT) or 'auto' (this machine's)"),
+                            "over its GPUs: its address (HOST:PORT, ray://HOST:10001) or 'auto' "
+                            "(this machine's)"),
 ) -> None:
     """Score every program against every head; write the IoU table and print best fits."""
     import time

@@ -324,7 +324,7 @@ def _load_hub(spec: str, dtype, attn_implementation):
             raise ModelError(
                 f"{spec!r} is not in the local Hugging Face cache and the hub is offline "
                 "(HF_HUB_OFFLINE=1): download it where there is network "
-                f"(`huggingface-cli download {spec}`), or pass a local checkpoint directory"
+                f"(`hf download {spec}`), or pass a local checkpoint directory"
             ) from local_err
         try:
             model, tokenizer = _from_pretrained(
