@@ -367,17 +367,20 @@ def fit_scores(fits: Sequence[dict], store: AttentionStore, split: str,
 
 
 def fitted_programs(store: AttentionStore, split: str = "synthesis",
-                    settings: FitSettings | None = None, progress: bool = True) -> list[Program]:
-    """Fit every head of ``store`` on ``split`` and emit each fit as a program."""
-    fits = fit_store(store, split, settings, progress=progress)
-    scores = fit_scores(fits, store, split)
+                    settings: FitSettings | None = None, progress: bool = True,
+                    rows: Sequence[int] | None = None) -> list[Program]:
+    """Fit every head of ``store`` whose head_index is in ``rows`` (all when None) on
+    ``split`` and emit each fit as a program."""
+    rows = list(range(store.n_rows)) if rows is None else list(rows)
+    fits = fit_store(store, split, settings, rows=rows, progress=progress)
+    scores = fit_scores(fits, store, split, rows)
     model_id = store.meta.get("model_id", "")
     return [
         program_from_fit(fit, head=head_label(head_index, store.n_heads), model_id=model_id, split=split,
                          score=score)
-        for head_index, (fit, score) in enumerate(zip(fits, scores, strict=True))
+        for head_index, fit, score in zip(rows, fits, scores, strict=True)
     ]
 
 
 FIT_VERSION = "5"  # bump when the fitter changes what it produces; 3: causal syntax, 4: token meaning,
-# 5: the newest word's causal tag without its guessed dependency label
+# 5: the newest word's causal tag without its guessed dependency label, each distinct feature once

@@ -1,5 +1,7 @@
 """Fitting a program to every head: readable, reproducible, and blind to held-out texts."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -205,6 +207,17 @@ def test_the_pipeline_fits_every_head_ranks_the_fits_and_resumes(tmp_path):
     run_pipeline(config, echo=again.append)
     stage = "\n".join(again).split("fit a program to every head]")[1].split("done in")[0]
     assert "reused" in stage and "fitted.jsonl" in stage
+
+
+def test_a_run_of_some_heads_fits_only_those(tmp_path):
+    from attnprog.engine.run.pipeline import RunConfig, run_pipeline
+
+    config = RunConfig(out=str(tmp_path / "run"), model="tiny-gpt2", limit=30, max_tokens=24,
+                       n_candidates=50, fraction=0.25, qa=False, fit_terms=4, heads="1.*")
+    summary = run_pipeline(config, echo=lambda line: None)
+    fitted = [json.loads(line) for line in (tmp_path / "run" / "fitted.jsonl").open()]
+    assert summary["fitted_programs"] == 4  # of the tiny model's 8 heads
+    assert sorted(p["provenance"]["head"] for p in fitted) == ["L1.H0", "L1.H1", "L1.H2", "L1.H3"]
 
 
 def test_the_pipeline_without_fitting_adds_no_fitted_programs(tmp_path):

@@ -181,7 +181,8 @@ def after_llm(state: RunState) -> None:
 def fit_key(state: RunState) -> str:
     from attnprog.engine.fit import FIT_VERSION
 
-    return f"{store_key(state)}|fit=v{FIT_VERSION},terms={state.config.fit_terms}"
+    key = f"{store_key(state)}|fit=v{FIT_VERSION},terms={state.config.fit_terms}"
+    return key + (f"|heads={','.join(map(str, state.heads))}" if state.config.heads else "")
 
 
 def run_fit(state: RunState) -> None:
@@ -195,7 +196,8 @@ def run_fit(state: RunState) -> None:
         return
     start = time.perf_counter()
     settings = FitSettings(max_terms=state.config.fit_terms, device=state.device)
-    state.fitted = fitted_programs(store, "synthesis", settings)
+    rows = state.heads if state.config.heads else None  # --heads: fit only the heads explained
+    state.fitted = fitted_programs(store, "synthesis", settings, rows=rows)
     save_pool(state.fitted, state.path(rundir.FITTED))
     scores = [p.provenance["split_iou"] for p in state.fitted]
     state.echo(f"  fitted {len(state.fitted)} heads on {store.splits.count('synthesis')} synthesis "
@@ -233,7 +235,7 @@ def rank_key(state: RunState) -> str:
     meta = state.store.meta  # the ranked texts' store (selection and held-out), as keys always were
     key = f"{meta['model_id']}|{meta['corpus_hash']}|{state.keys['pool']}"
     key += f"|{state.keys['llm']}" if "llm" in state.keys else ""
-    key += f"|fit=v{state.keys['fit'].rsplit('|fit=v', 1)[1]}" if state.fitted else ""
+    key += f"|fit=v{state.keys['fit'].rsplit('|fit=v', 1)[1].split('|')[0]}" if state.fitted else ""
     if state.config.heads:
         key += f"|heads={','.join(map(str, state.heads))}"
     return key + f"|leak=v{LEAK_VERSION}"
