@@ -60,7 +60,7 @@ def evaluate_programs(
     program's outputs are cached as soon as it finishes, so an interrupted call resumes.
     """
     programs, sentences = list(programs), list(sentences)
-    corpus, with_syntax = _prepare_texts(programs, sentences, corpus_hash)
+    corpus, syntax_mode = _prepare_texts(programs, sentences, corpus_hash)
     if tokenizer is not None:
         tokenizer_id = tokenizer_id or str(getattr(tokenizer, "name_or_path", ""))
     offsets = causal_offsets([s.n for s in sentences])
@@ -70,6 +70,8 @@ def evaluate_programs(
     # sandboxed programs run now (or come from the cache); generator programs are recomputed
     # from their specs when read, which is faster than reading gigabytes back from disk
     reads_meaning = any("similarity" in p.source for p in others)  # hash n x n only then
+    reads_syntax = syntax_mode and any(_reads_syntax(p) for p in others)  # hash the tags only then
+    with_syntax = f"{syntax_mode}-{syntax_hash(sentences)}" if reads_syntax else ""
     sandboxed = _Sandboxed(OutputCache(cache_dir) if use_cache else None, corpus, tokenizer_id,
                            with_syntax, meaning_hash(sentences) if reads_meaning else "")
     todo = sandboxed.refuse_or_reuse(others, sentences, int(offsets[-1]), helpers, check)
@@ -84,17 +86,15 @@ def evaluate_programs(
 
 def _prepare_texts(programs: list[Program], sentences: list[Sentence],
                    corpus_hash: str | None) -> tuple[str, str]:
-    """(the corpus hash, how every text's POS tags were made: "causal" or "full-text" and a
-    hash of the tags and arcs, or "" when some text has none); tags the texts (causally) if a
-    program reads them."""
+    """(the corpus hash, how every text's POS tags were made: "causal", "full-text" or "" when
+    some text has none); tags the texts (causally) if a program reads them."""
     if not sentences:
         raise CorpusError("no texts to evaluate programs on: give at least one tokenised text")
     corpus = corpus_hash or hash_corpus(sentences)
     if _needs_syntax(programs, sentences):
         attach_syntax(sentences)  # no-op without spaCy; such programs then see pos=None
     modes = {s.syntax_mode or "full-text" if s.has_syntax else "" for s in sentences}
-    mode = modes.pop() if len(modes) == 1 else ""
-    return corpus, f"{mode}-{syntax_hash(sentences)}" if mode else ""
+    return corpus, modes.pop() if len(modes) == 1 else ""
 
 
 @dataclass
@@ -105,7 +105,7 @@ class _Sandboxed:
     cache: OutputCache | None
     corpus: str
     tokenizer_id: str
-    with_syntax: str  # the texts' syntax_mode and syntax_hash ("" without syntax)
+    with_syntax: str  # syntax_mode and syntax_hash ("" without syntax or no program reading it)
     meaning: str = ""  # meaning_hash of the texts' token similarities
     outputs: dict = field(default_factory=dict)
 
