@@ -534,6 +534,22 @@ def syntax_available() -> bool:
     return _load_pipeline() is not None
 
 
+TAGS_VERSION = 2  # bump when attnprog's own tagging changes; 2: the newest word's tag ignores its DEP
+
+
+def tagger_id() -> str:
+    """What tags the texts here: spaCy's version, the pipeline's name and version and
+    attnprog's tagging (``"none"`` without spaCy). Run stages whose results read tags key on it."""
+    nlp = _load_pipeline()
+    if nlp is None:
+        return "none"
+    import spacy
+
+    rules = "own-rules" if _pos_rules is not None else "spacy-rules"
+    pipeline = f"{nlp.meta.get('lang', '?')}_{nlp.meta.get('name', '?')}-{nlp.meta.get('version', '?')}"
+    return f"spacy-{spacy.__version__}/{pipeline}/{rules}-v{TAGS_VERSION}"
+
+
 def _load_pipeline():
     global _nlp
     if _nlp is None:

@@ -180,8 +180,9 @@ def after_llm(state: RunState) -> None:
 
 def fit_key(state: RunState) -> str:
     from attnprog.engine.fit import FIT_VERSION
+    from attnprog.synth.features import tagger_id
 
-    key = f"{store_key(state)}|fit=v{FIT_VERSION},terms={state.config.fit_terms}"
+    key = f"{store_key(state)}|fit=v{FIT_VERSION},terms={state.config.fit_terms}|tags={tagger_id()}"
     return key + (f"|heads={','.join(map(str, state.heads))}" if state.config.heads else "")
 
 
@@ -232,8 +233,10 @@ def run_evaluate(state: RunState) -> None:
 
 
 def rank_key(state: RunState) -> str:
+    from attnprog.synth.features import tagger_id
+
     meta = state.store.meta  # the ranked texts' store (selection and held-out), as keys always were
-    key = f"{meta['model_id']}|{meta['corpus_hash']}|{state.keys['pool']}"
+    key = f"{meta['model_id']}|{meta['corpus_hash']}|{state.keys['pool']}|tags={tagger_id()}"
     key += f"|{state.keys['llm']}" if "llm" in state.keys else ""
     key += f"|fit=v{state.keys['fit'].rsplit('|fit=v', 1)[1].split('|')[0]}" if state.fitted else ""
     if state.config.heads:
