@@ -10,9 +10,10 @@ import numpy as np
 
 from attnprog.errors import ProgramError
 from attnprog.layout import unpack
-from attnprog.synth.features import probe_sentences
+from attnprog.synth.features import attach_syntax, probe_sentences
 from attnprog.synth.policy import check_source, entry_point
 from attnprog.synth.program import Program
+from attnprog.synth.runtime.evaluate import _reads_syntax
 from attnprog.synth.runtime.execute import escape
 from attnprog.synth.runtime.paper_form import library_programs, read_source
 from attnprog.synth.runtime.sandbox import Sandbox, uses_spacy
@@ -82,6 +83,8 @@ def validate_many(
         else:
             to_run.append(i)
     if to_run:
+        if any(_reads_syntax(programs[i]) for i in to_run):  # as evaluate_programs tags texts
+            attach_syntax([s for s in probes if not s.has_syntax])
         runs = _run_probes([programs[i] for i in to_run], probes, sandbox, unsafe, tokenizer)
         for i, run in zip(to_run, runs, strict=True):
             results[i] = _judge_probe_run(run, probes)

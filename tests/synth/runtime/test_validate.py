@@ -5,6 +5,7 @@ import os
 import pytest
 
 from attnprog.errors import ProgramError
+from attnprog.synth.features import syntax_available
 from attnprog.synth.runtime.validate import check_file, validate, validate_many
 from tests.synth.programs import NATIVE, program
 
@@ -52,6 +53,19 @@ def test_validate_many_judges_each_program():
     results = validate_many([program(NATIVE), program("def program(s):\n    return 'x'\n")])
     assert [r.ok for r in results] == [True, False]
     assert "returned str" in results[1].reason
+
+
+@pytest.mark.skipif(not syntax_available(), reason="spaCy with an English pipeline is not installed")
+def test_validate_gives_a_program_reading_pos_tags_tagged_probe_texts():
+    source = """
+import numpy as np
+
+def program(s):
+    verbs = np.array([tag == "VERB" for tag in s.pos], dtype=float)
+    return np.tile(verbs + 1e-3, (s.n, 1))
+"""
+    result = validate(program(source))
+    assert result.ok, result.reason
 
 
 def test_check_file_checks_every_program_of_a_library_in_the_papers_layout(tmp_path):
