@@ -197,8 +197,12 @@ def library_programs(text: str, origin: str = "", family: str = "paper") -> list
 
     try:
         tree = ast.parse(text)
-    except SyntaxError as err:
-        raise ProgramError(f"{origin}:{err.lineno}: syntax error ({err.msg})") from err
+    except SyntaxError as err:  # a null byte has no line
+        where = f"{origin}:{err.lineno}" if err.lineno else origin
+        raise ProgramError(f"{where}: syntax error ({err.msg})") from err
+    except (ValueError, RecursionError, MemoryError) as err:  # nesting too deep for the parser
+        raise ProgramError(f"{origin}: the source cannot be parsed ({type(err).__name__}); "
+                           "simplify it") from err
     lines = text.splitlines(keepends=True)
 
     def segment(node) -> str:

@@ -90,6 +90,21 @@ def test_check_file_reports_a_file_that_is_not_utf8_in_one_line(tmp_path):
         check_file(path)
 
 
+def test_check_file_refuses_a_source_nested_too_deep_to_parse_with_a_program_error(tmp_path):
+    path = tmp_path / "deep.py"
+    path.write_text("x = " + "-" * 100_000 + "1\n")
+    with pytest.raises(ProgramError, match="cannot be parsed"):
+        check_file(path)
+
+
+def test_check_file_names_no_line_for_a_syntax_error_that_has_none(tmp_path):
+    path = tmp_path / "nul.py"
+    path.write_bytes(b"def program(s):\x00\n")
+    with pytest.raises(ProgramError, match=r"nul\.py: syntax error") as raised:
+        check_file(path)
+    assert "None" not in str(raised.value)
+
+
 def test_check_file_unsafe_leaves_the_environment_alone(tmp_path, monkeypatch):
     monkeypatch.delenv("ATTNPROG_UNSAFE_SANDBOX", raising=False)
     path = tmp_path / "one.py"
