@@ -182,7 +182,8 @@ class SweepResult:
         orders = self.order_names()
         lines = ["", "QA accuracy" + (" (random: first seed)" if self.random_seeds > 1 else ""),
                  f"{'':>12}  " + " | ".join(f"{ORDER_HEADINGS.get(o, o):^{len(block)}}"
-                                            for o in orders)]
+                                            for o in orders),
+                 f"{'':>12}  " + " | ".join(block for _ in orders)]  # which column is which
         by_order = {o: self.rows_for(o) for o in orders}
         for i, row in enumerate(by_order[orders[0]]):
             cells = ["  ".join(f"{100 * by_order[o][i].qa_accuracy[c]:8.1f}%" for c in conditions)
