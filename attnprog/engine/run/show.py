@@ -28,7 +28,8 @@ def shortest_lines(entry: dict) -> list[str]:
     shortest = entry.get("shortest") or {}
     if not shortest.get("source"):
         return []
-    return [f"# the shortest program that fits: {shortest['terms']} terms, {shortest['name']}, "
+    terms = f"{shortest['terms']} term{'' if shortest['terms'] == 1 else 's'}"
+    return [f"# the shortest program that fits: {terms}, {shortest['name']}, "
             f"IoU {shortest['heldout_iou']:.3f} held-out (hash {shortest['hash']})",
             shortest["source"].rstrip() + "\n"]
 

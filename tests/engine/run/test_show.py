@@ -45,3 +45,12 @@ def test_the_heads_type_scores_and_shortest_program_come_first_when_heads_json_i
     assert "held-out IoU by number of terms: 1: 0.800 · 2: 0.850; 2 within 0.01" in lines[1]
     assert text.index("return SHORTEST") < text.index(programs[0].source.strip())
     assert f"on selection: sink (family first, hash {programs[0].hash})" in text  # heads.json's name
+
+
+def test_a_shortest_program_of_one_term_is_said_in_the_singular(tmp_path):
+    two_program_table(tmp_path)
+    entry = {"head": "L0.H1", "head_index": 1, "type": "first token", "type_scores": {},
+             "shortest": {"terms": 1, "name": "first token 90 %", "hash": "abc", "heldout_iou": 0.8,
+                          "source": "def program(s):\n    return SHORTEST\n"}}
+    (tmp_path / "heads.json").write_text(json.dumps({"heads": [entry]}))
+    assert "# the shortest program that fits: 1 term, first token 90 %" in show_head(tmp_path, "L0.H1")
