@@ -159,7 +159,20 @@ class Surrogate:
             for k, s in zip(raw, sentences_from_texts([texts[k] for k in raw], self.tokenizer),
                             strict=True):
                 texts[k] = s
+        self._check_length(texts)
         return texts
+
+    def _check_length(self, sentences: Sequence, new_tokens: int = 0) -> None:
+        """ModelError for a text (with ``new_tokens`` to come) longer than the model's
+        positions, which it would otherwise index past."""
+        from attnprog.engine.models import context_size
+
+        limit = context_size(self.model)
+        for k, s in enumerate(sentences):
+            if s.n + new_tokens > limit:
+                more = f" and {new_tokens} new tokens" if new_tokens else ""
+                raise ModelError(f"text {k + 1} has {s.n} tokens{more}, more than the {limit} "
+                                 "positions the model takes: shorten or split it")
 
     def describe(self) -> list[str]:
         """One line per replaced head: its label, program and how the program runs."""
@@ -323,6 +336,7 @@ class Surrogate:
         if max_new_tokens < 0:
             raise ModelError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
         s = self.sentences([prompt])[0]
+        self._check_length([s], max_new_tokens)
         if max_new_tokens == 0:  # the loop below chooses a token before it checks the count
             return Generation(s, [], "", torch.zeros(0, 0))
         eos = getattr(self.tokenizer, "eos_token_id", None)

@@ -132,6 +132,16 @@ def test_a_plain_function_replaces_a_head_as_its_program_would(tiny_gpt2):
     torch.testing.assert_close(by_function, by_program, atol=1e-6, rtol=0)
 
 
+def test_a_text_longer_than_the_models_positions_is_refused_with_the_limit(tiny_gpt2):
+    surrogate = Surrogate(*tiny_gpt2, {(1, 1): PREVIOUS})  # tiny-gpt2 takes 512 positions
+    long = " ".join(["The cat sat on the mat."] * 200)
+    with pytest.raises(ModelError, match="text 2 has .* tokens, more than the 512 positions"):
+        surrogate.perplexity(["The cat sat.", long])
+    prompt = " ".join(["The cat sat on the mat."] * 15)  # fits, but not with 200 more tokens
+    with pytest.raises(ModelError, match="and 200 new tokens, more than the 512 positions"):
+        surrogate.generate(prompt, 200)
+
+
 def test_a_head_the_model_lacks_is_refused(tiny_gpt2):
     with pytest.raises(ModelError, match="L7.H0"):
         Surrogate(*tiny_gpt2, {(7, 0): PREVIOUS})
