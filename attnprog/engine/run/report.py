@@ -411,6 +411,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, store=None,
         charts=chart_data(summary, len(heads), _read_json(run_dir / rundir.SWEEP_DETAIL)),
     )
     path = Path(out) if out else run_dir / rundir.REPORT
+    path.parent.mkdir(parents=True, exist_ok=True)  # as the other --out files are written
     tmp = path.with_suffix(".html.partial")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)

@@ -3,9 +3,10 @@
 import json
 import re
 
-from attnprog.engine.run.report import render_html
+from attnprog.engine.run.report import render_html, write_report
 from attnprog.synth.program import Program
 from tests.engine.run.test_sweep_chart import ONE_ORDER, extended_summary
+from tests.engine.surrogate_run import make_run
 
 
 def heads_2x2(rows=(0, 1, 2, 3)):
@@ -124,3 +125,9 @@ def test_library_programs_are_shown_by_name_not_by_hash():
     assert f"<summary>a named program <small>{program.hash}</small>" in html
     assert f"<summary>lt <small>{program.hash}</small>" in page(library=library)  # derived
     assert "<a href='#L0.H0'>L0.H0</a>" in html
+
+
+def test_a_report_written_into_a_folder_not_yet_made_makes_it(tmp_path, tiny_gpt2):
+    run = make_run(tmp_path / "run", *tiny_gpt2)
+    path = write_report(run, out=tmp_path / "pages" / "new" / "report.html", texts=1, tokens=8)
+    assert path.is_file() and "<html" in path.read_text()
