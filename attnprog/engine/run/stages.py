@@ -360,7 +360,8 @@ def load_library(state: RunState) -> None:
 
 def after_library(state: RunState) -> None:
     library = state.library
-    state.echo(f"  {library.size} programs explain {len(state.heads)} heads with mean held-out "
+    programs = "1 program explains" if library.size == 1 else f"{library.size} programs explain"
+    state.echo(f"  {programs} {len(state.heads)} heads with mean held-out "
                f"IoU {library.mean_iou:.3f} (best fits: {heldout_best_fits(state).mean():.3f}); "
                "baselines: " + ", ".join(f"{n} {iou:.3f}" for n, iou in library.baselines.items()))
 
