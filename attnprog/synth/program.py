@@ -114,14 +114,15 @@ def _row_starts(n: int) -> np.ndarray:
 
 
 def save_pool(programs, path) -> None:
-    """Write programs as JSON lines, one ``Program.to_dict()`` per line."""
+    """Write programs (Programs or functions, as :func:`as_program` takes them) as JSON lines,
+    one ``Program.to_dict()`` per line."""
     import json
     from pathlib import Path
 
+    lines = [json.dumps(as_program(p).to_dict()) + "\n" for p in programs]  # refused before writing
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
-        for program in programs:
-            handle.write(json.dumps(program.to_dict()) + "\n")
+        handle.writelines(lines)
 
 
 def load_pool(path) -> list[Program]:
@@ -134,15 +135,19 @@ def load_pool(path) -> list[Program]:
     path = Path(path)
     if not path.is_file():
         raise ProgramError(f"no program pool at {path}: write one with `attnprog generate`")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as err:  # e.g. a store passed as the pool
+        raise ProgramError(f"{path} is not a program pool (not UTF-8 text: byte {err.start}): "
+                           "pass the .jsonl file `attnprog generate` wrote") from err
     programs = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                programs.append(Program.from_dict(json.loads(line)))
-            except (ValueError, KeyError, TypeError) as err:
-                raise ProgramError(f"{path}:{line_no} is not a program record ({err})") from err
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            programs.append(Program.from_dict(json.loads(line)))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ProgramError(f"{path}:{line_no} is not a program record ({err})") from err
     if not programs:
         raise ProgramError(f"{path} holds no programs")
     return programs

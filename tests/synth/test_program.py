@@ -5,7 +5,7 @@ import pytest
 
 from attnprog.errors import ProgramError
 from attnprog.layout import pack
-from attnprog.synth.program import as_program, normalise, normalise_packed
+from attnprog.synth.program import as_program, load_pool, normalise, normalise_packed, save_pool
 
 
 # --- normalise --------------------------------------------------------------------------------
@@ -59,3 +59,23 @@ def test_a_lambda_or_a_non_function_is_refused_with_what_to_pass():
         as_program(lambda s: np.eye(s.n))
     with pytest.raises(ProgramError, match="not str"):
         as_program("def program(s): ...")
+
+
+def test_save_pool_takes_functions_as_the_readme_says(tmp_path):
+    save_pool([_previous_token], tmp_path / "mine.jsonl")
+    (program,) = load_pool(tmp_path / "mine.jsonl")
+    assert program == as_program(_previous_token)
+
+
+def test_save_pool_refuses_a_non_program_before_writing_the_file(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    with pytest.raises(ProgramError, match="not str"):
+        save_pool([_previous_token, "def program(s): ..."], path)
+    assert not path.exists()
+
+
+def test_a_binary_file_passed_as_a_pool_is_refused_with_a_program_error(tmp_path):
+    path = tmp_path / "attention.safetensors"
+    path.write_bytes(b"\x88\x01\x00\x00\xff\xfe")
+    with pytest.raises(ProgramError, match="not a program pool"):
+        load_pool(path)
