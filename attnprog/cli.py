@@ -435,7 +435,7 @@ def replace(
     Controls: uniform, random program, zero and mean ablation. Printed: perplexity with
     intervals, KL, the replaceable share and QA accuracy."""
     from attnprog.engine.head_costs import check_method
-    from attnprog.engine.models import load_model
+    from attnprog.engine.models import load_model, spec_of_id
     from attnprog.engine.qa import load_qa
     from attnprog.engine.rank import IoUTable
     from attnprog.engine.store import AttentionStore
@@ -446,7 +446,7 @@ def replace(
     check_method(cost_method)
     attention, ious = AttentionStore.load(store), IoUTable.load(table)
     attention.split_indices(split)  # an unknown split is refused before the model loads
-    spec = model or str(attention.meta.get("model_id", "")).split("@")[0]
+    spec = model or spec_of_id(str(attention.meta.get("model_id", "")))
     if not spec:
         raise AttnProgError(f"{store} does not say which model made it: pass --model")
     lm, tokenizer = load_model(spec, device=device)

@@ -159,3 +159,13 @@ def test_synthesize_refuses_a_base_url_without_its_scheme():
     result = CliRunner().invoke(app, ["synthesize", "--store", "s", "--heads", "1.1", "--model", "m",
                                       "--base-url", "127.0.0.1:8000/v1"])
     assert "is not an http(s) URL" in str(result.exception)
+
+
+def test_replace_without_model_loads_the_tiny_model_that_made_the_store(store_file, tmp_path):
+    from attnprog.engine.rank import IoUTable
+    from attnprog.synth.program import Program
+
+    table = tmp_path / "other.safetensors"  # refused once the model is loaded, before any sweep
+    IoUTable(torch.zeros(1, 3), [Program("def program(s): ...")], "selection", 1, 3).save(table)
+    result = CliRunner().invoke(app, ["replace", "--store", str(store_file), "--table", str(table)])
+    assert "the IoU table has 3 heads, the store 2 x 4" in str(result.exception)

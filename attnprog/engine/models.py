@@ -345,6 +345,14 @@ def model_id(model) -> str:
     return getattr(model.config, "_attnprog_id", None) or str(model.name_or_path)
 
 
+def spec_of_id(identifier: str) -> str:
+    """What :func:`load_model` takes to load the model a :func:`model_id` names again: the
+    name before ``@``, and a tiny model's built-in name (its id adds the seed, always 0 here)."""
+    spec = identifier.split("@")[0]
+    tiny = spec.removesuffix("-seed0")
+    return tiny if tiny in BUILTIN_MODELS else spec
+
+
 def context_size(model) -> int:
     """Maximum positions the model accepts."""
     config = model.config

@@ -4,7 +4,9 @@ from attnprog.engine.models import (
     BUILTIN_MODELS,
     attention_shape,
     load_model,
+    model_id,
     resolve_device,
+    spec_of_id,
     tiny_model,
 )
 from attnprog.errors import DeviceError, ModelError
@@ -75,3 +77,16 @@ def test_builtin_smollm2_predicts_plausible_english(smollm2):
     with torch.no_grad():
         next_id = model(ids).logits[0, -1].argmax().item()
     assert "five" in tokenizer.decode([next_id]).lower()
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_the_id_a_store_records_loads_the_same_model_again(name):
+    """replace without --model loads the store's model from this id."""
+    model, _ = load_model(name)
+    again, _ = load_model(spec_of_id(model_id(model)))
+    assert model_id(again) == model_id(model)
+
+
+def test_a_hub_or_builtin_id_loads_by_its_name_before_the_revision():
+    assert spec_of_id("smollm2-135m@sha256:b179c952") == "smollm2-135m"
+    assert spec_of_id("openai-community/gpt2@607a30d7") == "openai-community/gpt2"
