@@ -114,7 +114,7 @@ def perplexity_sweep(
     set the replaceable-share search, which needs the cost order and ``cost_split`` texts.
     """
     best_iou, best_index = best_fit(table)
-    _check_table_fits(best_iou, store)
+    _check_table_fits(best_iou, table, store)
     _check_model_fits(model, store)
     if random_seeds < 1:
         raise AttnProgError(f"random_seeds must be at least 1, got {random_seeds}")
@@ -169,8 +169,12 @@ def _check_model_fits(model, store) -> None:
 EMBEDDING_GAP = 0.01
 
 
-def _check_table_fits(best_iou, store) -> None:
+def _check_table_fits(best_iou, table, store) -> None:
     n_layers, n_heads = store.n_layers, store.n_heads
+    ranked_on, made_by = table.meta.get("model"), store.meta.get("model_id")
+    if ranked_on and made_by and ranked_on != made_by:  # its best fits are another model's heads'
+        raise StoreError(f"the IoU table was ranked on {ranked_on}'s attention, the store is "
+                         f"{made_by}'s: rank programs against this store")
     if len(best_iou) != n_layers * n_heads:
         raise StoreError(f"the IoU table has {len(best_iou)} heads, the store "
                          f"{n_layers} x {n_heads}: rank programs against this store")

@@ -1,7 +1,7 @@
 """engine.sweep: the perplexity sweep and its head orders."""
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -27,6 +27,7 @@ class SmallTable:
 
     iou: torch.Tensor
     programs: list
+    meta: dict = field(default_factory=dict)
 
     def best(self):
         return self.iou.max(dim=0)
@@ -102,6 +103,17 @@ def test_a_model_of_another_shape_than_the_store_is_refused(tiny_gpt2):
     table = SmallTable(torch.rand(2, 12, generator=torch.Generator().manual_seed(0)), programs)
     with pytest.raises(StoreError, match=r"has 2 x 4 heads, the store 3 x 4 .*run the store's model"):
         perplexity_sweep(model, store, table, fractions=(0.0,), outputs=outputs, progress=False)
+
+
+def test_a_table_ranked_on_another_models_attention_is_refused(tiny_gpt2):
+    model, _ = tiny_gpt2
+    lengths = [12, 7]
+    programs, outputs = program_outputs(lengths)
+    table = SmallTable(torch.rand(2, 8, generator=torch.Generator().manual_seed(0)), programs,
+                       meta={"model": "tiny-llama-seed0"})  # the same 2 x 4 heads
+    with pytest.raises(StoreError, match="ranked on tiny-llama-seed0's attention, the store is tiny-gpt2's"):
+        perplexity_sweep(model, make_store(lengths), table, fractions=(0.0,), outputs=outputs,
+                         progress=False)
 
 
 @pytest.fixture(scope="module")
