@@ -324,6 +324,9 @@ def rank_command(
     if (pool is None) == (outputs is None):
         raise AttnProgError("pass exactly one of --pool (programs to evaluate) or --outputs")
     _out_file(out, "iou_table.safetensors")
+    if out.resolve() in {p.resolve() for p in (store, pool, outputs) if p is not None}:
+        raise StoreError(f"--out {out} is one of the inputs and would be overwritten: give the "
+                         "table its own file, e.g. iou_table.safetensors")
     _at_least(0, top=top)
     if impl not in IMPLS:  # checked before the evaluation
         raise AttnProgError(f"unknown --impl {impl!r}: use {', '.join(IMPLS[:-1])} or {IMPLS[-1]}")

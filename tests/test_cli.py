@@ -169,3 +169,16 @@ def test_replace_without_model_loads_the_tiny_model_that_made_the_store(store_fi
     IoUTable(torch.zeros(1, 3), [Program("def program(s): ...")], "selection", 1, 3).save(table)
     result = CliRunner().invoke(app, ["replace", "--store", str(store_file), "--table", str(table)])
     assert "the IoU table has 3 heads, the store 2 x 4" in str(result.exception)
+
+
+def test_rank_refuses_to_write_its_table_over_its_pool(store_file, tmp_path):
+    from attnprog.engine.pool import build_pool
+    from attnprog.synth.program import save_pool
+
+    pool = tmp_path / "pool.jsonl"
+    save_pool(build_pool(0)[:1], pool)  # golden: runs in-process, no sandbox needed
+    before = pool.read_text()
+    result = CliRunner().invoke(app, ["rank", "--store", str(store_file), "--pool", str(pool),
+                                      "--out", str(pool)])
+    assert isinstance(result.exception, StoreError) and "is one of the inputs" in str(result.exception)
+    assert pool.read_text() == before
