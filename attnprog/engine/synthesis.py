@@ -106,7 +106,8 @@ def synthesize_into_pool(store: AttentionStore, heads, settings: LLMSettings, op
         synthesiser.synthesise(head_tasks(store, heads, n_texts), on_result=keep, progress=progress)
     finally:
         report.usage = client.usage.to_dict()
-        report.save(report_path(pool_path))
+        if report.heads or not report_path(pool_path).exists():  # a call that got nothing (no
+            report.save(report_path(pool_path))  # endpoint) keeps an earlier call's record
     return added, report
 
 

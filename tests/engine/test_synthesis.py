@@ -88,6 +88,17 @@ def test_an_unreachable_endpoint_keeps_the_existing_pool(store, tmp_path):
     assert [p.hash for p in load_pool(pool)] == [p.hash for p in golden_programs()]
 
 
+def test_an_unreachable_endpoint_keeps_the_report_of_an_earlier_call(store, tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    settings = unreachable(tmp_path)
+    record_replies(store, [(0, 1)], settings, OPTIONS)
+    synthesize_into_pool(store, [(0, 1)], settings, OPTIONS, pool, progress=False)
+    earlier = report_path(pool).read_text()
+    with pytest.raises(LLMError, match="could not reach the LLM endpoint"):
+        synthesize_into_pool(store, [(1, 2)], settings, OPTIONS, pool, progress=False)
+    assert report_path(pool).read_text() == earlier
+
+
 def test_print_prompt_shows_the_prompt_and_sends_nothing(store, tmp_path):
     from attnprog.cli import app
 
