@@ -346,6 +346,8 @@ def rank_command(
 
 def _store_and_outputs(store: Path, pool, outputs, split: str, heldout: str, device: str, ray: str):
     """The store (on ``device``) and the program outputs ``rank`` scores it against."""
+    import warnings
+
     from attnprog.engine.models import resolve_device
     from attnprog.engine.pool import evaluate_pool, ranking_subset
     from attnprog.engine.store import AttentionStore
@@ -366,6 +368,12 @@ def _store_and_outputs(store: Path, pool, outputs, split: str, heldout: str, dev
         return attention, program_outputs
     attention = ranking_subset(attention, split, heldout)
     programs = load_pool(pool)
+    made_by = attention.meta.get("model_id", "")
+    others = {p.provenance.get("model_id") for p in programs} - {made_by, "", None}
+    if made_by and others:  # their weights were fitted to other heads and other embeddings
+        warnings.warn(f"{pool} holds programs fitted to another model ({', '.join(sorted(others))}), "
+                      f"not to this store's {made_by}: they are ranked as they are, not refitted",
+                      stacklevel=2)
     typer.echo(f"evaluating {len(programs)} programs on {attention.n_texts} texts")
     return attention, evaluate_pool(attention, programs, ray=ray)
 

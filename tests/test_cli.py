@@ -182,3 +182,15 @@ def test_rank_refuses_to_write_its_table_over_its_pool(store_file, tmp_path):
                                       "--out", str(pool)])
     assert isinstance(result.exception, StoreError) and "is one of the inputs" in str(result.exception)
     assert pool.read_text() == before
+
+
+def test_rank_of_a_pool_fitted_to_another_model_says_so(store_file, tmp_path):
+    from attnprog.engine.pool import build_pool
+    from attnprog.synth.program import save_pool
+
+    (golden,) = build_pool(0)[:1]
+    golden.provenance["model_id"] = "smollm2-135m@sha256:b179c952"  # as a fitted program records it
+    save_pool([golden], tmp_path / "fitted.jsonl")
+    with pytest.warns(UserWarning, match="fitted to another model .*smollm2-135m.*not to this store's"):
+        CliRunner().invoke(app, ["rank", "--store", str(store_file), "--pool", str(tmp_path / "fitted.jsonl"),
+                                 "--out", str(tmp_path / "t.safetensors")])
