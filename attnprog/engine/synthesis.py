@@ -56,13 +56,15 @@ def _texts(store: AttentionStore, split: str, limit: int) -> list[int]:
 
 @dataclass
 class SynthesisReport:
-    """What a synthesis run did: per head, programs and every attempt; the token usage."""
+    """What a synthesis run did: per head, programs and every attempt; the token usage.
+    ``earlier``: the reports of earlier calls into the same pool, oldest first."""
 
     model: str
     base_url: str
     heads: list[dict] = field(default_factory=list)
     usage: dict = field(default_factory=dict)
     programs_added: int = 0
+    earlier: list[dict] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +78,18 @@ def report_path(pool_path: Path) -> Path:
     return pool_path.with_name(pool_path.stem + ".llm.json")
 
 
+def earlier_reports(path: Path) -> list[dict]:
+    """The calls a report file records, oldest first ([] when there is none or it is not one)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(saved, dict) or "heads" not in saved:
+        return []
+    earlier = saved.pop("earlier", [])
+    return [*(earlier if isinstance(earlier, list) else []), saved]
+
+
 def synthesize_into_pool(store: AttentionStore, heads, settings: LLMSettings, options: SynthesisOptions,
                          pool_path: Path, n_texts: int = 4, progress: bool = True,
                          client: ChatClient | None = None) -> tuple[list[Program], SynthesisReport]:
@@ -85,7 +99,8 @@ def synthesize_into_pool(store: AttentionStore, heads, settings: LLMSettings, op
     existing = load_pool(pool_path) if pool_path.is_file() and pool_path.stat().st_size else []
     client = client or ChatClient(settings)
     synthesiser = Synthesiser(client, options, score=pair_iou)
-    report = SynthesisReport(model=client.model, base_url=client.settings.base_url)
+    report = SynthesisReport(model=client.model, base_url=client.settings.base_url,
+                             earlier=earlier_reports(report_path(pool_path)))
     known = {p.hash for p in existing}
     added: list[Program] = []
 
@@ -106,8 +121,7 @@ def synthesize_into_pool(store: AttentionStore, heads, settings: LLMSettings, op
         synthesiser.synthesise(head_tasks(store, heads, n_texts), on_result=keep, progress=progress)
     finally:
         report.usage = client.usage.to_dict()
-        if report.heads or not report_path(pool_path).exists():  # a call that got nothing (no
-            report.save(report_path(pool_path))  # endpoint) keeps an earlier call's record
+        report.save(report_path(pool_path))  # earlier calls' reports kept under "earlier"
     return added, report
 
 

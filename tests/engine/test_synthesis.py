@@ -93,10 +93,23 @@ def test_an_unreachable_endpoint_keeps_the_report_of_an_earlier_call(store, tmp_
     settings = unreachable(tmp_path)
     record_replies(store, [(0, 1)], settings, OPTIONS)
     synthesize_into_pool(store, [(0, 1)], settings, OPTIONS, pool, progress=False)
-    earlier = report_path(pool).read_text()
+    earlier = json.loads(report_path(pool).read_text())
+    del earlier["earlier"]  # calls before it: none
     with pytest.raises(LLMError, match="could not reach the LLM endpoint"):
         synthesize_into_pool(store, [(1, 2)], settings, OPTIONS, pool, progress=False)
-    assert report_path(pool).read_text() == earlier
+    saved = json.loads(report_path(pool).read_text())
+    assert saved["heads"] == [] and saved["earlier"] == [earlier]
+
+
+def test_each_call_into_a_pool_adds_its_report_to_the_earlier_ones(store, tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    settings = unreachable(tmp_path)
+    record_replies(store, [(0, 1), (1, 2)], settings, OPTIONS)
+    synthesize_into_pool(store, [(0, 1)], settings, OPTIONS, pool, progress=False)
+    synthesize_into_pool(store, [(1, 2)], settings, OPTIONS, pool, progress=False)
+    saved = json.loads(report_path(pool).read_text())
+    assert [h["label"] for h in saved["heads"]] == ["L1.H2"]
+    assert [[h["label"] for h in call["heads"]] for call in saved["earlier"]] == [["L0.H1"]]
 
 
 def test_print_prompt_shows_the_prompt_and_sends_nothing(store, tmp_path):
