@@ -402,8 +402,10 @@ def after_heads(state: RunState) -> None:
     if figures["median_terms_needed"] is not None:
         state.echo(f"  median terms needed (held-out IoU within 0.01 of the best count): "
                    f"{figures['median_terms_needed']:g}")
-    state.echo("  the clearest heads of each type (score on the type's pattern, best program):")
-    for entry in clearest_heads(state.explained.get("heads", []), per_type=2)[: state.config.top]:
+    clearest = clearest_heads(state.explained.get("heads", []), per_type=2)[: state.config.top]
+    if clearest:  # none when every head is mixed or content
+        state.echo("  the clearest heads of each type (score on the type's pattern, best program):")
+    for entry in clearest:
         state.echo(f"    {entry['head']:<7} {entry['type']:<15} "
                    f"{entry['type_scores'][entry['type']]:.2f}  {entry['program']['name']}")
 
