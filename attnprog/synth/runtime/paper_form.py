@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from attnprog.errors import ProgramError
+from attnprog.synth.causal_syntax import prefix_end
 from attnprog.synth.features import Sentence
 from attnprog.synth.program import Program
 
@@ -44,6 +45,7 @@ class SentenceTokenizer:
 
     def __init__(self, sentence: Sentence) -> None:
         self._s = sentence
+        self._text = paper_text(sentence)
         self._piece = dict(zip(sentence.ids, sentence.tokens, strict=True))
         self._id = {t: i for i, t in self._piece.items()}
         special = [i for i, (a, b) in zip(sentence.ids, sentence.offsets, strict=True) if a == b]
@@ -54,7 +56,7 @@ class SentenceTokenizer:
         """Accept the sentence itself or a one-item list of it; return True when batched."""
         batched = isinstance(text, (list, tuple))
         single = text[0] if batched and len(text) == 1 else text
-        if single != self._s.text:
+        if single not in (self._text, self._s.text):
             raise ProgramError(
                 "the tokenizer given to a paper-form program only tokenises the sentence "
                 "being explained; call it on that sentence, not on a part of it or another text"
@@ -110,16 +112,25 @@ class SentenceTokenizer:
         return max(self._s.ids, default=-1) + 1
 
 
+def paper_text(s: Sentence) -> str:
+    """The text a paper-form program is handed: ``s.text``, cut after its last token where
+    the tokens stop short of the text's end (a text truncated to ``--max-tokens``), so that
+    the model's tokenizer gives the n tokens the model saw."""
+    end = prefix_end(s.offsets, s.n - 1)
+    return s.text[:end] if s.text[end:].strip() else s.text
+
+
 def adapt_paper_form(function: Callable, tokenizer=None, helpers=None) -> Callable[[Sentence], object]:
     """Wrap ``f(sentence: str, tokenizer) -> (label, matrix)`` as ``g(s) -> matrix``; the
-    function gets ``tokenizer`` when given, else a :class:`SentenceTokenizer`. ``helpers``
+    function gets the text (:func:`paper_text`) and ``tokenizer`` when given, else a
+    :class:`SentenceTokenizer`. ``helpers``
     (a :class:`~attnprog.synth.runtime.paper_helpers.PaperHelpers`) is bound to each call."""
 
     def native(s: Sentence):
         given = tokenizer if tokenizer is not None else SentenceTokenizer(s)
         if helpers is not None:
             helpers.bind(s, given)
-        result = function(s.text, given)
+        result = function(paper_text(s), given)
         if isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], str):
             return result[1]
         return result

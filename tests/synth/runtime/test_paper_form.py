@@ -72,3 +72,20 @@ def first_token_pattern(sentence: str, tokenizer):
     function = compile_program(source, "first_token_pattern")
     matrix = function(sentence)
     assert matrix.shape == (sentence.n, sentence.n) and matrix[:, 0].all()
+
+
+def test_a_truncated_text_gives_the_models_tokenizer_only_the_text_its_tokens_cover():
+    from attnprog.engine.models import byte_tokenizer
+    from attnprog.synth.features import sentences_from_texts
+
+    tokenizer = byte_tokenizer()
+    s = sentences_from_texts(["The cat sat on the mat and then it slept."], tokenizer,
+                             max_length=12)[0]
+    assert s.n == 12 and len(s.text) > 12  # cut to 12 tokens, as extract cuts long texts
+
+    def paper(sentence, tokenizer):
+        n = len(tokenizer(sentence)["input_ids"])
+        return "uniform", np.ones((n, n))
+
+    assert adapt_paper_form(paper, tokenizer)(s).shape == (s.n, s.n)
+    assert adapt_paper_form(paper)(s).shape == (s.n, s.n)  # the stand-in takes that text too
