@@ -73,7 +73,8 @@ def evaluate_programs(
     reads_syntax = syntax_mode and any(_reads_syntax(p) for p in others)  # hash the tags only then
     with_syntax = f"{syntax_mode}-{syntax_hash(sentences)}" if reads_syntax else ""
     sandboxed = _Sandboxed(OutputCache(cache_dir) if use_cache else None, corpus, tokenizer_id,
-                           with_syntax, meaning_hash(sentences) if reads_meaning else "")
+                           with_syntax, meaning_hash(sentences) if reads_meaning else "",
+                           "model" if tokenizer is not None else "stand-in")
     todo = sandboxed.refuse_or_reuse(others, sentences, int(offsets[-1]), helpers, check)
     options = {"workers": workers, "timeout": timeout, "memory_mb": memory_mb,
                "tokenizer": tokenizer, "helpers": helpers, "unsafe": unsafe,
@@ -107,6 +108,7 @@ class _Sandboxed:
     tokenizer_id: str
     with_syntax: str  # syntax_mode and syntax_hash ("" without syntax or no program reading it)
     meaning: str = ""  # meaning_hash of the texts' token similarities
+    paper_tokenizer: str = ""  # what paper-form programs are handed: "model" or "stand-in"
     outputs: dict = field(default_factory=dict)
 
     def refuse_or_reuse(self, programs, sentences, n_cells: int, helpers, check: bool) -> list[Program]:
@@ -133,7 +135,8 @@ class _Sandboxed:
             self.cache.put(program.hash, self.corpus, self._key(program), values, failed, reason)
 
     def _key(self, program: Program) -> str:
-        return _cache_key(program, self.tokenizer_id, self.with_syntax, self.meaning)
+        return _cache_key(program, self.tokenizer_id, self.with_syntax, self.meaning,
+                          self.paper_tokenizer)
 
 
 class StreamedOutputs:
@@ -229,16 +232,34 @@ def _reads_syntax(program: Program) -> bool:
                for node in ast.walk(tree))
 
 
-def _cache_key(program: Program, tokenizer_id: str, with_syntax: str, meaning: str = "") -> str:
+_PAPER_TEXT_VERSION = 2  # 2: a truncated text is handed over cut after its last token
+
+
+def _cache_key(program: Program, tokenizer_id: str, with_syntax: str, meaning: str = "",
+               paper_tokenizer: str = "") -> str:
     """Outputs on the same texts are cached apart for programs that read POS tags made another
-    way or by another tagger (``with_syntax``: mode and syntax_hash), and for programs that read
-    token meaning from different embeddings (or the probes' stand-in)."""
+    way or by another tagger (``with_syntax``: mode and syntax_hash), for programs that read
+    token meaning from different embeddings (or the probes' stand-in), and for paper-form
+    programs handed the model's tokenizer or the stand-in (``paper_tokenizer``)."""
     key = tokenizer_id
     if with_syntax and _reads_syntax(program):
         key += f"+syntax-{with_syntax}"
     if meaning and "similarity" in program.source:  # reads s.embedding_similarity & co.
         key += f"+meaning-{meaning}"
+    if paper_tokenizer and _is_paper_program(program):
+        key += f"+paper-{paper_tokenizer}-v{_PAPER_TEXT_VERSION}"
     return key
+
+
+def _is_paper_program(program: Program) -> bool:
+    """Whether the program's entry point has the paper's form ``f(sentence, tokenizer)``."""
+    from attnprog.synth.runtime.sandbox import _is_paper_form
+
+    try:
+        tree = ast.parse(program.source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return _is_paper_form(tree, program.name)
 
 
 def syntax_hash(sentences: Sequence[Sentence]) -> str:

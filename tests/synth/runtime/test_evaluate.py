@@ -250,3 +250,19 @@ def test_streamed_outputs_pickle_without_their_atom_cache():
     copy = pickle.loads(pickle.dumps(streamed))
     assert copy._atoms is None and streamed._atoms is not None
     assert np.array_equal(copy.rows(0, 5), rows)
+
+
+def test_a_paper_form_programs_outputs_with_the_stand_in_tokenizer_are_not_reused_with_the_models(
+        tmp_path, sandbox_calls):
+    from attnprog.engine.models import byte_tokenizer
+    from attnprog.synth.features import sentences_from_texts
+
+    tokenizer = byte_tokenizer()
+    texts = sentences_from_texts(["The cat sat.", "A dog ran home."], tokenizer)
+    tokens = Program("import numpy as np\ndef f(sentence, tokenizer):\n"
+                     "    n = len(tokenizer(sentence)['input_ids'])\n"
+                     "    return 'all', np.ones((n, n))\n", name="f")
+    evaluate_programs([tokens], texts, cache_dir=tmp_path, workers=1, progress=False)
+    evaluate_programs([tokens], texts, cache_dir=tmp_path, workers=1, progress=False,
+                      tokenizer=tokenizer)
+    assert sandbox_calls == [2, 2]  # the model's tokenizer may tell the program other tokens
