@@ -349,7 +349,7 @@ def _store_and_outputs(store: Path, pool, outputs, split: str, heldout: str, dev
     import warnings
 
     from attnprog.engine.models import resolve_device
-    from attnprog.engine.pool import evaluate_pool, ranking_subset
+    from attnprog.engine.pool import evaluate_pool, ranking_subset, store_tokenizer
     from attnprog.engine.store import AttentionStore
     from attnprog.synth.program import load_pool
     from attnprog.synth.runtime.outputs import ProgramOutputs
@@ -375,7 +375,8 @@ def _store_and_outputs(store: Path, pool, outputs, split: str, heldout: str, dev
                       f"not to this store's {made_by}: they are ranked as they are, not refitted",
                       stacklevel=2)
     typer.echo(f"evaluating {len(programs)} programs on {attention.n_texts} texts")
-    return attention, evaluate_pool(attention, programs, ray=ray)
+    tokenizer = store_tokenizer(attention, programs)  # paper-form programs get the model's
+    return attention, evaluate_pool(attention, programs, ray=ray, tokenizer=tokenizer)
 
 
 def _print_best_fits(table, top: int, split: str, heldout: str) -> None:

@@ -194,3 +194,20 @@ def test_rank_of_a_pool_fitted_to_another_model_says_so(store_file, tmp_path):
     with pytest.warns(UserWarning, match="fitted to another model .*smollm2-135m.*not to this store's"):
         CliRunner().invoke(app, ["rank", "--store", str(store_file), "--pool", str(tmp_path / "fitted.jsonl"),
                                  "--out", str(tmp_path / "t.safetensors")])
+
+
+def test_rank_hands_paper_form_programs_the_models_tokenizer(store_file, tmp_path):
+    from attnprog.synth.program import Program, save_pool
+
+    # the stand-in tokenizer knows only the text being explained; the model's tokenises any
+    paper = Program("import numpy as np\ndef f(sentence, tokenizer):\n"
+                    "    assert len(tokenizer(' the')['input_ids']) > 0\n"
+                    "    n = len(tokenizer(sentence)['input_ids'])\n"
+                    "    return 'all', np.ones((n, n))\n", name="f")
+    save_pool([paper], tmp_path / "pool.jsonl")
+    result = CliRunner().invoke(app, ["rank", "--store", str(store_file), "--pool",
+                                      str(tmp_path / "pool.jsonl"), "--out",
+                                      str(tmp_path / "t.safetensors")],
+                                env={"ATTNPROG_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.exit_code == 0, result.output
+    assert "0 programs failed on every text" in result.output

@@ -27,6 +27,29 @@ def ranking_subset(store: AttentionStore, split: str, heldout: str | None) -> At
     return store.subset(texts) if len(texts) < store.n_texts else store
 
 
+def store_tokenizer(store: AttentionStore, programs: list[Program]):
+    """The tokenizer of the model that made ``store``, when some program has the paper's form
+    (``run`` and the surrogate hand those the model's own); None when none has it. A model
+    that cannot be loaded here leaves them the stand-in, with a warning that says so."""
+    import warnings
+
+    from attnprog.engine.models import load_model, spec_of_id
+    from attnprog.errors import AttnProgError
+    from attnprog.synth.runtime.evaluate import _is_paper_program
+
+    if not any(map(_is_paper_program, programs)):
+        return None
+    spec = spec_of_id(str(store.meta.get("model_id", "")))
+    try:
+        if not spec:
+            raise AttnProgError("the store does not say which model made it")
+        return load_model(spec, device="cpu")[1]
+    except (AttnProgError, OSError, ValueError) as err:
+        warnings.warn(f"paper-form programs get a stand-in tokenizer, not the model's ({err}): "
+                      "their results may differ from a run's", stacklevel=2)
+        return None
+
+
 def evaluate_pool(store: AttentionStore, programs: list[Program], progress: bool = True,
                   ray: str = "", tokenizer=None):
     """Outputs of ``programs`` on the store's texts, streamed: sandboxed programs run now (and
