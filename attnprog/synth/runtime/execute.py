@@ -152,7 +152,21 @@ def call_program(function: Callable, s: Sentence, name: str) -> tuple[np.ndarray
     except SystemExit:
         return None, "called sys.exit(); return a matrix instead"
     except Exception as err:
-        return None, f"raised {describe_exception(err, name)}"
+        return None, f"raised {describe_exception(err, name)}{_none_hint(err, s)}"
+
+
+def _none_hint(err: Exception, s: Sentence) -> str:
+    """What to do when a program used an attribute this text leaves None (syntax without spaCy,
+    ``token_similarity`` without embeddings); "" for any other error."""
+    if not isinstance(err, (TypeError, AttributeError)) or "NoneType" not in str(err):
+        return ""
+    if s.pos is None:
+        return ("; s.pos, s.dep_head and s.dependents are None here (no spaCy English pipeline: "
+                "pip install 'attnprog[spacy]'), so test s.has_syntax before reading them")
+    if s.token_similarity is None:
+        return ("; s.token_similarity is None here (no token embeddings): test s.has_embeddings "
+                "first, or run it from a store or with `attnprog check --model`")
+    return ""
 
 
 def run_trusted(
