@@ -185,9 +185,11 @@ class Surrogate:
     # --- forward passes ----------------------------------------------------------------------
     def head_sources(self, sentences: Sequence, width: int) -> dict:
         """Each replaced head's [batch, query_pos, key_pos] program matrices for one batch, on
-        the model's device, texts right-padded to ``width``."""
+        the model's device, texts right-padded to ``width`` (a text without the token meaning
+        programs read gets it here)."""
         if not self.heads:
             return {}
+        self._attach_meaning(sentences)
         device = next(self.model.parameters()).device
         dense = program_matrices(self.programs, sentences, width, device, self.tokenizer,
                                  self.paths)

@@ -194,3 +194,16 @@ def test_a_run_that_cannot_give_the_heads_is_refused_before_the_model_loads(tmp_
     monkeypatch.setattr(attnprog.engine.models, "load_model", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(StoreError, match="has no iou_table.safetensors: finish the run first"):
         Surrogate.from_run(tmp_path, 0.25, "iou")
+
+
+def similar_tokens(s):
+    index = np.arange(s.n)
+    return np.clip(s.embedding_similarity(index[:, None], index[None, :]), 0, None)
+
+
+def test_head_sources_on_new_sentences_give_a_meaning_programs_own_matrix(tiny_gpt2):
+    surrogate = Surrogate(*tiny_gpt2, {(0, 0): similar_tokens})
+    [s] = surrogate.sentences(["The cat saw the other cat."])
+    matrix = surrogate.head_sources([s], s.n)[(0, 0)][0].cpu().numpy()
+    expected = np.tril(np.clip(s.token_similarity, 0, None))
+    np.testing.assert_allclose(matrix, expected / expected.sum(1, keepdims=True), atol=1e-6)
