@@ -168,7 +168,8 @@ def check(
     model: str = typer.Option("auto", help="whose tokenizer and input embeddings paper-form "
                               "programs get: a model (as for run), 'auto' (the built-in "
                               "smollm2-135m when it is ready) or 'none' (a stand-in tokenizer "
-                              "that knows only the probe texts, no embeddings)"),
+                              "that knows only the probe texts, and one-hot stand-in embeddings: "
+                              "a token is similar only to its own copies)"),
 ) -> None:
     """Validate programs in the sandbox and say what is wrong with each, if anything."""
     from attnprog.errors import ProgramError
