@@ -111,19 +111,22 @@ def head_costs(
     resume: str | Path | None = None,
     samples: int = 2,
     progress: bool = True,
+    heads=None,
 ) -> HeadCosts:
     """Each head's ΔNLL on ``split`` with only that head replaced by its best-fit program.
 
     ``outputs``: ProgramOutputs of ``table.programs`` on all of the store's texts, or on the
     split's texts, or None (the best fits run here). ``resume``: a file where the exact
-    method keeps finished heads, so an interrupted measurement continues.
+    method keeps finished heads, so an interrupted measurement continues. ``heads`` (head
+    indices) measures only those, as the table ranks only some (``run --heads``); the others
+    cost 0, as the table gives unranked heads IoU 0.
     """
     method = resolve_method(method, model)
     texts = store.split_indices(split) if split in store.splits else []
     if not texts:
         raise StoreError(f"the store has no {split!r} texts to measure head costs on: "
                          "use more texts, or replace heads in IoU order (--order iou)")
-    sources, corpus_indices = _best_fit_sources(store, table, texts, outputs, progress)
+    sources, corpus_indices = _best_fit_sources(store, table, texts, outputs, progress, heads)
     token_ids = [store.token_ids(s) for s in texts]
     pad_id = pad_token_id(tokenizer)
     n_tokens = sum(len(ids) - 1 for ids in token_ids)
@@ -141,12 +144,12 @@ def head_costs(
         # tokens whatever the programs, so the resume file also names each head's best fit
         fits = [table.programs[int(p)].hash for p in best_fit(table)[1]]
         costs = _exact_costs(sources, nll_sum, base, n_tokens, store.n_heads, resume, progress,
-                             fits)
+                             fits, store.n_rows)
         return HeadCosts(costs, method, split, list(texts), n_tokens, base / n_tokens, {})
     first, second, base = _gradient_costs(
         model, token_ids, sources, corpus_indices, store.n_heads, batch_size, pad_id,
         samples=0 if method == "linear" else samples, first_order=method != "fisher",
-        progress=progress,
+        progress=progress, n_rows=store.n_rows,
     )
     terms = {} if method == "fisher" else {"linear": first / n_tokens}
     if method != "linear":
@@ -155,26 +158,29 @@ def head_costs(
     return HeadCosts(costs, method, split, list(texts), n_tokens, base / n_tokens, terms)
 
 
-def _best_fit_sources(store, table, texts, outputs, progress) -> tuple[dict, list[int]]:
-    """({(layer, head): its best fit's OutputsRow}, the texts' indices into those outputs)."""
+def _best_fit_sources(store, table, texts, outputs, progress,
+                      heads=None) -> tuple[dict, list[int]]:
+    """({(layer, head): its best fit's OutputsRow} for ``heads`` (default: all), the texts'
+    indices into those outputs)."""
     _, best_index = best_fit(table)
     if len(best_index) != store.n_layers * store.n_heads:
         raise StoreError(f"the IoU table has {len(best_index)} heads, the store "
                          f"{store.n_layers} x {store.n_heads}: rank programs against this store")
-    needed = sorted({int(p) for p in best_index})
+    chosen = range(len(best_index)) if heads is None else sorted({int(h) for h in heads})
+    needed = sorted({int(best_index[h]) for h in chosen})
     whole_store = outputs is not None and n_texts_of(outputs) == store.n_texts
     outputs, row_of = outputs_for(
         table, needed, outputs, lambda: store.sentences(texts),
         store.n_texts if whole_store else len(texts), progress,
     )
     corpus_indices = texts if whole_store else list(range(len(texts)))
-    sources = {divmod(h, store.n_heads): OutputsRow(outputs, row_of[int(p)])
-               for h, p in enumerate(best_index)}
+    sources = {divmod(h, store.n_heads): OutputsRow(outputs, row_of[int(best_index[h])])
+               for h in chosen}
     return sources, corpus_indices
 
 
 def _exact_costs(sources, nll_sum, base, n_tokens, n_heads, resume, progress,
-                 fits=None) -> np.ndarray:
+                 fits=None, n_rows=None) -> np.ndarray:
     """One pass per head; finished heads are kept in ``resume`` (JSON) as they complete, and
     read back only for the same base NLL, tokens and best fits (``fits``: a hash per head)."""
     done: dict[str, float] = {}
@@ -184,7 +190,7 @@ def _exact_costs(sources, nll_sum, base, n_tokens, n_heads, resume, progress,
         if (saved.get("base") == base and saved.get("n_tokens") == n_tokens
                 and saved.get("fits") == fits):
             done = saved["costs"]
-    costs = np.zeros(len(sources))
+    costs = np.zeros(n_rows or len(sources))
     for key in tqdm(sorted(sources), desc="head costs (exact)", unit="head",
                     disable=None if progress else True):
         row = key[0] * n_heads + key[1]
@@ -198,7 +204,8 @@ def _exact_costs(sources, nll_sum, base, n_tokens, n_heads, resume, progress,
 
 
 def _gradient_costs(model, token_ids, sources, corpus_indices, n_heads, batch_size, pad_id,
-                    samples, first_order, progress) -> tuple[np.ndarray, np.ndarray, float]:
+                    samples, first_order, progress,
+                    n_rows=None) -> tuple[np.ndarray, np.ndarray, float]:
     """Both Taylor terms of every head's summed ΔNLL, in nats, from one forward pass per batch:
     (first order g·Δz [L*H], second order ½ Δzᵀ F Δz [L*H], the model's summed NLL).
 
@@ -208,8 +215,8 @@ def _gradient_costs(model, token_ids, sources, corpus_indices, n_heads, batch_si
     """
     device = next(model.parameters()).device
     lengths = [len(ids) for ids in token_ids]
-    first = torch.zeros(len(sources), dtype=torch.float64)
-    second = torch.zeros(len(sources), dtype=torch.float64)
+    first = torch.zeros(n_rows or len(sources), dtype=torch.float64)
+    second = torch.zeros(n_rows or len(sources), dtype=torch.float64)
     total_nll = 0.0
     generator = torch.Generator(device=device).manual_seed(0)  # the same estimate every run
     embeddings = model.get_input_embeddings()

@@ -120,7 +120,8 @@ def perplexity_sweep(
         raise AttnProgError(f"random_seeds must be at least 1, got {random_seeds}")
     measure_costs = lambda: head_costs(model, store, table, split=cost_split, outputs=outputs,
                                        method=cost_method, tokenizer=tokenizer,
-                                       batch_size=batch_size, impl=impl, progress=progress)
+                                       batch_size=batch_size, impl=impl, progress=progress,
+                                       heads=heads)
     head_orders, costs = _head_orders(orders, best_iou, costs, measure_costs, store, split)
     plan = _plan(head_orders, heads, fractions, table, best_iou, best_index, seed, random_seeds,
                  store.n_heads)

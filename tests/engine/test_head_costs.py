@@ -150,6 +150,26 @@ def test_exact_costs_are_measured_again_for_other_best_fits(tiny_gpt2, tmp_path)
     np.testing.assert_array_equal(again.costs, fresh.costs)
 
 
+@pytest.mark.parametrize("method", ["exact", "fisher"])
+def test_costs_of_some_heads_measure_only_those(tiny_gpt2, method):
+    """`run --heads 1.*` ranks only those heads; measuring every head's cost (a forward pass per
+    head when exact) spent the time on heads the run does not explain, with an arbitrary best
+    fit, and their figures went into the costs line the run prints."""
+    model, tokenizer = tiny_gpt2
+    store = tiny_store(model, tokenizer)
+    table, outputs = programs_that_copy_attention(store, noise=0.5)
+    chosen = list(range(store.n_heads, store.n_rows))  # layer 1
+    every = head_costs(model, store, table, outputs=outputs, method=method, progress=False)
+    with counted_forwards(model) as calls:
+        some = head_costs(model, store, table, outputs=outputs, method=method, heads=chosen,
+                          progress=False)
+    if method == "exact":
+        assert len(calls) == 1 + len(chosen)  # the unmodified pass, then each chosen head
+    assert some.costs.shape == (store.n_rows,)
+    np.testing.assert_allclose(some.costs[chosen], every.costs[chosen], rtol=1e-4, atol=1e-6)
+    assert not some.costs[: store.n_heads].any()  # unmeasured, like an unranked head's IoU
+
+
 def test_costs_save_and_load_and_order_cheapest_first(tmp_path):
     costs = HeadCosts(np.array([0.3, -0.01, 0.2, 0.0]), "linear", "selection", [0, 2], 17, 3.1)
     loaded = HeadCosts.load(costs.save(tmp_path / "costs.json"))

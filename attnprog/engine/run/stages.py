@@ -438,7 +438,8 @@ def run_costs(state: RunState) -> None:
     state.costs = head_costs(state.model, state.store, state.causal_table, split="selection",
                              outputs=state.outputs, method=resolve_method(c.cost_method, state.model),
                              tokenizer=state.tokenizer, batch_size=c.batch_size,
-                             resume=state.path(rundir.COSTS_PARTIAL))
+                             resume=state.path(rundir.COSTS_PARTIAL),
+                             heads=state.heads if c.heads else None)
     state.costs.save(state.path(rundir.COSTS))
 
 
@@ -449,7 +450,7 @@ def load_costs(state: RunState) -> None:
 
 
 def after_costs(state: RunState) -> None:
-    costs = state.costs.costs
+    costs = state.costs.costs[state.heads]  # the explained heads' (--heads: only those measured)
     state.echo(f"  head costs ({state.costs.method}, {len(state.costs.texts)} selection texts): "
                f"median {1000 * float(np.median(costs)):.2f} mnats/token, cheapest "
                f"{1000 * costs.min():.2f}, dearest {1000 * costs.max():.2f}")
