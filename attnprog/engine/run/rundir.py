@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -267,6 +268,11 @@ def headline(best_fit_iou, library=None, sweep: dict | None = None, detail: dict
 LEDGER_VERSION = 2  # 2: a "version" entry beside the stage keys; 1 (no entry) holds the same keys
 
 
+def _named(part: str) -> str:
+    """A key's part as ``why`` prints it: the bare 16-digit hash keys hold is the corpus's."""
+    return f"corpus={part}" if re.fullmatch(r"[0-9a-f]{16}", part) else part
+
+
 class Ledger:
     """``stages.json``: the key (what its result depends on) of every finished stage.
 
@@ -291,8 +297,8 @@ class Ledger:
             return ""
         if old != key:
             before, now = old.split("|"), key.split("|")
-            gone = list(dict.fromkeys(part for part in before if part not in now))
-            new = list(dict.fromkeys(part for part in now if part not in before))
+            gone = list(dict.fromkeys(_named(part) for part in before if part not in now))
+            new = list(dict.fromkeys(_named(part) for part in now if part not in before))
             change = f"{', '.join(gone)} -> {', '.join(new)}" if gone else f"now also {', '.join(new)}"
             return f"redoing {stage}: its inputs changed ({change})"
         missing = [path.name for path in files if not path.is_file()]

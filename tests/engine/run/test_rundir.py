@@ -81,6 +81,18 @@ def test_a_changed_input_is_named_in_one_line(tmp_path):
     assert why == "redoing rank: its inputs changed (candidates=100 -> candidates=200)"
 
 
+def test_a_changed_corpus_is_named_as_the_corpus(tmp_path):
+    """Keys hold the corpus as a bare hash: a new --corpus printed "its inputs changed
+    (dcf390e5a2aaae2b -> 373b4751a8160f49)", which does not say what changed."""
+    from attnprog.engine.run.rundir import Ledger
+
+    ledger = Ledger(tmp_path, ("rank",))
+    ledger.record("rank", "tiny-gpt2-seed0|dcf390e5a2aaae2b|candidates=100")
+    why = ledger.why("rank", "tiny-gpt2-seed0|373b4751a8160f49|candidates=100", [])
+    assert why == ("redoing rank: its inputs changed "
+                   "(corpus=dcf390e5a2aaae2b -> corpus=373b4751a8160f49)")
+
+
 def test_a_missing_file_is_named(tmp_path):
     from attnprog.engine.run.rundir import Ledger
 
