@@ -299,7 +299,8 @@ class Ledger:
             before, now = old.split("|"), key.split("|")
             gone = list(dict.fromkeys(_named(part) for part in before if part not in now))
             new = list(dict.fromkeys(_named(part) for part in now if part not in before))
-            change = f"{', '.join(gone)} -> {', '.join(new)}" if gone else f"now also {', '.join(new)}"
+            change = (f"{', '.join(gone)} -> {', '.join(new)}" if gone and new
+                      else f"no longer {', '.join(gone)}" if gone else f"now also {', '.join(new)}")
             return f"redoing {stage}: its inputs changed ({change})"
         missing = [path.name for path in files if not path.is_file()]
         return f"redoing {stage}: {', '.join(missing)} missing" if missing else ""

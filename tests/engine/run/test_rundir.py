@@ -93,6 +93,16 @@ def test_a_changed_corpus_is_named_as_the_corpus(tmp_path):
                    "(corpus=dcf390e5a2aaae2b -> corpus=373b4751a8160f49)")
 
 
+def test_an_input_dropped_from_a_key_is_named_without_a_dangling_arrow(tmp_path):
+    """--no-fit on a fitted run printed "its inputs changed (fit=v5,terms=12 -> )"."""
+    from attnprog.engine.run.rundir import Ledger
+
+    ledger = Ledger(tmp_path, ("rank",))
+    ledger.record("rank", "model|candidates=100|fit=v5,terms=12")
+    assert ledger.why("rank", "model|candidates=100", []) == (
+        "redoing rank: its inputs changed (no longer fit=v5,terms=12)")
+
+
 def test_a_missing_file_is_named(tmp_path):
     from attnprog.engine.run.rundir import Ledger
 
