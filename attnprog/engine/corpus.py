@@ -118,6 +118,9 @@ def load_jsonl(path: Path, text_field: str = "text") -> list[str]:
     return texts
 
 
+TABLE_SUFFIXES = (".csv", ".tsv", ".json", ".parquet")  # formats load_corpus does not read
+
+
 def load_corpus(spec: str = "builtin", text_field: str = "text", dedupe: bool = True) -> Corpus:
     """Load 'builtin', a .txt file, a .jsonl file, or 'hf:NAME[:SPLIT]' (a datasets name)."""
     if spec in ("builtin", "builtin-stories"):
@@ -125,6 +128,10 @@ def load_corpus(spec: str = "builtin", text_field: str = "text", dedupe: bool = 
     if spec.startswith("hf:"):
         return _load_hf(spec[3:], text_field, dedupe)
     path = Path(spec).expanduser()
+    if path.suffix.lower() in TABLE_SUFFIXES:  # read as lines, its header and quoting would be texts
+        raise CorpusError(f"corpus file {path} is a {path.suffix} file, which is not read: "
+                          "give a .txt file (a text per line, or paragraphs between blank lines), "
+                          "a .jsonl file (--text-field names the field) or hf:NAME[:SPLIT]")
     if path.suffix == ".jsonl":
         texts = load_jsonl(path, text_field)
     else:

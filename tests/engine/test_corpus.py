@@ -60,6 +60,14 @@ def test_jsonl_line_without_the_field_is_named_in_the_error(tmp_path):
         load_corpus(str(path))
 
 
+def test_a_csv_is_refused_not_read_as_lines(tmp_path):
+    """A .csv was read as a .txt: its header "id,text" and each quoted row became texts."""
+    path = tmp_path / "stories.csv"
+    path.write_text('id,text\n1,"Once upon a time, a fox."\n')
+    with pytest.raises(CorpusError, match=r"\.csv file.*\.jsonl"):
+        load_corpus(str(path))
+
+
 def test_missing_file_is_a_corpus_error(tmp_path):
     with pytest.raises(CorpusError, match="does not exist"):
         load_corpus(str(tmp_path / "nope.txt"))
