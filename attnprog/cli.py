@@ -331,6 +331,13 @@ def rank_command(
     _at_least(0, top=top)
     if impl not in IMPLS:  # checked before the evaluation
         raise AttnProgError(f"unknown --impl {impl!r}: use {', '.join(IMPLS[:-1])} or {IMPLS[-1]}")
+    if impl == "triton" and not ray:  # a cluster's nodes may have the GPU this one lacks
+        from attnprog.engine.models import resolve_device
+        from attnprog.kernels.iou import triton_unavailable
+
+        why = triton_unavailable(resolve_device(device))
+        if why:
+            raise AttnProgError(f"--impl triton: {why}: use --impl auto, numba or torch")
     _connect(ray)  # reach the cluster before reading a large store
     attention, program_outputs = _store_and_outputs(store, pool, outputs, split, heldout, device, ray)
     start = time.perf_counter()

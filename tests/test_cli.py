@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from attnprog.cli import app
 from attnprog.engine.models import resolve_device
 from attnprog.engine.run.config import RunConfig
-from attnprog.errors import StoreError
+from attnprog.errors import AttnProgError, StoreError
 
 COMMANDS = typer.main.get_command(app).commands
 
@@ -93,6 +93,18 @@ def test_rank_refuses_an_unknown_impl_before_reading_the_store(tmp_path):
     result = CliRunner().invoke(app, ["rank", "--store", str(tmp_path / "missing"), "--pool",
                                       str(tmp_path / "pool.jsonl"), "--impl", "foo"])
     assert "unknown --impl 'foo': use auto, triton, numba or torch" in str(result.exception)
+
+
+def test_rank_refuses_impl_triton_without_a_gpu_before_reading_the_store(tmp_path, monkeypatch):
+    from attnprog.kernels import iou
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(iou, "_interpreted", lambda: False)
+    result = CliRunner().invoke(app, ["rank", "--store", str(tmp_path / "missing"), "--pool",
+                                      str(tmp_path / "pool.jsonl"), "--impl", "triton"])
+    assert isinstance(result.exception, AttnProgError)
+    assert "--impl triton: " in str(result.exception)
+    assert "use --impl auto, numba or torch" in str(result.exception)
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,7 @@ __all__ = [
     "sum_min_torch",
     "sum_min_triton",
     "text_sums",
+    "triton_unavailable",
 ]
 
 IMPLS = ("auto", "triton", "numba", "torch")
@@ -793,6 +794,17 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if torch.device(device).type == "cuda" and triton is not None:
         return "torch" if TRITON_FALLBACK.failed else "triton"
     return "numba" if numba is not None else "torch"
+
+
+def triton_unavailable(device) -> str:
+    """Why ``impl="triton"`` cannot run for tensors on ``device`` ("" when it can): checked
+    before an evaluation, not once its outputs are scored."""
+    if triton is None:
+        return "Triton is not installed"
+    if torch.device(device).type != "cuda" and not torch.cuda.is_available() and not _interpreted():
+        return ("the Triton kernel needs a CUDA GPU and this machine has none (TRITON_INTERPRET=1 "
+                "runs it in Triton's slow interpreter)")
+    return ""
 
 
 # after the Triton kernel, chosen by "auto", fails on this GPU, "auto" takes the torch path
