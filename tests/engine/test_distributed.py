@@ -242,3 +242,16 @@ def test_head_slices_cover_every_head_once_cut_at_whole_tiles():
     assert head_slices(5120, 16) == [(320 * i, 320 * (i + 1)) for i in range(16)]
     assert head_slices(144, 2) == [(0, 128), (128, 144)]  # not 72 + 72: both would pad to 128
     assert head_slices(12, 5) == [(0, 3), (3, 6), (6, 8), (8, 10), (10, 12)]  # < 1 tile each
+
+
+# --- reaching a cluster -------------------------------------------------------------------------
+
+
+def test_a_ray_client_address_without_ray_client_installed_says_how_to_install_it(monkeypatch):
+    from attnprog.engine.distributed.cluster import connect
+    from attnprog.errors import ClusterError
+
+    monkeypatch.setitem(sys.modules, "grpc", None)  # `pip install ray` without [client]
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(ClusterError, match=r"Ray Client, which is not installed: `pip install 'ray\[client"):
+        connect("ray://127.0.0.1:1")

@@ -28,6 +28,8 @@ def connect(address: str = "auto"):
     if ray.is_initialized():
         return ray
     options = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
+    if address.startswith("ray://"):
+        _require_client(address)
     if address not in ("", "auto", "local"):
         _check_reachable(address)  # Ray itself retries an unreachable address for minutes
     try:
@@ -42,6 +44,18 @@ def connect(address: str = "auto"):
             "others, then pass --ray HEAD:6379 (or --ray auto on the head node)"
         ) from err
     return ray
+
+
+def _require_client(address: str) -> None:
+    """Raise ClusterError when a ``ray://`` address cannot be used: Ray Client needs grpcio,
+    which ``pip install ray`` leaves out."""
+    try:
+        import grpc  # noqa: F401
+    except ImportError as err:
+        raise ClusterError(
+            f"--ray {address} goes through Ray Client, which is not installed: "
+            "`pip install 'ray[client]'`, or on a node of the cluster pass --ray HEAD:6379"
+        ) from err
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
