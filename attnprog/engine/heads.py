@@ -42,7 +42,7 @@ def _item_parts(item: str) -> tuple[str, str]:
     """The layer and head of one spec item ("*" or digits), AttnProgError when malformed."""
     layer, dot, head = item.partition(".")
     layer, head = layer.removeprefix("L").removeprefix("l"), head.removeprefix("H").removeprefix("h")
-    if not dot or not all(part == "*" or part.isdigit() for part in (layer, head)):
+    if not dot or not all(part == "*" or (part.isascii() and part.isdigit()) for part in (layer, head)):
         raise AttnProgError(f"head {item!r} is not LAYER.HEAD, LAYER.* or *.HEAD: write {SPEC_HELP} "
                             "(e.g. 18.*,20.3)")
     return layer, head
@@ -50,7 +50,7 @@ def _item_parts(item: str) -> tuple[str, str]:
 
 def _item_ranges(item: str, n_layers: int, n_heads: int) -> tuple[range | list[int], range | list[int]]:
     """The layers and the heads one spec item names, checked against the model's shape."""
-    if item.lower() == "all":
+    if item.lower() in ("all", "*"):  # as check_spec lets them stand among other items
         return range(n_layers), range(n_heads)
     layer, head = _item_parts(item)
     if (layer != "*" and int(layer) >= n_layers) or (head != "*" and int(head) >= n_heads):

@@ -43,6 +43,20 @@ def test_a_malformed_item_says_what_to_write(spec):
         parse_heads(spec, 30, 9)
 
 
+@pytest.mark.parametrize("spec", ["1.²", "١.٣"])
+def test_digits_other_than_ascii_are_a_malformed_item_not_a_traceback(spec):
+    with pytest.raises(AttnProgError, match=r"not LAYER\.HEAD"):
+        check_spec(spec)
+    with pytest.raises(AttnProgError, match=r"not LAYER\.HEAD"):
+        parse_heads(spec, 2, 4)
+
+
+@pytest.mark.parametrize("spec", ["1.0,*", "all, 1.0"])
+def test_every_spec_check_spec_accepts_parses(spec):
+    check_spec(spec)
+    assert parse_heads(spec, 2, 3) == list(range(6))
+
+
 def test_a_spec_is_checked_for_form_before_the_models_shape_is_known():
     check_spec("L99.H0, 18.*, all")  # well formed; its range waits for the model
     with pytest.raises(AttnProgError, match=r"head 'L1H2' is not LAYER\.HEAD"):
