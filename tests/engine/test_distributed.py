@@ -255,3 +255,21 @@ def test_a_ray_client_address_without_ray_client_installed_says_how_to_install_i
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     with pytest.raises(ClusterError, match=r"Ray Client, which is not installed: `pip install 'ray\[client"):
         connect("ray://127.0.0.1:1")
+
+
+def test_an_ipv6_address_in_brackets_is_tried_without_them(monkeypatch):
+    import socket
+
+    from attnprog.engine.distributed.cluster import _check_reachable
+    from attnprog.errors import ClusterError
+
+    tried = []
+
+    def refuse(address, timeout):
+        tried.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    with pytest.raises(ClusterError, match=r"no Ray cluster answers at \[::1\]:6379 \(Connection refused\)"):
+        _check_reachable("[::1]:6379")
+    assert tried == [("::1", 6379)]

@@ -65,8 +65,9 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ClusterError(f"--ray {address!r} is not HOST:PORT, ray://HOST:PORT or 'auto'")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+    try:  # an IPv6 host is written in brackets, [::1]:6379, which socket does not take
+        socket.create_connection((host.removeprefix("[").removesuffix("]"), int(port)),
+                                 timeout=timeout).close()
     except OSError as err:
         raise ClusterError(
             f"no Ray cluster answers at {address} ({err.strerror or err}); start one with "
