@@ -22,7 +22,7 @@ from attnprog.synth.features import probe_sentences
 from attnprog.synth.program import Program
 from attnprog.synth.runtime.cache import OutputCache
 from attnprog.synth.runtime.cache import corpus_hash as hash_corpus
-from attnprog.synth.runtime.evaluate import close_shared_sandbox, evaluate_programs
+from attnprog.synth.runtime.evaluate import _cache_key, close_shared_sandbox, evaluate_programs
 from attnprog.synth.runtime.execute import run_trusted
 from attnprog.synth.runtime.isolation import isolation
 from attnprog.synth.runtime.sandbox import Sandbox
@@ -188,7 +188,9 @@ def runs(world):
     evaluate_programs(benign, texts, cache_dir=cache_dir, workers=2, progress=False)
     corpus = hash_corpus(texts)
     cache = OutputCache(cache_dir)
-    cache_files = [str(cache.path(p.hash, corpus, "")) for p in benign]
+    cache_files = [str(cache.path(p.hash, corpus, _cache_key(p, "", "", paper_tokenizer="stand-in")))
+                   for p in benign]  # the files evaluate_programs wrote, which hostile ones attack
+    assert all(Path(f).is_file() for f in cache_files)
     hostile = [Program(src, family=name) for name, src in hostile_programs(world, cache_files).items()]
     mixed = [p for pair in zip(hostile, benign * 3, strict=False) for p in pair] + hostile[len(benign) * 3:]
     with Sandbox(workers=2, timeout=1.0, progress=False) as box:
@@ -263,7 +265,8 @@ def test_the_cache_holds_only_correct_entries(runs):
     trusted = {p.hash: r for p, r in zip(runs["benign"], run_trusted(runs["benign"], texts),
                                          strict=True)}
     for program in runs["mixed"]:
-        entry = cache.get(program.hash, corpus, "", n_cells, len(texts))
+        key = _cache_key(program, "", "", paper_tokenizer="stand-in")  # as evaluate_programs keys it
+        entry = cache.get(program.hash, corpus, key, n_cells, len(texts))
         assert entry is not None, program.family
         if program.hash in trusted:
             np.testing.assert_array_equal(entry.values, trusted[program.hash].values)
