@@ -143,13 +143,13 @@ def head_costs(
         # what the finished heads were measured with: the same texts give the same base and
         # tokens whatever the programs, so the resume file also names each head's best fit
         fits = [table.programs[int(p)].hash for p in best_fit(table)[1]]
-        costs = _exact_costs(sources, nll_sum, base, n_tokens, store.n_heads, resume, progress,
-                             fits, store.n_rows)
+        costs = _exact_costs(sources, nll_sum, base, n_tokens, store.n_heads, store.n_rows,
+                             resume, progress, fits)
         return HeadCosts(costs, method, split, list(texts), n_tokens, base / n_tokens, {})
     first, second, base = _gradient_costs(
-        model, token_ids, sources, corpus_indices, store.n_heads, batch_size, pad_id,
+        model, token_ids, sources, corpus_indices, store.n_heads, store.n_rows, batch_size, pad_id,
         samples=0 if method == "linear" else samples, first_order=method != "fisher",
-        progress=progress, n_rows=store.n_rows,
+        progress=progress,
     )
     terms = {} if method == "fisher" else {"linear": first / n_tokens}
     if method != "linear":
@@ -179,8 +179,8 @@ def _best_fit_sources(store, table, texts, outputs, progress,
     return sources, corpus_indices
 
 
-def _exact_costs(sources, nll_sum, base, n_tokens, n_heads, resume, progress,
-                 fits=None, n_rows=None) -> np.ndarray:
+def _exact_costs(sources, nll_sum, base, n_tokens, n_heads, n_rows, resume, progress,
+                 fits=None) -> np.ndarray:
     """One pass per head; finished heads are kept in ``resume`` (JSON) as they complete, and
     read back only for the same base NLL, tokens and best fits (``fits``: a hash per head)."""
     done: dict[str, float] = {}
@@ -190,7 +190,7 @@ def _exact_costs(sources, nll_sum, base, n_tokens, n_heads, resume, progress,
         if (saved.get("base") == base and saved.get("n_tokens") == n_tokens
                 and saved.get("fits") == fits):
             done = saved["costs"]
-    costs = np.zeros(n_rows or len(sources))
+    costs = np.zeros(n_rows)  # heads not in ``sources`` (not explained) cost 0
     for key in tqdm(sorted(sources), desc="head costs (exact)", unit="head",
                     disable=None if progress else True):
         row = key[0] * n_heads + key[1]
@@ -203,9 +203,8 @@ def _exact_costs(sources, nll_sum, base, n_tokens, n_heads, resume, progress,
     return costs
 
 
-def _gradient_costs(model, token_ids, sources, corpus_indices, n_heads, batch_size, pad_id,
-                    samples, first_order, progress,
-                    n_rows=None) -> tuple[np.ndarray, np.ndarray, float]:
+def _gradient_costs(model, token_ids, sources, corpus_indices, n_heads, n_rows, batch_size,
+                    pad_id, samples, first_order, progress) -> tuple[np.ndarray, np.ndarray, float]:
     """Both Taylor terms of every head's summed ΔNLL, in nats, from one forward pass per batch:
     (first order g·Δz [L*H], second order ½ Δzᵀ F Δz [L*H], the model's summed NLL).
 
@@ -215,8 +214,8 @@ def _gradient_costs(model, token_ids, sources, corpus_indices, n_heads, batch_si
     """
     device = next(model.parameters()).device
     lengths = [len(ids) for ids in token_ids]
-    first = torch.zeros(n_rows or len(sources), dtype=torch.float64)
-    second = torch.zeros(n_rows or len(sources), dtype=torch.float64)
+    first = torch.zeros(n_rows, dtype=torch.float64)
+    second = torch.zeros(n_rows, dtype=torch.float64)
     total_nll = 0.0
     generator = torch.Generator(device=device).manual_seed(0)  # the same estimate every run
     embeddings = model.get_input_embeddings()
