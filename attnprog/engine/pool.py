@@ -35,9 +35,9 @@ def store_tokenizer(store: AttentionStore, programs: list[Program]):
 
     from attnprog.engine.models import load_model, spec_of_id
     from attnprog.errors import AttnProgError
-    from attnprog.synth.runtime.evaluate import _is_paper_program
+    from attnprog.synth.runtime.sandbox import is_paper_program
 
-    if not any(map(_is_paper_program, programs)):
+    if not any(map(is_paper_program, programs)):
         return None
     spec = spec_of_id(str(store.meta.get("model_id", "")))
     try:

@@ -25,6 +25,7 @@ from attnprog.synth.program import Program
 from attnprog.synth.runtime.cache import OutputCache
 from attnprog.synth.runtime.cache import corpus_hash as hash_corpus
 from attnprog.synth.runtime.outputs import ProgramOutputs
+from attnprog.synth.runtime.sandbox import is_paper_program
 
 
 def evaluate_programs(
@@ -246,20 +247,9 @@ def _cache_key(program: Program, tokenizer_id: str, with_syntax: str, meaning: s
         key += f"+syntax-{with_syntax}"
     if meaning and "similarity" in program.source:  # reads s.embedding_similarity & co.
         key += f"+meaning-{meaning}"
-    if paper_tokenizer and _is_paper_program(program):
+    if paper_tokenizer and is_paper_program(program):
         key += f"+paper-{paper_tokenizer}-v{_PAPER_TEXT_VERSION}"
     return key
-
-
-def _is_paper_program(program: Program) -> bool:
-    """Whether the program's entry point has the paper's form ``f(sentence, tokenizer)``."""
-    from attnprog.synth.runtime.sandbox import _is_paper_form
-
-    try:
-        tree = ast.parse(program.source)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return False
-    return _is_paper_form(tree, program.name)
 
 
 def syntax_hash(sentences: Sequence[Sentence]) -> str:

@@ -45,7 +45,7 @@ from attnprog.synth.runtime.isolation import (
 from attnprog.synth.runtime.paper_helpers import SPACY_HELPERS
 from attnprog.synth.runtime.worker import MAX_REASON_CHARS, seconds
 
-__all__ = ["ProgramResult", "Sandbox", "run_in_sandbox", "uses_spacy", "modules_needed"]
+__all__ = ["ProgramResult", "Sandbox", "is_paper_program", "run_in_sandbox", "uses_spacy", "modules_needed"]
 
 _MAX_BATCH = 256
 _IN_FLIGHT = 2  # tasks queued at a worker: it starts the next while its last reply is read
@@ -597,6 +597,15 @@ def modules_needed(programs: Sequence[Program], with_tokenizer: bool = False) ->
                   and node.func.id in SPACY_HELPERS):
                 needed.add("spacy")  # the authors' helpers parse with spaCy
     return needed & set(_PRELOADABLE)
+
+
+def is_paper_program(program: Program) -> bool:
+    """Whether the program's entry point has the paper's form ``f(sentence, tokenizer)``."""
+    try:
+        tree = ast.parse(program.source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return _is_paper_form(tree, program.name)
 
 
 def _is_paper_form(tree: ast.Module, name: str) -> bool:
